@@ -1,0 +1,286 @@
+//! The mesh config document: what one proxy needs to know about the mesh.
+//!
+//! The controller (or `meshlet-injector --from-files`) compiles it from Kubernetes
+//! objects; the proxy reads it from a file or a watch and swaps it atomically. It is
+//! validated whole: a document with one bad entry is refused and the previous one keeps
+//! serving.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ports, Duration, SpiffeId};
+
+/// The whole document, as JSON.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Increases with every change the producer makes; for logs and `/config`.
+    #[serde(default)]
+    pub generation: u64,
+    /// Services of the cluster, meshed or not.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Ports that skip protocol detection; `None` keeps the built-in list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opaque_ports: Option<Vec<u16>>,
+    /// Timeouts of the proxy's own listeners.
+    #[serde(default)]
+    pub timeouts: ListenerTimeouts,
+}
+
+/// A Kubernetes Service as the proxy sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Service namespace.
+    pub namespace: String,
+    /// ClusterIPs (one per IP family).
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<IpAddr>,
+    /// Service ports.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// Whether the pods behind it run a meshlet sidecar.
+    #[serde(default)]
+    pub meshed: bool,
+    /// Identities the pods behind it present (empty when not meshed).
+    #[serde(default)]
+    pub identities: Vec<SpiffeId>,
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    /// The Service port.
+    pub port: u16,
+    /// The port's name, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `appProtocol` (e.g. `http`, `kubernetes.io/h2c`, `tcp`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// Timeouts of the proxy's listeners.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerTimeouts {
+    /// How long protocol detection waits for the client's first bytes before it
+    /// treats the connection as opaque TCP.
+    #[serde(default = "ListenerTimeouts::default_detect")]
+    pub detect: Duration,
+    /// How long a connect to the destination may take.
+    #[serde(default = "ListenerTimeouts::default_connect")]
+    pub connect: Duration,
+    /// How long a connection may stay idle (no bytes either way) before it is closed;
+    /// zero means never.
+    #[serde(default = "ListenerTimeouts::default_idle")]
+    pub idle: Duration,
+}
+
+/// Why a mesh config document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid JSON or not the expected shape.
+    #[error("mesh config is not valid JSON of the expected shape: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// Valid JSON, but it breaks a rule of the document.
+    #[error("mesh config is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Where a destination address leads, looked up by ClusterIP and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRef {
+    /// Index into [`MeshConfig::services`].
+    pub index: usize,
+    /// The Service port that matched.
+    pub port: ServicePort,
+}
+
+// === impl MeshConfig ===
+
+impl MeshConfig {
+    /// Parses and validates a document.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let cfg: Self = serde_json::from_slice(json)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the rules serde cannot: names present, ports non-zero, no ClusterIP and
+    /// port claimed by two services.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = HashMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            if svc.name.is_empty() || svc.namespace.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "services[{i}] needs a name and a namespace"
+                )));
+            }
+            let mut ports = BTreeSet::new();
+            for p in &svc.ports {
+                if p.port == 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {}/{} has port 0",
+                        svc.namespace, svc.name
+                    )));
+                }
+                if !ports.insert(p.port) {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {}/{} lists port {} twice",
+                        svc.namespace, svc.name, p.port
+                    )));
+                }
+                for ip in &svc.cluster_ips {
+                    let addr = SocketAddr::new(*ip, p.port);
+                    if let Some(other) = seen.insert(addr, i) {
+                        let o = &self.services[other];
+                        return Err(ConfigError::Invalid(format!(
+                            "{addr} is claimed by both {}/{} and {}/{}",
+                            o.namespace, o.name, svc.namespace, svc.name
+                        )));
+                    }
+                }
+            }
+            if svc.meshed && svc.identities.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "service {}/{} is meshed but lists no identities",
+                    svc.namespace, svc.name
+                )));
+            }
+        }
+        if let Some(op) = &self.opaque_ports {
+            if op.contains(&0) {
+                return Err(ConfigError::Invalid("opaquePorts contains port 0".into()));
+            }
+        }
+        if self.timeouts.connect.is_zero() {
+            return Err(ConfigError::Invalid(
+                "timeouts.connect must be greater than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The opaque ports in force: the document's list or the built-in default.
+    pub fn opaque_ports(&self) -> Vec<u16> {
+        self.opaque_ports
+            .clone()
+            .unwrap_or_else(|| ports::DEFAULT_OPAQUE.to_vec())
+    }
+
+    /// An index from ClusterIP and port to the service behind it.
+    pub fn index(&self) -> HashMap<SocketAddr, ServiceRef> {
+        let mut idx = HashMap::new();
+        for (index, svc) in self.services.iter().enumerate() {
+            for ip in &svc.cluster_ips {
+                for p in &svc.ports {
+                    idx.insert(
+                        SocketAddr::new(*ip, p.port),
+                        ServiceRef {
+                            index,
+                            port: p.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        idx
+    }
+}
+
+// === impl ListenerTimeouts ===
+
+impl ListenerTimeouts {
+    fn default_detect() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_connect() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_idle() -> Duration {
+        Duration::from_secs(3600)
+    }
+}
+
+impl Default for ListenerTimeouts {
+    fn default() -> Self {
+        Self {
+            detect: Self::default_detect(),
+            connect: Self::default_connect(),
+            idle: Self::default_idle(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"{
+        "generation": 3,
+        "services": [
+            {"name": "reviews", "namespace": "default", "clusterIPs": ["10.96.0.10"],
+             "ports": [{"port": 9080, "name": "http"}], "meshed": true,
+             "identities": ["spiffe://cluster.local/ns/default/sa/reviews"]},
+            {"name": "db", "namespace": "data", "clusterIPs": ["10.96.0.11", "fd00::11"],
+             "ports": [{"port": 5432}]}
+        ],
+        "timeouts": {"detect": "500ms"}
+    }"#;
+
+    #[test]
+    fn parses_and_indexes() {
+        let cfg = MeshConfig::from_json(DOC.as_bytes()).unwrap();
+        assert_eq!(cfg.generation, 3);
+        assert_eq!(cfg.timeouts.detect, Duration::from_millis(500));
+        assert_eq!(cfg.timeouts.connect, Duration::from_secs(5));
+        assert_eq!(cfg.opaque_ports(), ports::DEFAULT_OPAQUE.to_vec());
+        let idx = cfg.index();
+        assert_eq!(idx.len(), 3);
+        let r = &idx[&"10.96.0.10:9080".parse().unwrap()];
+        assert_eq!(cfg.services[r.index].name, "reviews");
+        assert!(idx.contains_key(&"[fd00::11]:5432".parse().unwrap()));
+    }
+
+    #[test]
+    fn refuses_unknown_fields() {
+        let typo = DOC.replace("clusterIPs", "clusterIps");
+        let e = MeshConfig::from_json(typo.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("unknown field `clusterIps`"), "{e}");
+    }
+
+    #[test]
+    fn empty_document_is_valid() {
+        let cfg = MeshConfig::from_json(b"{}").unwrap();
+        assert!(cfg.services.is_empty());
+    }
+
+    #[test]
+    fn refuses_whole_document_with_one_bad_entry() {
+        let dup = DOC
+            .replace("10.96.0.11", "10.96.0.10")
+            .replace("5432", "9080");
+        let e = MeshConfig::from_json(dup.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("claimed by both"), "{e}");
+
+        let bad_id = DOC.replace("spiffe://cluster.local/ns/default/sa/reviews", "reviews");
+        let e = MeshConfig::from_json(bad_id.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("invalid SPIFFE id"), "{e}");
+
+        let no_ids = DOC.replace("\"spiffe://cluster.local/ns/default/sa/reviews\"", "");
+        let e = MeshConfig::from_json(no_ids.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("lists no identities"), "{e}");
+
+        let bad_dur = DOC.replace("500ms", "half a second");
+        assert!(MeshConfig::from_json(bad_dur.as_bytes()).is_err());
+    }
+}
