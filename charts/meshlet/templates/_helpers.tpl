@@ -1,0 +1,163 @@
+{{/*
+Named templates shared by the chart's manifests.
+
+The injector's names are fixed rather than derived from the release name: the
+webhook serving certificate is issued for meshlet-injector.<ns>.svc, and the
+proxies and docs refer to these names (DESIGN.md).
+*/}}
+
+{{/* Name of the injector's Deployment, Service, ServiceAccount and RBAC objects. */}}
+{{- define "meshlet.injector.name" -}}
+meshlet-injector
+{{- end }}
+
+{{/* Secret with the webhook serving certificate (kubernetes.io/tls plus ca.crt). */}}
+{{- define "meshlet.webhook.secretName" -}}
+meshlet-injector-tls
+{{- end }}
+
+{{/* Secret in which the identity issuer keeps its CA (created by the injector, not by the chart). */}}
+{{- define "meshlet.identity.caSecretName" -}}
+meshlet-identity-ca
+{{- end }}
+
+{{/* ConfigMap with the mesh defaults the injector applies to pods. */}}
+{{- define "meshlet.config.name" -}}
+meshlet-config
+{{- end }}
+
+{{/* DNS name the API server uses to reach the webhook; the serving certificate must match it. */}}
+{{- define "meshlet.webhook.host" -}}
+{{ include "meshlet.injector.name" . }}.{{ .Release.Namespace }}.svc
+{{- end }}
+
+{{/* Chart label value, e.g. meshlet-0.1.0 (+ is not allowed in label values). */}}
+{{- define "meshlet.chart" -}}
+{{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "meshlet.labels" -}}
+helm.sh/chart: {{ include "meshlet.chart" . }}
+app.kubernetes.io/part-of: meshlet
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of the injector pods (stable across upgrades: selectors are immutable). */}}
+{{- define "meshlet.injector.selectorLabels" -}}
+app.kubernetes.io/name: meshlet-injector
+app.kubernetes.io/component: injector
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* All labels of the injector's objects. */}}
+{{- define "meshlet.injector.labels" -}}
+{{ include "meshlet.labels" . }}
+app.kubernetes.io/name: meshlet-injector
+app.kubernetes.io/component: injector
+{{- end }}
+
+{{/* "repository:tag" with the tag defaulting to the chart's appVersion. Call with (dict "image" .Values.x.image "root" $). */}}
+{{- define "meshlet.image" -}}
+{{ printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion) }}
+{{- end }}
+
+{{/* Proxy image reference. */}}
+{{- define "meshlet.proxy.image" -}}
+{{ include "meshlet.image" (dict "image" .Values.proxy.image "root" .) }}
+{{- end }}
+
+{{/* Init image reference; falls back to the proxy image, which holds both binaries. */}}
+{{- define "meshlet.proxyInit.image" -}}
+{{- $repo := .Values.proxyInit.image.repository | default .Values.proxy.image.repository -}}
+{{- $tag := .Values.proxyInit.image.tag | default .Values.proxy.image.tag | default .Chart.AppVersion -}}
+{{ printf "%s:%s" $repo $tag }}
+{{- end }}
+
+{{/* Injector image reference. */}}
+{{- define "meshlet.injector.image" -}}
+{{ include "meshlet.image" (dict "image" .Values.injector.image "root" .) }}
+{{- end }}
+
+{{/*
+Native sidecar decision: "auto" follows the cluster version (SidecarContainers
+is on by default from 1.29), so the same values work on old and new clusters.
+Renders "true" or "false".
+*/}}
+{{- define "meshlet.proxy.nativeSidecar" -}}
+{{- $v := .Values.proxy.nativeSidecar -}}
+{{- if eq (toString $v) "auto" -}}
+{{ semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version }}
+{{- else -}}
+{{ $v }}
+{{- end -}}
+{{- end }}
+
+{{/*
+Resources block that omits empty requests or limits (as istiod.resources does),
+so that `limits: {}` in values removes limits instead of rendering an empty map.
+*/}}
+{{- define "meshlet.resources" -}}
+{{- if .requests }}
+requests:
+  {{- toYaml .requests | nindent 2 }}
+{{- end }}
+{{- if .limits }}
+limits:
+  {{- toYaml .limits | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Namespaces the webhook never touches: kube-system, the control plane's own, and any extra ones. */}}
+{{- define "meshlet.webhook.excludedNamespaces" -}}
+{{- $ns := list "kube-system" "meshlet-system" .Release.Namespace -}}
+{{- $ns = concat $ns .Values.webhook.excludeNamespaces -}}
+{{ toYaml ($ns | uniq) }}
+{{- end }}
+
+{{/*
+Arguments of `meshlet-injector serve`. The mesh defaults are passed as flags so
+that the injector needs no API access to learn them; the same values are in the
+meshlet-config ConfigMap for humans and tools.
+*/}}
+{{- define "meshlet.injector.args" -}}
+- serve
+- --addr=0.0.0.0:8443
+- --tls-cert=/etc/meshlet/tls/tls.crt
+- --tls-key=/etc/meshlet/tls/tls.key
+- --proxy-image={{ include "meshlet.proxy.image" . }}
+- --init-image={{ include "meshlet.proxyInit.image" . }}
+{{- end }}
+
+{{/*
+Fields shared by both webhooks. Call with (dict "root" $ "caCert" PEM); an
+empty caCert (cert-manager) leaves caBundle for cert-manager's CA injector.
+*/}}
+{{- define "meshlet.webhook.common" -}}
+{{- $root := .root -}}
+admissionReviewVersions: ["v1"]
+sideEffects: None
+failurePolicy: {{ $root.Values.webhook.failurePolicy }}
+timeoutSeconds: {{ $root.Values.webhook.timeoutSeconds }}
+matchPolicy: Equivalent
+# The injector is idempotent, so a second call after another webhook changed
+# the pod (e.g. added a container) is safe and injects what is new.
+reinvocationPolicy: IfNeeded
+clientConfig:
+  service:
+    name: {{ include "meshlet.injector.name" $root }}
+    namespace: {{ $root.Release.Namespace }}
+    path: /mutate
+    port: 443
+  {{- with .caCert }}
+  caBundle: {{ b64enc . }}
+  {{- end }}
+rules:
+  - operations: ["CREATE"]
+    apiGroups: [""]
+    apiVersions: ["v1"]
+    resources: ["pods"]
+    scope: Namespaced
+{{- end }}
