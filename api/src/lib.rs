@@ -11,6 +11,7 @@ pub mod config;
 pub mod duration;
 pub mod env;
 pub mod identity;
+pub mod parse;
 pub mod ports;
 
 pub use config::MeshConfig;
