@@ -1,0 +1,19 @@
+//! meshlet-injector: the admission webhook that meshes pods, and the offline `inject`
+//! command that applies the same mutation to manifests.
+//!
+//! The layering follows kube's admission example and linkerd's policy controller: the
+//! pure [`mutate::mutate`] core turns a pod into a JSON Patch; [`webhook`] only translates
+//! AdmissionReviews, [`offline`] only walks manifests, and [`serve`] only does HTTPS.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod config;
+pub mod mutate;
+pub mod offline;
+pub mod serve;
+pub mod tls;
+pub mod validate;
+pub mod webhook;
+
+pub use config::{Defaults, DefaultsArgs};
+pub use mutate::{mutate, Context, Denied, Outcome, SkipReason};
