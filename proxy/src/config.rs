@@ -1,0 +1,233 @@
+//! Process config, read once from the environment.
+//!
+//! Everything the injector sets on the sidecar container arrives here as `MESHLET_*`
+//! variables (names in [`meshlet_api::env`]). Parsing goes through [`Strings`] so tests
+//! hand in a map instead of mutating the process environment.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use meshlet_api::{env, Duration};
+use serde::Serialize;
+
+#[cfg(test)]
+mod tests;
+
+/// Default outbound listener.
+pub const DEFAULT_OUTBOUND_ADDR: &str = "0.0.0.0:15001";
+/// Default inbound listener.
+pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
+/// Default admin listener.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15020";
+/// Default drain deadline after SIGTERM or `POST /shutdown`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default log filter.
+pub const DEFAULT_LOG: &str = "info";
+
+/// A source of named strings: the process environment or, in tests, a map.
+pub trait Strings {
+    /// The value of `name`, if set.
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Env;
+
+/// The proxy's process config.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// Where outbound (app to world) connections are redirected.
+    pub outbound_addr: SocketAddr,
+    /// Where inbound (world to app) connections are redirected.
+    pub inbound_addr: SocketAddr,
+    /// Admin server (ready, live, metrics, config, shutdown).
+    pub admin_addr: SocketAddr,
+    /// Mesh config document; `None` serves an empty one.
+    pub config_path: Option<PathBuf>,
+    /// Opaque ports that replace the mesh config's list, if set.
+    pub opaque_ports: Option<Vec<u16>>,
+    /// How long in-flight work may run after shutdown starts.
+    pub drain_timeout: Duration,
+    /// tracing `EnvFilter` directives.
+    pub log: String,
+    /// Worker threads; `None` follows the cgroup CPU limit.
+    pub worker_threads: Option<usize>,
+    /// The pod's IP (downward API).
+    pub pod_ip: Option<IpAddr>,
+    /// The pod's name (downward API).
+    pub pod_name: Option<String>,
+    /// The pod's namespace (downward API).
+    pub pod_namespace: Option<String>,
+    /// The pod's service account (downward API).
+    pub service_account: Option<String>,
+}
+
+/// An environment variable with a value the proxy cannot use.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{name}={value:?} is invalid: {reason}")]
+pub struct ConfigError {
+    /// The variable.
+    pub name: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What is wrong and what to write instead.
+    pub reason: String,
+}
+
+// === impl Strings ===
+
+impl Strings for Env {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Strings for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+impl Strings for [(&str, &str)] {
+    fn get(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_string())
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates the whole config; the first bad variable is the error.
+    pub fn parse(env: &(impl Strings + ?Sized)) -> Result<Self, ConfigError> {
+        let addr = |name, default: &str| -> Result<SocketAddr, ConfigError> {
+            let v = value(env, name).unwrap_or_else(|| default.to_string());
+            v.parse().map_err(|_| {
+                invalid(
+                    name,
+                    &v,
+                    "expected an IP address and port, like 0.0.0.0:15001 or [::]:15001",
+                )
+            })
+        };
+        let outbound_addr = addr(env::PROXY_OUTBOUND_ADDR, DEFAULT_OUTBOUND_ADDR)?;
+        let inbound_addr = addr(env::PROXY_INBOUND_ADDR, DEFAULT_INBOUND_ADDR)?;
+        let admin_addr = addr(env::PROXY_ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?;
+        let ports = [
+            (env::PROXY_OUTBOUND_ADDR, outbound_addr),
+            (env::PROXY_INBOUND_ADDR, inbound_addr),
+            (env::PROXY_ADMIN_ADDR, admin_addr),
+        ];
+        for (i, (name, a)) in ports.iter().enumerate() {
+            for (other, b) in &ports[..i] {
+                if a.port() != 0 && a.port() == b.port() {
+                    return Err(invalid(
+                        name,
+                        &a.to_string(),
+                        &format!("uses the same port as {other}; give each listener its own port"),
+                    ));
+                }
+            }
+        }
+
+        let config_path = value(env, env::PROXY_CONFIG_PATH).map(PathBuf::from);
+
+        let opaque_ports = match value(env, env::PROXY_OPAQUE_PORTS) {
+            None => None,
+            Some(v) => Some(parse_ports(&v).map_err(|reason| {
+                invalid(env::PROXY_OPAQUE_PORTS, &v, &reason)
+            })?),
+        };
+
+        let drain_timeout = match value(env, env::PROXY_DRAIN_TIMEOUT) {
+            None => DEFAULT_DRAIN_TIMEOUT,
+            Some(v) => v.parse().map_err(|e: meshlet_api::duration::ParseDurationError| {
+                invalid(env::PROXY_DRAIN_TIMEOUT, &v, &e.to_string())
+            })?,
+        };
+
+        let log = value(env, env::PROXY_LOG).unwrap_or_else(|| DEFAULT_LOG.to_string());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+            return Err(invalid(
+                env::PROXY_LOG,
+                &log,
+                &format!("{e}; write a filter like info or meshlet_proxy=debug,info"),
+            ));
+        }
+
+        let worker_threads = match value(env, env::PROXY_WORKER_THREADS) {
+            None => None,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => Some(n),
+                _ => {
+                    return Err(invalid(
+                        env::PROXY_WORKER_THREADS,
+                        &v,
+                        "expected a whole number from 1 to 1024 (or unset it to follow the CPU limit)",
+                    ))
+                }
+            },
+        };
+
+        let pod_ip = match value(env, env::POD_IP) {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| {
+                invalid(env::POD_IP, &v, "expected an IPv4 or IPv6 address")
+            })?),
+        };
+
+        Ok(Self {
+            outbound_addr,
+            inbound_addr,
+            admin_addr,
+            config_path,
+            opaque_ports,
+            drain_timeout,
+            log,
+            worker_threads,
+            pod_ip,
+            pod_name: value(env, env::POD_NAME),
+            pod_namespace: value(env, env::POD_NAMESPACE),
+            service_account: value(env, env::SERVICE_ACCOUNT),
+        })
+    }
+}
+
+/// A set, non-blank value; blank counts as unset, as Kubernetes writes empty strings
+/// for absent downward-API fields.
+fn value(env: &(impl Strings + ?Sized), name: &str) -> Option<String> {
+    env.get(name)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn invalid(name: &'static str, value: &str, reason: &str) -> ConfigError {
+    ConfigError {
+        name,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Parses `25,587, 3306`; every entry must be a port from 1 to 65535.
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u16>() {
+            Ok(p) if p != 0 => ports.push(p),
+            _ => {
+                return Err(format!(
+                    "{part:?} is not a port; write comma-separated ports from 1 to 65535, like 25,3306"
+                ))
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}

@@ -1,0 +1,82 @@
+use super::*;
+
+fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::parse(vars)
+}
+
+#[test]
+fn defaults() {
+    let c = parse(&[]).unwrap();
+    assert_eq!(c.outbound_addr, "0.0.0.0:15001".parse().unwrap());
+    assert_eq!(c.inbound_addr, "0.0.0.0:15006".parse().unwrap());
+    assert_eq!(c.admin_addr, "0.0.0.0:15020".parse().unwrap());
+    assert_eq!(c.config_path, None);
+    assert_eq!(c.opaque_ports, None);
+    assert_eq!(c.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.log, "info");
+    assert_eq!(c.worker_threads, None);
+}
+
+#[test]
+fn reads_every_variable() {
+    let c = parse(&[
+        ("MESHLET_OUTBOUND_ADDR", "127.0.0.1:1"),
+        ("MESHLET_INBOUND_ADDR", "[::1]:2"),
+        ("MESHLET_ADMIN_ADDR", "127.0.0.1:3"),
+        ("MESHLET_CONFIG_PATH", "/etc/meshlet/mesh.json"),
+        ("MESHLET_OPAQUE_PORTS", " 6379, 25,25 "),
+        ("MESHLET_DRAIN_TIMEOUT", "1m30s"),
+        ("MESHLET_LOG", "meshlet_proxy=debug,warn"),
+        ("MESHLET_WORKER_THREADS", "3"),
+        ("MESHLET_POD_IP", "198.18.0.5"),
+        ("MESHLET_POD_NAME", "web-0"),
+        ("MESHLET_POD_NAMESPACE", "shop"),
+        ("MESHLET_SERVICE_ACCOUNT", "web"),
+    ])
+    .unwrap();
+    assert_eq!(c.inbound_addr, "[::1]:2".parse().unwrap());
+    assert_eq!(c.config_path, Some("/etc/meshlet/mesh.json".into()));
+    assert_eq!(c.opaque_ports, Some(vec![25, 6379]));
+    assert_eq!(c.drain_timeout, Duration::from_secs(90));
+    assert_eq!(c.worker_threads, Some(3));
+    assert_eq!(c.pod_ip, Some("198.18.0.5".parse().unwrap()));
+    assert_eq!(c.pod_namespace.as_deref(), Some("shop"));
+    assert_eq!(c.service_account.as_deref(), Some("web"));
+}
+
+#[test]
+fn blank_is_unset() {
+    let c = parse(&[("MESHLET_POD_IP", ""), ("MESHLET_CONFIG_PATH", " ")]).unwrap();
+    assert_eq!(c.pod_ip, None);
+    assert_eq!(c.config_path, None);
+}
+
+#[test]
+fn errors_name_the_variable_and_value() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("MESHLET_OUTBOUND_ADDR", "15001", "IP address and port"),
+        ("MESHLET_ADMIN_ADDR", "0.0.0.0:15001", "same port as MESHLET_OUTBOUND_ADDR"),
+        ("MESHLET_OPAQUE_PORTS", "25,smtp", "\"smtp\" is not a port"),
+        ("MESHLET_OPAQUE_PORTS", "0", "\"0\" is not a port"),
+        ("MESHLET_DRAIN_TIMEOUT", "30", "invalid duration"),
+        ("MESHLET_LOG", "meshlet_proxy=loud", "filter"),
+        ("MESHLET_WORKER_THREADS", "0", "whole number"),
+        ("MESHLET_WORKER_THREADS", "two", "whole number"),
+        ("MESHLET_POD_IP", "pod", "IPv4 or IPv6"),
+    ];
+    for (name, value, reason) in cases {
+        let e = parse(&[(name, value)]).unwrap_err();
+        assert_eq!(e.name, *name);
+        assert_eq!(e.value, *value);
+        let msg = e.to_string();
+        assert!(msg.starts_with(&format!("{name}={value:?} is invalid")), "{msg}");
+        assert!(msg.contains(reason), "{name}: {msg}");
+    }
+}
+
+#[test]
+fn map_source() {
+    let mut m = HashMap::new();
+    m.insert("MESHLET_WORKER_THREADS".to_string(), "2".to_string());
+    assert_eq!(Config::parse(&m).unwrap().worker_threads, Some(2));
+}

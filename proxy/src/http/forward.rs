@@ -1,0 +1,158 @@
+//! The innermost HTTP service: sends a request to the connection's original
+//! destination over a pooled connection of the same protocol.
+//!
+//! Host / `:authority` and the request target pass through untouched (HTTP/1 keeps
+//! the origin-form target and Host header, HTTP/2 the full URI hyper rebuilt from the
+//! pseudo-headers), so the app sees what its client sent.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{
+    headers,
+    pool::{Checkin, Pool, PooledBody},
+};
+use crate::{detect::Protocol, drain, errors::ProxyError, tcp};
+
+/// The response body of the stack: the upstream's, or a synthetic one.
+pub type Body = Either<PooledBody, Full<Bytes>>;
+
+/// Forwards requests to one destination.
+#[derive(Clone)]
+pub struct Forward {
+    dst: SocketAddr,
+    protocol: Protocol,
+    pool: Pool,
+    connect_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    // Upgraded connections outlive the HTTP connection that started them; holding a
+    // drain watch keeps shutdown waiting for them too.
+    drain: drain::Watch,
+}
+
+// === impl Forward ===
+
+impl Forward {
+    /// A service for `dst`, speaking `protocol` upstream.
+    pub fn new(
+        dst: SocketAddr,
+        protocol: Protocol,
+        pool: Pool,
+        connect_timeout: Duration,
+        idle_timeout: Option<Duration>,
+        drain: drain::Watch,
+    ) -> Self {
+        Self {
+            dst,
+            protocol,
+            pool,
+            connect_timeout,
+            idle_timeout,
+            drain,
+        }
+    }
+
+    async fn forward(self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+        let dst = self.dst;
+        let upgrade = self.protocol == Protocol::Http1 && headers::is_upgrade(&req);
+        let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
+        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+
+        let (mut rsp, checkin) = if self.protocol == Protocol::H2 {
+            (self.send_h2(req).await?, None)
+        } else {
+            let (rsp, tx) = self.send_h1(req).await?;
+            (rsp, Some(tx))
+        };
+
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            headers::strip_hop_by_hop(rsp.headers_mut(), true);
+            if let Some(downstream) = downstream {
+                let upstream = hyper::upgrade::on(&mut rsp);
+                let idle = self.idle_timeout;
+                let drain = self.drain.clone();
+                tokio::spawn(async move {
+                    let _drain = drain;
+                    match tokio::try_join!(downstream, upstream) {
+                        Ok((down, up)) => {
+                            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                            if let Err(error) = tcp::splice(&mut down, &mut up, idle).await {
+                                tracing::debug!(%error, "upgraded connection failed");
+                            }
+                        }
+                        Err(error) => tracing::debug!(%error, "upgrade failed"),
+                    }
+                });
+            }
+            // The connection now belongs to the upgrade; it never returns to the pool.
+            return Ok(rsp.map(|b| Either::Left(PooledBody::new(b, None))));
+        }
+
+        headers::strip_hop_by_hop(rsp.headers_mut(), false);
+        let checkin = checkin.map(|tx| Checkin::new(self.pool.clone(), dst, tx));
+        Ok(rsp.map(|b| Either::Left(PooledBody::new(b, checkin))))
+    }
+
+    async fn send_h1(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, hyper::client::conn::http1::SendRequest<Incoming>), ProxyError> {
+        let dst = self.dst;
+        let mut req = req;
+        loop {
+            let mut conn = self.pool.checkout_h1(dst, self.connect_timeout).await?;
+            match conn.tx.try_send_request(req).await {
+                Ok(rsp) => return Ok((rsp, conn.tx)),
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection the server closed while it sat idle: the
+                    // request never left, so another connection may carry it.
+                    Some(unsent) if conn.reused => req = unsent,
+                    _ => return Err(ProxyError::Upstream { dst, source: e.into_error() }),
+                },
+            }
+        }
+    }
+
+    async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let dst = self.dst;
+        let mut req = req;
+        loop {
+            let (mut tx, reused) = self.pool.checkout_h2(dst, self.connect_timeout).await?;
+            match tx.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => {
+                    self.pool.evict_h2(dst);
+                    match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(ProxyError::Upstream { dst, source: e.into_error() }),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Forward {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        Box::pin(self.clone().forward(req))
+    }
+}

@@ -1,0 +1,133 @@
+//! Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, so a proxy
+//! consumes them instead of forwarding them.
+
+use http::{header, HeaderMap, HeaderValue, Request, Version};
+
+/// Headers that are always connection-specific.
+const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+
+/// Whether `req` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` plus
+/// an `Upgrade` header), e.g. WebSocket.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers. With `upgrade`, `Upgrade` and `Connection: upgrade`
+/// stay, because the upgrade handshake must reach the other end. `TE: trailers`
+/// stays too: it is end-to-end in meaning (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Names listed in Connection are hop-by-hop as well.
+        let listed: Vec<header::HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| header::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if upgrade && name == header::UPGRADE {
+                continue;
+            }
+            headers.remove(&name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in HOP_BY_HOP {
+        if upgrade && name == "upgrade" {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if te.as_bytes() != b"trailers" {
+            headers.remove(header::TE);
+        }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(header::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn strips_fixed_and_listed_headers() {
+        let mut h = map(&[
+            ("host", "web.shop:80"),
+            ("connection", "keep-alive, X-Trace-Hop"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-trace-hop", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("trailer", "x-checksum"),
+            ("x-app", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "trailer", "x-app"]);
+        assert_eq!(h["host"], "web.shop:80", "Host is forwarded exactly");
+    }
+
+    #[test]
+    fn keeps_te_trailers() {
+        let mut h = map(&[("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn keeps_upgrade_handshake() {
+        let req = Request::builder()
+            .header("connection", "Upgrade, keep-alive")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "abc")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&req));
+        let mut h = req.headers().clone();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["sec-websocket-key"], "abc");
+        assert!(!h.contains_key("keep-alive"));
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers_and_http1() {
+        let only_upgrade = Request::builder().header("upgrade", "websocket").body(()).unwrap();
+        assert!(!is_upgrade(&only_upgrade));
+        let h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(!is_upgrade(&h2));
+    }
+}

@@ -1,0 +1,277 @@
+//! Upstream HTTP connections, pooled per (destination, protocol).
+//!
+//! HTTP/2 multiplexes: one connection per destination, its `SendRequest` shared by
+//! every request. HTTP/1 connections carry one request at a time: a request checks
+//! one out of the destination's idle list (or connects), and its response body hands
+//! it back when it has been read to the end. The idle list is bounded per
+//! destination, idle entries expire, and the number of destinations is bounded, so
+//! the pool's memory stays flat whatever the traffic.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+
+use crate::{connect::connect, errors::ProxyError};
+
+/// Idle HTTP/1 connections kept per destination.
+pub const MAX_IDLE_PER_DST: usize = 16;
+/// Destinations with pooled connections.
+pub const MAX_DSTS: usize = 1024;
+/// How long an idle HTTP/1 connection is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a pooled HTTP/1 connection may take to become ready again.
+const READY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The pool; cheap to clone.
+pub struct Pool<B = Incoming> {
+    inner: Arc<Inner<B>>,
+}
+
+struct Inner<B> {
+    h1: Mutex<HashMap<SocketAddr, Vec<(Instant, http1::SendRequest<B>)>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<B>>>,
+}
+
+/// A checked-out HTTP/1 connection.
+pub struct H1Conn<B = Incoming> {
+    /// Sends the request.
+    pub tx: http1::SendRequest<B>,
+    /// Whether it came from the idle list (so a failed send may be retried).
+    pub reused: bool,
+}
+
+/// A response body that returns its HTTP/1 connection to the pool once read to the end.
+pub struct PooledBody<B = Incoming> {
+    inner: Incoming,
+    checkin: Option<Checkin<B>>,
+}
+
+/// Where a finished HTTP/1 connection goes back to.
+pub struct Checkin<B = Incoming> {
+    pool: Pool<B>,
+    dst: SocketAddr,
+    tx: http1::SendRequest<B>,
+}
+
+// === impl Pool ===
+
+impl<B> Clone for Pool<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<B> Default for Pool<B> {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                h1: Mutex::default(),
+                h2: Mutex::default(),
+            }),
+        }
+    }
+}
+
+impl<B> Pool<B>
+where
+    B: HttpBody + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// An empty pool.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An HTTP/1 connection to `dst`: idle if one is ready, else a new one.
+    pub async fn checkout_h1(&self, dst: SocketAddr, connect_timeout: Duration) -> Result<H1Conn<B>, ProxyError> {
+        while let Some(mut tx) = self.pop_h1(dst) {
+            if let Ok(Ok(())) = tokio::time::timeout(READY_TIMEOUT, tx.ready()).await {
+                return Ok(H1Conn { tx, reused: true });
+            }
+        }
+        let io = connect(dst, connect_timeout).await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ProxyError::Handshake { dst, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                tracing::debug!(%error, "upstream HTTP/1 connection failed");
+            }
+        });
+        Ok(H1Conn { tx, reused: false })
+    }
+
+    /// The shared HTTP/2 connection to `dst` (opened if there is none) and whether it
+    /// was already open.
+    pub async fn checkout_h2(
+        &self,
+        dst: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<(http2::SendRequest<B>, bool), ProxyError> {
+        if let Some(tx) = lock(&self.inner.h2).get(&dst) {
+            if !tx.is_closed() {
+                return Ok((tx.clone(), true));
+            }
+        }
+        let io = connect(dst, connect_timeout).await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ProxyError::Handshake { dst, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "upstream HTTP/2 connection failed");
+            }
+        });
+        let mut h2 = lock(&self.inner.h2);
+        // Concurrent first requests may each have connected; keep one open connection
+        // per destination (the others close when their requests finish).
+        match h2.get(&dst) {
+            Some(existing) if !existing.is_closed() => {}
+            _ => {
+                if h2.len() >= MAX_DSTS {
+                    h2.retain(|_, tx| !tx.is_closed());
+                }
+                if h2.len() < MAX_DSTS {
+                    h2.insert(dst, tx.clone());
+                }
+            }
+        }
+        Ok((tx, false))
+    }
+
+    /// Forgets a broken HTTP/2 connection.
+    pub fn evict_h2(&self, dst: SocketAddr) {
+        let mut h2 = lock(&self.inner.h2);
+        if h2.get(&dst).is_some_and(|tx| tx.is_closed()) {
+            h2.remove(&dst);
+        }
+    }
+
+    /// Idle HTTP/1 connections to `dst`.
+    pub fn idle_h1(&self, dst: SocketAddr) -> usize {
+        lock(&self.inner.h1).get(&dst).map_or(0, Vec::len)
+    }
+
+    fn pop_h1(&self, dst: SocketAddr) -> Option<http1::SendRequest<B>> {
+        let mut h1 = lock(&self.inner.h1);
+        let idle = h1.get_mut(&dst)?;
+        let now = Instant::now();
+        // Newest first: the most recently used connection is the least likely to
+        // have been closed by the server's own idle timeout.
+        let found = loop {
+            match idle.pop() {
+                None => break None,
+                Some((at, tx)) if now.duration_since(at) < IDLE_TIMEOUT && !tx.is_closed() => break Some(tx),
+                Some(_) => {}
+            }
+        };
+        if idle.is_empty() {
+            h1.remove(&dst);
+        }
+        found
+    }
+
+}
+
+impl<B> Pool<B> {
+    fn checkin_h1(&self, dst: SocketAddr, tx: http1::SendRequest<B>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut h1 = lock(&self.inner.h1);
+        let now = Instant::now();
+        if !h1.contains_key(&dst) && h1.len() >= MAX_DSTS {
+            h1.retain(|_, idle| {
+                idle.retain(|(at, tx)| now.duration_since(*at) < IDLE_TIMEOUT && !tx.is_closed());
+                !idle.is_empty()
+            });
+            if h1.len() >= MAX_DSTS {
+                return;
+            }
+        }
+        let idle = h1.entry(dst).or_default();
+        if idle.len() < MAX_IDLE_PER_DST {
+            idle.push((now, tx));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves a consistent map (every edit is one call).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === impl PooledBody ===
+
+impl<B> PooledBody<B> {
+    /// Wraps `inner`; `checkin` is the HTTP/1 connection to return at the end.
+    pub fn new(inner: Incoming, checkin: Option<Checkin<B>>) -> Self {
+        Self { inner, checkin }
+    }
+
+    fn finish(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.pool.checkin_h1(c.dst, c.tx);
+        }
+    }
+}
+
+impl<B> Checkin<B> {
+    /// Returns `tx` to `pool` for `dst` when the body ends.
+    pub fn new(pool: Pool<B>, dst: SocketAddr, tx: http1::SendRequest<B>) -> Self {
+        Self { pool, dst, tx }
+    }
+}
+
+impl<B> HttpBody for PooledBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for PooledBody<B> {
+    fn drop(&mut self) {
+        // Bodies known to be empty (HEAD, 204, 304) are never polled by the server.
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! meshlet's sidecar data plane.
+//!
+//! Connections redirected by `meshlet-init` arrive on the outbound (15001) and
+//! inbound (15006) listeners. Each one goes through the same stages
+//! ([`connection`]): original destination, loop guard, protocol detection, then the
+//! HTTP stack ([`http`]) or a TCP splice ([`tcp`]) to that destination. The admin
+//! server (15020) serves readiness, metrics, the effective config and shutdown.
+#![deny(rust_2018_idioms, clippy::disallowed_methods)]
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cgroup;
+pub mod config;
+pub mod connect;
+pub mod connection;
+pub mod detect;
+pub mod drain;
+pub mod errors;
+pub mod http;
+pub mod io;
+pub mod listen;
+pub mod mesh;
+pub mod metrics;
+pub mod orig_dst;
+pub mod tcp;
+#[cfg(feature = "test-util")]
+pub mod test_util;
+
+use std::{
+    io as stdio,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use meshlet_api::MeshConfig;
+
+pub use config::Config;
+pub use orig_dst::{OrigDst, SoOriginalDst};
+
+use crate::{
+    mesh::{FileWatch, Mesh, MeshError},
+    metrics::{Direction, Metrics},
+};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The mesh config file is missing or invalid.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} (set by {name}): {source}; another process may hold the port, or set {name} to a free address")]
+    Bind {
+        /// The variable that set the address.
+        name: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: stdio::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(stdio::Error),
+}
+
+/// A configured proxy, not yet listening.
+pub struct Proxy {
+    config: Config,
+    mesh_config: MeshConfig,
+    watch: Option<FileWatch>,
+    orig_dst: Arc<dyn OrigDst>,
+}
+
+/// Where a running proxy listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addrs {
+    /// Outbound listener (IPv4 or the configured address).
+    pub outbound: SocketAddr,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// Admin server.
+    pub admin: SocketAddr,
+}
+
+/// A listening proxy.
+pub struct Running {
+    /// Where it listens.
+    pub addrs: Addrs,
+    signal: drain::Signal,
+    ready: Arc<AtomicBool>,
+    drain_timeout: Duration,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Loads the mesh config file (if any); a bad file is an error.
+    pub fn new(config: Config, orig_dst: Arc<dyn OrigDst>) -> Result<Self, Error> {
+        let (mesh_config, watch) = match &config.config_path {
+            None => (MeshConfig::default(), None),
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|source| MeshError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let cfg = MeshConfig::from_json(&bytes).map_err(|source| MeshError::Invalid {
+                    path: path.clone(),
+                    source,
+                })?;
+                (cfg, Some(FileWatch::new(path.clone(), Some(&bytes))))
+            }
+        };
+        Ok(Self {
+            config,
+            mesh_config,
+            watch,
+            orig_dst,
+        })
+    }
+
+    /// Binds every listener and starts serving (needs a tokio runtime).
+    pub async fn start(self) -> Result<Running, Error> {
+        let cfg = &self.config;
+        let bind = |name, addr| {
+            listen::bind(addr).map_err(|source| Error::Bind { name, addr, source })
+        };
+        let outbound = bind(meshlet_api::env::PROXY_OUTBOUND_ADDR, cfg.outbound_addr)?;
+        let inbound = bind(meshlet_api::env::PROXY_INBOUND_ADDR, cfg.inbound_addr)?;
+        let admin_l = listen::bind(cfg.admin_addr)
+            .and_then(|mut ls| ls.drain(..1).next().ok_or_else(|| stdio::ErrorKind::AddrNotAvailable.into()))
+            .map_err(|source| Error::Bind {
+                name: meshlet_api::env::PROXY_ADMIN_ADDR,
+                addr: cfg.admin_addr,
+                source,
+            })?;
+        let local = |ls: &[tokio::net::TcpListener]| {
+            ls.first()
+                .and_then(|l| l.local_addr().ok())
+                .ok_or(stdio::ErrorKind::AddrNotAvailable)
+        };
+        let addrs = Addrs {
+            outbound: local(&outbound).map_err(|e| Error::Bind {
+                name: meshlet_api::env::PROXY_OUTBOUND_ADDR,
+                addr: cfg.outbound_addr,
+                source: e.into(),
+            })?,
+            inbound: local(&inbound).map_err(|e| Error::Bind {
+                name: meshlet_api::env::PROXY_INBOUND_ADDR,
+                addr: cfg.inbound_addr,
+                source: e.into(),
+            })?,
+            admin: admin_l.local_addr().map_err(|source| Error::Bind {
+                name: meshlet_api::env::PROXY_ADMIN_ADDR,
+                addr: cfg.admin_addr,
+                source,
+            })?,
+        };
+
+        let metrics = Metrics::new();
+        let mesh = Arc::new(Mesh::new(self.mesh_config, cfg.opaque_ports.clone()));
+        let mut local_ips = listen::local_ips();
+        local_ips.extend(cfg.pod_ip);
+        let ctx = Arc::new(connection::Ctx {
+            mesh: mesh.clone(),
+            metrics: metrics.clone(),
+            orig_dst: self.orig_dst,
+            pool: http::Pool::new(),
+            own_ports: vec![addrs.outbound.port(), addrs.inbound.port(), addrs.admin.port()],
+            local_ips,
+        });
+
+        let (signal, watch) = drain::channel();
+        for (listeners, direction) in [(outbound, Direction::Outbound), (inbound, Direction::Inbound)] {
+            for l in listeners {
+                tokio::spawn(listen::accept_loop(l, direction, ctx.clone(), watch.clone()));
+            }
+        }
+        drop(watch);
+
+        if let Some(file) = self.watch {
+            tokio::spawn(mesh::watch(mesh.clone(), file, metrics.clone(), mesh::POLL_INTERVAL));
+        }
+        let ready = Arc::new(AtomicBool::new(false));
+        let admin = Arc::new(admin::Admin {
+            ready: ready.clone(),
+            metrics,
+            mesh,
+            config: self.config.clone(),
+            shutdown: signal.trigger(),
+        });
+        tokio::spawn(admin::serve(admin_l, admin));
+        ready.store(true, Ordering::Release);
+        tracing::info!(outbound = %addrs.outbound, inbound = %addrs.inbound, admin = %addrs.admin, "listening");
+        Ok(Running {
+            addrs,
+            signal,
+            ready,
+            drain_timeout: self.config.drain_timeout.as_std(),
+        })
+    }
+}
+
+// === impl Running ===
+
+impl Running {
+    /// A handle that starts the drain (same as SIGTERM).
+    pub fn shutdown_handle(&self) -> drain::Trigger {
+        self.signal.trigger()
+    }
+
+    /// Waits for the drain to start, then for in-flight work up to the drain timeout.
+    /// Returns whether everything finished in time.
+    pub async fn wait(self) -> bool {
+        self.signal.trigger().started().await;
+        self.ready.store(false, Ordering::Release);
+        tracing::info!(timeout = ?self.drain_timeout, "draining");
+        let clean = self.signal.drain(self.drain_timeout).await;
+        if clean {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!("drain deadline passed; closing the remaining connections");
+        }
+        clean
+    }
+}
+
+/// Runs the proxy of the process: real `SO_ORIGINAL_DST`, SIGTERM/SIGINT drain.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let running = Proxy::new(config, Arc::new(SoOriginalDst))?.start().await?;
+    let trigger = running.shutdown_handle();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Signal)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        trigger.start();
+    });
+    running.wait().await;
+    Ok(())
+}

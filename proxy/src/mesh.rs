@@ -1,0 +1,331 @@
+//! The mesh config in force, and the watcher that reloads it from its file.
+//!
+//! Connections take a snapshot ([`Mesh::load`]) when they are accepted and keep it,
+//! so a reload never changes the rules under a connection in flight. Reloads swap the
+//! whole snapshot atomically; a bad document is refused whole and the last good one
+//! keeps serving.
+
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use meshlet_api::{config::ConfigError as DocError, MeshConfig};
+use metrics::SharedString;
+
+use crate::metrics::{Metrics, UNKNOWN_SERVICE};
+
+/// How often the watcher looks at the file.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A mesh config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The file could not be read.
+    #[error("cannot read mesh config {path}: {source} (check MESHLET_CONFIG_PATH and the mounted ConfigMap)")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid mesh config.
+    #[error("refusing mesh config {path}: {source}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: DocError,
+    },
+}
+
+/// One immutable mesh config plus the lookups derived from it.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The document.
+    pub config: MeshConfig,
+    services: HashMap<SocketAddr, SharedString>,
+    opaque: Vec<u16>,
+}
+
+/// The snapshot in force.
+pub struct Mesh {
+    current: ArcSwap<Snapshot>,
+    opaque_override: Option<Vec<u16>>,
+}
+
+// === impl Snapshot ===
+
+impl Snapshot {
+    /// Derives the lookups; `opaque_override` (from `MESHLET_OPAQUE_PORTS`) replaces
+    /// the document's opaque list.
+    pub fn new(config: MeshConfig, opaque_override: Option<&[u16]>) -> Self {
+        let mut services = HashMap::new();
+        for (addr, r) in config.index() {
+            let svc = &config.services[r.index];
+            let label: Arc<str> = format!("{}/{}", svc.namespace, svc.name).into();
+            services.insert(addr, SharedString::from(label));
+        }
+        let mut opaque = match opaque_override {
+            Some(o) => o.to_vec(),
+            None => config.opaque_ports(),
+        };
+        opaque.sort_unstable();
+        opaque.dedup();
+        Self {
+            config,
+            services,
+            opaque,
+        }
+    }
+
+    /// The `service` label for a destination: `namespace/name`, or `unknown`.
+    pub fn service_label(&self, dst: SocketAddr) -> SharedString {
+        self.services
+            .get(&dst)
+            .cloned()
+            .unwrap_or_else(|| SharedString::const_str(UNKNOWN_SERVICE))
+    }
+
+    /// Whether connections to `port` skip protocol detection.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque.binary_search(&port).is_ok()
+    }
+
+    /// The opaque ports in force.
+    pub fn opaque_ports(&self) -> &[u16] {
+        &self.opaque
+    }
+
+    /// How long detection waits for the client's first bytes.
+    pub fn detect_timeout(&self) -> Duration {
+        self.config.timeouts.detect.as_std()
+    }
+
+    /// How long a connect to the destination may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.config.timeouts.connect.as_std()
+    }
+
+    /// How long an opaque connection may idle; `None` is forever.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        let d = self.config.timeouts.idle;
+        (!d.is_zero()).then(|| d.as_std())
+    }
+}
+
+// === impl Mesh ===
+
+impl Mesh {
+    /// Starts with `config`.
+    pub fn new(config: MeshConfig, opaque_override: Option<Vec<u16>>) -> Self {
+        let snap = Snapshot::new(config, opaque_override.as_deref());
+        Self {
+            current: ArcSwap::from_pointee(snap),
+            opaque_override,
+        }
+    }
+
+    /// The snapshot in force.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Replaces the snapshot.
+    pub fn store(&self, config: MeshConfig) {
+        let snap = Snapshot::new(config, self.opaque_override.as_deref());
+        self.current.store(Arc::new(snap));
+    }
+}
+
+/// Reads and validates a mesh config file.
+pub fn read_file(path: &Path) -> Result<MeshConfig, MeshError> {
+    let bytes = std::fs::read(path).map_err(|source| MeshError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    MeshConfig::from_json(&bytes).map_err(|source| MeshError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Notices changes of one file.
+///
+/// Kubernetes updates a mounted ConfigMap by writing a new directory and swapping a
+/// `..data` symlink, so the watched path keeps its name while its target changes.
+/// Stat follows symlinks, so a swap shows up as a new mtime or length; the content
+/// hash then filters out swaps that changed nothing. Every tenth poll re-reads anyway,
+/// because a same-size rewrite within the filesystem's mtime granularity is invisible
+/// to stat.
+pub struct FileWatch {
+    path: PathBuf,
+    stamp: Option<(SystemTime, u64)>,
+    hash: Option<u64>,
+    polls: u32,
+}
+
+impl FileWatch {
+    /// Watches `path`, whose current content was already loaded (if `content` is set).
+    pub fn new(path: PathBuf, content: Option<&[u8]>) -> Self {
+        let stamp = stamp(&path);
+        Self {
+            path,
+            stamp,
+            hash: content.map(hash),
+            polls: 0,
+        }
+    }
+
+    /// Looks once: `None` when nothing changed, else the new document or why it
+    /// cannot be used.
+    pub fn poll(&mut self) -> Option<Result<MeshConfig, MeshError>> {
+        self.polls = self.polls.wrapping_add(1);
+        let now = stamp(&self.path);
+        if now == self.stamp && self.polls % 10 != 0 {
+            return None;
+        }
+        self.stamp = now;
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(source) => {
+                // A missing file mid-swap is transient; report it once per change.
+                let h = Some(0);
+                if self.hash == h {
+                    return None;
+                }
+                self.hash = h;
+                return Some(Err(MeshError::Read {
+                    path: self.path.clone(),
+                    source,
+                }));
+            }
+        };
+        let h = Some(hash(&bytes));
+        if h == self.hash {
+            return None;
+        }
+        self.hash = h;
+        Some(
+            MeshConfig::from_json(&bytes).map_err(|source| MeshError::Invalid {
+                path: self.path.clone(),
+                source,
+            }),
+        )
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let md = std::fs::metadata(path).ok()?;
+    Some((md.modified().ok()?, md.len()))
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    // Never 0, which marks "unreadable" above.
+    h.finish() | 1
+}
+
+/// Polls the file until the task is dropped, swapping in each valid new document.
+pub async fn watch(mesh: Arc<Mesh>, mut file: FileWatch, metrics: Arc<Metrics>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match file.poll() {
+            None => {}
+            Some(Ok(config)) => {
+                tracing::info!(generation = config.generation, services = config.services.len(), "mesh config reloaded");
+                mesh.store(config);
+                metrics.config_reload(true);
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "keeping the last good mesh config");
+                metrics.config_reload(false);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"{"generation": 1, "services": [{"name": "web", "namespace": "shop",
+        "clusterIPs": ["198.19.0.10"], "ports": [{"port": 80}]}], "opaquePorts": [9000]}"#;
+
+    #[test]
+    fn snapshot_lookups() {
+        let s = Snapshot::new(MeshConfig::from_json(DOC.as_bytes()).unwrap(), None);
+        assert_eq!(&*s.service_label("198.19.0.10:80".parse().unwrap()), "shop/web");
+        assert_eq!(&*s.service_label("198.19.0.10:81".parse().unwrap()), "unknown");
+        assert!(s.is_opaque(9000));
+        assert!(!s.is_opaque(3306));
+
+        let s = Snapshot::new(MeshConfig::default(), None);
+        assert!(s.is_opaque(3306), "the default list applies without a document list");
+        let s = Snapshot::new(MeshConfig::default(), Some(&[7000]));
+        assert!(s.is_opaque(7000) && !s.is_opaque(3306), "the env list replaces the default");
+    }
+
+    #[test]
+    fn reload_keeps_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.json");
+        std::fs::write(&path, DOC).unwrap();
+        let mesh = Mesh::new(read_file(&path).unwrap(), None);
+        let mut w = FileWatch::new(path.clone(), Some(DOC.as_bytes()));
+        assert!(w.poll().is_none(), "unchanged file");
+
+        std::fs::write(&path, "{\"services\": [").unwrap();
+        match w.poll() {
+            Some(Err(MeshError::Invalid { .. })) => {}
+            other => panic!("expected an invalid document, got {other:?}"),
+        }
+        assert_eq!(mesh.load().config.generation, 1, "last good config still serves");
+        assert!(w.poll().is_none(), "the same bad content is reported once");
+
+        let v2 = DOC.replace("\"generation\": 1", "\"generation\": 2");
+        std::fs::write(&path, &v2).unwrap();
+        let cfg = w.poll().expect("changed").expect("valid");
+        mesh.store(cfg);
+        assert_eq!(mesh.load().config.generation, 2);
+    }
+
+    #[test]
+    fn follows_symlink_swap() {
+        // The ConfigMap layout: path -> ..data/mesh.json, ..data -> ..v1, swapped by rename.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("..v1")).unwrap();
+        std::fs::write(d.join("..v1/mesh.json"), DOC).unwrap();
+        std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/mesh.json", d.join("mesh.json")).unwrap();
+        let path = d.join("mesh.json");
+        let mut w = FileWatch::new(path.clone(), Some(DOC.as_bytes()));
+
+        std::fs::create_dir(d.join("..v2")).unwrap();
+        let v2 = DOC.replace("\"generation\": 1", "\"generation\": 22");
+        std::fs::write(d.join("..v2/mesh.json"), &v2).unwrap();
+        std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        std::fs::remove_dir_all(d.join("..v1")).unwrap();
+
+        let cfg = w.poll().expect("changed").expect("valid");
+        assert_eq!(cfg.generation, 22);
+    }
+
+    #[test]
+    fn missing_file_is_an_error_with_the_path() {
+        let e = read_file(Path::new("/nonexistent/mesh.json")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/nonexistent/mesh.json") && msg.contains("MESHLET_CONFIG_PATH"), "{msg}");
+    }
+}
