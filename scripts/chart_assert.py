@@ -284,6 +284,24 @@ def check_deployment(kinds, values, chart, kube_version):
     pi = values["proxyInit"]["image"]
     init_image = f"{pi['repository'] or values['proxy']['image']['repository']}:{pi['tag'] or values['proxy']['image']['tag'] or chart['appVersion']}"
     check(flags.get("init-image") == init_image, f"--init-image {flags.get('init-image')} != {init_image}")
+    pv = values["proxy"]
+    native = pv["nativeSidecar"]
+    if native == "auto":
+        native = semver_ge(kube_version, (1, 29, 0))
+    req = (pv["resources"] or {}).get("requests") or {}
+    lim = (pv["resources"] or {}).get("limits") or {}
+    want_flags = {
+        "image-pull-policy": pv["image"]["pullPolicy"],
+        "proxy-cpu": str(req.get("cpu", "")),
+        "proxy-memory": str(req.get("memory", "")),
+        "proxy-cpu-limit": str(lim.get("cpu", "")),
+        "proxy-memory-limit": str(lim.get("memory", "")),
+        "log-level": pv["logLevel"],
+        "native-sidecar": str(native).lower(),
+        "tls-mode": pv["tlsMode"],
+    }
+    for k, want in want_flags.items():
+        check(flags.get(k) == want, f"--{k}={flags.get(k)!r}, want {want!r} from the values")
     vols = {v["name"]: v for v in pod.get("volumes", [])}
     check("emptyDir" in vols.get("tmp", {}) and mounts.get("tmp") == "/tmp", "read-only root needs a /tmp emptyDir")
 
@@ -309,10 +327,6 @@ def check_deployment(kinds, values, chart, kube_version):
     except ValueError as e:
         check(False, f"meshlet-config defaults.json is not JSON: {e}")
         defaults = {}
-    pv = values["proxy"]
-    native = pv["nativeSidecar"]
-    if native == "auto":
-        native = semver_ge(kube_version, (1, 29, 0))
     p = defaults.get("proxy", {})
     check(p.get("nativeSidecar") is native, f"nativeSidecar {p.get('nativeSidecar')} != {native} (kube {kube_version})")
     check(p.get("image") == image(pv["image"], chart) and p.get("tlsMode") == pv["tlsMode"] and p.get("logLevel") == pv["logLevel"]

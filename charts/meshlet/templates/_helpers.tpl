@@ -118,17 +118,29 @@ limits:
 {{- end }}
 
 {{/*
-Arguments of `meshlet-injector serve`. The mesh defaults are passed as flags so
-that the injector needs no API access to learn them; the same values are in the
-meshlet-config ConfigMap for humans and tools.
+Arguments of `meshlet-injector serve`. The injection defaults are flags of the
+injector (config.rs DefaultsArgs: an empty value omits the field), so that it
+needs no API access to learn them; the same values are in the meshlet-config
+ConfigMap for the settings the injector does not take as flags yet.
 */}}
 {{- define "meshlet.injector.args" -}}
+{{- $r := .Values.proxy.resources | default dict -}}
+{{- $req := $r.requests | default dict -}}
+{{- $lim := $r.limits | default dict -}}
 - serve
 - --addr=0.0.0.0:8443
 - --tls-cert=/etc/meshlet/tls/tls.crt
 - --tls-key=/etc/meshlet/tls/tls.key
 - --proxy-image={{ include "meshlet.proxy.image" . }}
 - --init-image={{ include "meshlet.proxyInit.image" . }}
+- --image-pull-policy={{ .Values.proxy.image.pullPolicy }}
+- --proxy-cpu={{ $req.cpu | default "" }}
+- --proxy-memory={{ $req.memory | default "" }}
+- --proxy-cpu-limit={{ $lim.cpu | default "" }}
+- --proxy-memory-limit={{ $lim.memory | default "" }}
+- --log-level={{ .Values.proxy.logLevel }}
+- --native-sidecar={{ include "meshlet.proxy.nativeSidecar" . }}
+- --tls-mode={{ .Values.proxy.tlsMode }}
 {{- end }}
 
 {{/*
