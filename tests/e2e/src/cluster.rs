@@ -1,0 +1,1386 @@
+//! The mini-cluster: one node namespace, one namespace per pod, processes per container.
+//!
+//! Topology (the CNI ptp model): each pod is a network namespace with `eth0`, a /32
+//! address `198.18.<cluster>.<pod>` and a default route via the link-local gateway
+//! `169.254.1.1`, which sits on the node end of the pod's veth. The node namespace has
+//! a /32 route per pod and forwards. ClusterIPs (`198.19.0.0/16`) exist only as
+//! kube-proxy DNAT rules in the node's nat table, so pod-to-Service traffic is DNATed
+//! on its way through the node and un-DNATed on the way back. Nothing is ever written
+//! to the host's root namespace.
+//!
+//! Pods come from Kubernetes manifests: workloads are expanded to pods, the sidecar is
+//! injected (by `meshlet-injector inject -f` when it works, else by a stand-in), and a
+//! small kubelet runs each container's image as a local binary: init containers to
+//! completion, native sidecars until ready, then the app containers. [`Cluster`]'s Drop
+//! kills every process it started and deletes every namespace, also on panic.
+
+pub mod kubeproxy;
+pub mod manifest;
+pub mod metrics;
+pub mod netns;
+pub mod sidecar;
+pub mod top;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File},
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::core::v1::{Container, Pod, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use meshlet_api::{config, env as menv, MeshConfig, SpiffeId};
+use nix::{sys::signal::Signal, unistd::Pid};
+
+use self::{kubeproxy::Protocol, manifest::Manifests};
+pub use self::{metrics::Metrics, netns::Netns, sidecar::InjectPath};
+
+/// Prefix of every namespace this crate creates; followed by the pid.
+pub const NS_PREFIX: &str = "mle2e";
+/// Gateway address on the node end of every pod veth.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// What to install when a tool is missing.
+pub const INSTALL_HINT: &str =
+    "apt-get install -y iptables iproute2 curl dnsutils util-linux procps";
+/// How long a proxy or app may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an init container may run.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+/// Why the mini-cluster could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The machine lacks root or a tool.
+    #[error("{0}")]
+    Prereq(String),
+    /// A command exited non-zero.
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Its exit status.
+        status: String,
+        /// Its stderr.
+        stderr: String,
+    },
+    /// An I/O error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A manifest the mini-cluster cannot run.
+    #[error("manifest: {0}")]
+    Manifest(String),
+    /// Something did not happen in time.
+    #[error("timeout: {0}")]
+    Timeout(String),
+    /// Anything else, with what to do about it.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+// === Binaries ===
+
+/// The binaries the kubelet maps images to.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// Directory they were found in.
+    pub dir: PathBuf,
+    /// `meshlet-proxy`.
+    pub proxy: PathBuf,
+    /// `meshlet-init`.
+    pub init: PathBuf,
+    /// `meshlet-testapp`.
+    pub testapp: PathBuf,
+    /// `meshlet-injector` (optional: the stand-in replaces it when absent).
+    pub injector: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries next to the running executable (`target/<profile>`, also from
+    /// `target/<profile>/deps` where test executables live); `MLE2E_BIN_DIR` overrides.
+    pub fn locate() -> Result<Self, Error> {
+        let dir = match std::env::var_os("MLE2E_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let exe =
+                    std::env::current_exe().map_err(io_err("finding the running executable"))?;
+                let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+                if dir.ends_with("deps") {
+                    dir.pop();
+                }
+                dir
+            }
+        };
+        let b = Self {
+            proxy: dir.join("meshlet-proxy"),
+            init: dir.join("meshlet-init"),
+            testapp: dir.join("meshlet-testapp"),
+            injector: dir.join("meshlet-injector"),
+            dir,
+        };
+        let missing: Vec<String> = [&b.proxy, &b.init, &b.testapp]
+            .iter()
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Prereq(format!(
+                "missing {}: run `cargo build --workspace --bins` first",
+                missing.join(", ")
+            )));
+        }
+        Ok(b)
+    }
+
+    fn by_name(&self, name: &str) -> Option<&Path> {
+        match name {
+            "meshlet-proxy" => Some(&self.proxy),
+            "meshlet-init" => Some(&self.init),
+            "meshlet-testapp" => Some(&self.testapp),
+            "meshlet-injector" => Some(&self.injector),
+            _ => None,
+        }
+    }
+
+    /// The image table: which binary a container runs and with which arguments.
+    ///
+    /// A `command` whose first word names a meshlet binary wins; otherwise the image's
+    /// repository name picks the binary (`*meshlet-testapp*`, `*meshlet-proxy*`,
+    /// `*meshlet-init*`) and `args` follow as for an image entrypoint.
+    pub fn resolve(&self, c: &Container) -> Result<(PathBuf, Vec<String>), Error> {
+        let command = c.command.clone().unwrap_or_default();
+        let args = c.args.clone().unwrap_or_default();
+        if let Some(first) = command.first() {
+            let base = first.rsplit('/').next().unwrap_or(first);
+            if let Some(bin) = self.by_name(base) {
+                let mut argv: Vec<String> = command[1..].to_vec();
+                argv.extend(args);
+                return Ok((bin.to_path_buf(), argv));
+            }
+            return Err(Error::Manifest(format!(
+                "container {} runs {first:?}: the mini-cluster only runs meshlet-proxy, meshlet-init and meshlet-testapp",
+                c.name
+            )));
+        }
+        let image = c.image.clone().unwrap_or_default();
+        let repo = image
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .split([':', '@'])
+            .next()
+            .unwrap_or("");
+        let bin = if repo.contains("testapp") {
+            &self.testapp
+        } else if c.name == meshlet_api::INIT_CONTAINER_NAME || repo.contains("meshlet-init") {
+            &self.init
+        } else if repo.contains("meshlet-proxy") || (repo == "proxy" && image.contains("meshlet")) {
+            &self.proxy
+        } else {
+            return Err(Error::Manifest(format!(
+                "container {} uses image {image:?}: the mini-cluster maps only meshlet-proxy, meshlet-init and meshlet-testapp images to local binaries",
+                c.name
+            )));
+        };
+        Ok((bin.clone(), args))
+    }
+}
+
+/// Checks root and the tools the mini-cluster runs; the error says what to install.
+pub fn check_prereqs() -> Result<(), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::Prereq(
+            "the e2e mini-cluster needs root (it creates network namespaces and iptables rules inside them): run it as root, e.g. `sudo -E cargo test -p meshlet-e2e --test mesh`".into(),
+        ));
+    }
+    let path = std::env::var("PATH").unwrap_or_else(|_| PATH.into());
+    let dirs: Vec<&str> = path.split(':').chain(PATH.split(':')).collect();
+    let missing: Vec<&str> = [
+        "ip",
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "curl",
+        "dig",
+        "setpriv",
+        "sysctl",
+        "sha256sum",
+    ]
+    .into_iter()
+    .filter(|t| !dirs.iter().any(|d| Path::new(d).join(t).is_file()))
+    .collect();
+    if !missing.is_empty() {
+        return Err(Error::Prereq(format!(
+            "missing tools: {}. Install them: {INSTALL_HINT}",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Deletes namespaces of earlier runs whose process is gone (a run killed by SIGKILL
+/// cannot clean up after itself).
+pub fn remove_stale() {
+    for name in netns::list_with_prefix(&format!("{NS_PREFIX}-")) {
+        let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                kill_ns_pids(&name);
+                netns::Netns::delete(&name);
+            }
+        }
+    }
+}
+
+fn kill_ns_pids(name: &str) {
+    let ns = Netns::existing(name);
+    for pid in ns.pids() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Namespaces and child processes of this process that are still around.
+pub fn leftovers() -> (Vec<String>, Vec<i32>) {
+    let me = std::process::id();
+    let ns = netns::list_with_prefix(&format!("{NS_PREFIX}-{me}-"));
+    let mut pids = Vec::new();
+    if let Ok(d) = fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(me) && f.first() != Some(&"Z") {
+                pids.push(pid);
+            }
+        }
+    }
+    (ns, pids)
+}
+
+// === ClusterBuilder ===
+
+/// How pods get their sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectMode {
+    /// The injector when `inject -f` works, else the stand-in (`MLE2E_INJECT` may force
+    /// `injector` or `handwritten`).
+    Auto,
+    /// Only `meshlet-injector inject -f`.
+    Injector,
+    /// Only the stand-in.
+    HandWritten,
+}
+
+/// Builds a [`Cluster`] from a manifest file.
+#[derive(Clone, Debug)]
+pub struct ClusterBuilder {
+    file: PathBuf,
+    scale: BTreeMap<String, i32>,
+    proxy_env: Vec<(String, String)>,
+    inject: InjectMode,
+}
+
+impl ClusterBuilder {
+    /// A cluster running the objects of `file`.
+    pub fn new(file: impl Into<PathBuf>) -> Self {
+        Self {
+            file: file.into(),
+            scale: BTreeMap::new(),
+            proxy_env: Vec::new(),
+            inject: InjectMode::Auto,
+        }
+    }
+
+    /// Overrides the replicas of workload `name`.
+    pub fn scale(mut self, name: &str, replicas: i32) -> Self {
+        self.scale.insert(name.into(), replicas);
+        self
+    }
+
+    /// Adds (or overrides) an env var of every meshlet-proxy container.
+    pub fn proxy_env(mut self, key: &str, value: &str) -> Self {
+        self.proxy_env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Chooses the injection path.
+    pub fn inject(mut self, mode: InjectMode) -> Self {
+        self.inject = mode;
+        self
+    }
+
+    /// Creates the namespaces, rules and processes; on error everything created so far
+    /// is removed again.
+    pub fn start(self) -> Result<Cluster, Error> {
+        check_prereqs()?;
+        let bins = Binaries::locate()?;
+        remove_stale();
+        let yaml = fs::read_to_string(&self.file)
+            .map_err(io_err(format!("reading {}", self.file.display())))?;
+        let original = manifest::parse(&yaml)?;
+        let mode = match (self.inject, std::env::var("MLE2E_INJECT").ok().as_deref()) {
+            (InjectMode::Auto, Some("injector")) => InjectMode::Injector,
+            (InjectMode::Auto, Some("handwritten")) => InjectMode::HandWritten,
+            (m, _) => m,
+        };
+        let (pods, inject_path) = injected_pods(&bins, &self.file, &original, &self.scale, mode)?;
+
+        let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("{NS_PREFIX}-{}-{n}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()
+            .map_err(io_err("creating the cluster's temp dir"))?;
+        // The proxy runs as UID 1337 and must read its config file here.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+            .map_err(io_err("chmod of the temp dir"))?;
+        fs::create_dir(dir.path().join("logs")).map_err(io_err("creating logs dir"))?;
+        let mut c = Cluster {
+            prefix,
+            n,
+            bins,
+            dir,
+            node: None,
+            netns: Vec::new(),
+            pods: Vec::new(),
+            services: Vec::new(),
+            procs: Mutex::new(Vec::new()),
+            inject_path,
+            mesh: MeshConfig::default(),
+            mesh_path: PathBuf::new(),
+            proxy_env: self.proxy_env,
+        };
+        c.build_network(pods)?;
+        c.build_services(&original.services)?;
+        c.write_mesh_config()?;
+        for i in 0..c.pods.len() {
+            c.start_pod(i)?;
+        }
+        Ok(c)
+    }
+}
+
+fn injected_pods(
+    bins: &Binaries,
+    file: &Path,
+    original: &Manifests,
+    scale: &BTreeMap<String, i32>,
+    mode: InjectMode,
+) -> Result<(Vec<Pod>, InjectPath), Error> {
+    let from_injector = || -> Result<Vec<Pod>, Error> {
+        if !bins.injector.is_file() {
+            return Err(Error::Prereq(format!(
+                "{} not found: run `cargo build --workspace --bins` first",
+                bins.injector.display()
+            )));
+        }
+        let out = sidecar::run_injector(&bins.injector, file)?;
+        let pods = manifest::parse(&out)?.pods(scale);
+        if !pods.iter().any(sidecar::is_injected) {
+            return Err(Error::Other(
+                "`meshlet-injector inject -f` printed no pod with a meshlet-proxy container".into(),
+            ));
+        }
+        Ok(pods)
+    };
+    let hand = || {
+        original
+            .pods(scale)
+            .into_iter()
+            .map(|mut p| {
+                let ns = p.metadata.namespace.clone().unwrap_or_default();
+                if sidecar::wants_injection(&p, &original.namespace_labels(&ns))
+                    && !sidecar::is_injected(&p)
+                {
+                    sidecar::hand_inject(&mut p);
+                }
+                p
+            })
+            .collect::<Vec<_>>()
+    };
+    match mode {
+        InjectMode::Injector => Ok((from_injector()?, InjectPath::Injector)),
+        InjectMode::HandWritten => Ok((hand(), InjectPath::HandWritten("forced".into()))),
+        InjectMode::Auto => match from_injector() {
+            Ok(p) => Ok((p, InjectPath::Injector)),
+            Err(e) => {
+                let first = e.to_string();
+                let why = first
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(160)
+                    .collect();
+                Ok((hand(), InjectPath::HandWritten(why)))
+            }
+        },
+    }
+}
+
+// === Cluster ===
+
+/// One running pod.
+#[derive(Clone, Debug)]
+pub struct PodRun {
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod IP.
+    pub ip: Ipv4Addr,
+    /// Its network namespace.
+    pub netns: Netns,
+    /// The (injected) pod spec it runs.
+    pub pod: Pod,
+    /// Service account (`default` when unset).
+    pub service_account: String,
+}
+
+impl PodRun {
+    /// Whether the pod runs the meshlet sidecar.
+    pub fn meshed(&self) -> bool {
+        sidecar::is_injected(&self.pod)
+    }
+
+    /// The pod's SPIFFE identity.
+    pub fn identity(&self) -> Option<SpiffeId> {
+        SpiffeId::new(
+            meshlet_api::DEFAULT_TRUST_DOMAIN,
+            &self.namespace,
+            &self.service_account,
+        )
+        .ok()
+    }
+
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.pod.metadata.labels.clone().unwrap_or_default()
+    }
+
+    fn containers(&self) -> Vec<Container> {
+        self.pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// One Service as programmed into the node.
+#[derive(Clone, Debug)]
+pub struct ServiceRun {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// ClusterIP.
+    pub cluster_ip: Ipv4Addr,
+    /// Its ports with their endpoints.
+    pub ports: Vec<kubeproxy::ServicePortRule>,
+    /// Port name and `appProtocol` per port.
+    pub port_meta: Vec<(u16, Option<String>, Option<String>)>,
+    /// Names of the pods behind it.
+    pub pods: Vec<String>,
+}
+
+struct Proc {
+    pod: String,
+    container: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A running mini-cluster; dropping it removes everything it created.
+pub struct Cluster {
+    prefix: String,
+    n: u32,
+    bins: Binaries,
+    dir: tempfile::TempDir,
+    node: Option<Netns>,
+    netns: Vec<String>,
+    pods: Vec<PodRun>,
+    services: Vec<ServiceRun>,
+    procs: Mutex<Vec<Proc>>,
+    inject_path: InjectPath,
+    mesh: MeshConfig,
+    mesh_path: PathBuf,
+    proxy_env: Vec<(String, String)>,
+}
+
+impl Cluster {
+    /// Prefix of all its namespaces (`mle2e-<pid>-<n>`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// How the pods got their sidecar.
+    pub fn inject_path(&self) -> &InjectPath {
+        &self.inject_path
+    }
+
+    /// The mesh config every proxy reads.
+    pub fn mesh_config(&self) -> &MeshConfig {
+        &self.mesh
+    }
+
+    /// The binaries in use.
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// The node namespace.
+    pub fn node(&self) -> &Netns {
+        self.node
+            .as_ref()
+            .expect("the node exists once the cluster is built")
+    }
+
+    /// All pods.
+    pub fn pods(&self) -> &[PodRun] {
+        &self.pods
+    }
+
+    /// All services.
+    pub fn services(&self) -> &[ServiceRun] {
+        &self.services
+    }
+
+    /// The first pod whose name starts with `prefix`.
+    pub fn pod(&self, prefix: &str) -> Result<&PodRun, Error> {
+        self.pods
+            .iter()
+            .find(|p| p.name.starts_with(prefix))
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "no pod named {prefix}*; pods: {}",
+                    self.pods
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    /// The ClusterIP of Service `name`.
+    pub fn service_ip(&self, name: &str) -> Result<Ipv4Addr, Error> {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.cluster_ip)
+            .ok_or_else(|| Error::Other(format!("no service {name}")))
+    }
+
+    // --- building ---
+
+    fn build_network(&mut self, pods: Vec<Pod>) -> Result<(), Error> {
+        let node_name = format!("{}-node", self.prefix);
+        let node = Netns::create(&node_name)?;
+        self.netns.push(node_name);
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        self.node = Some(node.clone());
+        for (i, pod) in pods.into_iter().enumerate() {
+            let name = pod
+                .metadata
+                .name
+                .clone()
+                .ok_or_else(|| Error::Manifest("a pod has no name".into()))?;
+            if i > 250 {
+                return Err(Error::Manifest(
+                    "the mini-cluster holds at most 250 pods".into(),
+                ));
+            }
+            let ip = Ipv4Addr::new(198, 18, (self.n % 256) as u8, (i + 2) as u8);
+            let ns_name = format!("{}-{name}", self.prefix);
+            let ns = Netns::create(&ns_name)?;
+            self.netns.push(ns_name.clone());
+            let veth = format!("vp{i}");
+            node.ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns_name,
+            ])?;
+            let ip_s = ip.to_string();
+            let gw = GATEWAY.to_string();
+            ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+            ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+            node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &veth])?;
+            node.ip(&["link", "set", &veth, "up"])?;
+            node.ip(&[
+                "route",
+                "add",
+                &format!("{ip_s}/32"),
+                "dev",
+                &veth,
+                "scope",
+                "link",
+            ])?;
+            let service_account = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into());
+            self.pods.push(PodRun {
+                name,
+                namespace: pod
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                ip,
+                netns: ns,
+                pod,
+                service_account,
+            });
+        }
+        Ok(())
+    }
+
+    fn build_services(&mut self, services: &[Service]) -> Result<(), Error> {
+        let mut next = 100u8;
+        let mut rules = Vec::new();
+        for s in services {
+            let name = s.metadata.name.clone().unwrap_or_default();
+            let namespace = s
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let spec = s.spec.clone().unwrap_or_default();
+            let cluster_ip = match spec.cluster_ip.as_deref().map(str::parse::<Ipv4Addr>) {
+                Some(Ok(ip)) if ip.octets()[..2] == [198, 19] => ip,
+                Some(Ok(ip)) => {
+                    return Err(Error::Manifest(format!(
+                        "service {namespace}/{name} has clusterIP {ip}: the mini-cluster only uses 198.19.0.0/16"
+                    )))
+                }
+                _ => {
+                    next = next.checked_add(1).ok_or_else(|| Error::Manifest("too many services".into()))?;
+                    Ipv4Addr::new(198, 19, 0, next)
+                }
+            };
+            let selector = spec.selector.clone().unwrap_or_default();
+            let backends: Vec<&PodRun> = self
+                .pods
+                .iter()
+                .filter(|p| p.namespace == namespace && manifest::selects(&selector, &p.labels()))
+                .collect();
+            let mut ports = Vec::new();
+            let mut port_meta = Vec::new();
+            for p in spec.ports.clone().unwrap_or_default() {
+                let protocol = match p.protocol.as_deref() {
+                    None | Some("TCP") => Protocol::Tcp,
+                    Some("UDP") => Protocol::Udp,
+                    Some(other) => {
+                        return Err(Error::Manifest(format!(
+                            "service {namespace}/{name}: protocol {other} is not supported"
+                        )))
+                    }
+                };
+                let port = u16::try_from(p.port)
+                    .map_err(|_| Error::Manifest(format!("service {name}: bad port {}", p.port)))?;
+                let mut endpoints = Vec::new();
+                for b in &backends {
+                    if let Some(tp) = target_port(b, p.target_port.as_ref(), port) {
+                        endpoints.push((b.ip, tp));
+                    }
+                }
+                ports.push(kubeproxy::ServicePortRule {
+                    port_name: format!("{namespace}/{name}:{}", p.name.clone().unwrap_or_default()),
+                    protocol,
+                    cluster_ip,
+                    port,
+                    endpoints,
+                });
+                if protocol == Protocol::Tcp {
+                    port_meta.push((port, p.name.clone(), p.app_protocol.clone()));
+                }
+            }
+            rules.extend(ports.iter().cloned());
+            self.services.push(ServiceRun {
+                name,
+                namespace,
+                cluster_ip,
+                ports,
+                port_meta,
+                pods: backends.iter().map(|p| p.name.clone()).collect(),
+            });
+        }
+        let input = kubeproxy::render(&rules);
+        fs::write(self.dir.path().join("node-nat.rules"), &input)
+            .map_err(io_err("writing node rules"))?;
+        let mut cmd = self.node().command("iptables-restore");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err("running iptables-restore in the node"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(io_err("writing to iptables-restore"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(io_err("iptables-restore"))?;
+        netns::check(&cmd, out)?;
+        Ok(())
+    }
+
+    fn write_mesh_config(&mut self) -> Result<(), Error> {
+        let mut services = Vec::new();
+        for s in &self.services {
+            if s.port_meta.is_empty() {
+                continue;
+            }
+            let backends: Vec<&PodRun> = self
+                .pods
+                .iter()
+                .filter(|p| s.pods.contains(&p.name))
+                .collect();
+            let meshed = !backends.is_empty() && backends.iter().all(|p| p.meshed());
+            let identities: BTreeSet<SpiffeId> = if meshed {
+                backends.iter().filter_map(|p| p.identity()).collect()
+            } else {
+                BTreeSet::new()
+            };
+            services.push(config::Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                cluster_ips: vec![IpAddr::V4(s.cluster_ip)],
+                ports: s
+                    .port_meta
+                    .iter()
+                    .map(|(port, name, app)| config::ServicePort {
+                        port: *port,
+                        name: name.clone(),
+                        app_protocol: app.clone(),
+                    })
+                    .collect(),
+                meshed,
+                identities: identities.into_iter().collect(),
+            });
+        }
+        self.mesh = MeshConfig {
+            generation: 1,
+            services,
+            ..Default::default()
+        };
+        self.mesh
+            .validate()
+            .map_err(|e| Error::Other(format!("the harness built an invalid mesh config: {e}")))?;
+        let json = serde_json::to_string_pretty(&self.mesh)
+            .map_err(|e| Error::Other(format!("serializing the mesh config: {e}")))?;
+        self.mesh_path = self.dir.path().join("mesh.json");
+        fs::write(&self.mesh_path, json).map_err(io_err("writing mesh.json"))?;
+        fs::set_permissions(&self.mesh_path, fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod mesh.json"))?;
+        Ok(())
+    }
+
+    // --- the kubelet ---
+
+    fn start_pod(&self, i: usize) -> Result<(), Error> {
+        let pod = &self.pods[i];
+        let spec = pod.pod.spec.clone().unwrap_or_default();
+        for c in spec.init_containers.iter().flatten() {
+            if c.restart_policy.as_deref() == Some("Always") {
+                self.spawn(pod, c)?;
+                self.wait_probe(pod, c)?;
+            } else {
+                self.run_init(pod, c)?;
+            }
+        }
+        for c in &spec.containers {
+            self.spawn(pod, c)?;
+            if c.name == meshlet_api::PROXY_CONTAINER_NAME {
+                // Classic sidecar: the injector's post-start hook holds the app back
+                // until the proxy is ready.
+                self.wait_probe(pod, c)?;
+            }
+        }
+        self.wait_listening(pod)
+    }
+
+    fn command_for(&self, pod: &PodRun, c: &Container) -> Result<Command, Error> {
+        let (bin, args) = self.bins.resolve(c)?;
+        let sc = c.security_context.clone().unwrap_or_default();
+        let psc = pod
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.clone())
+            .unwrap_or_default();
+        let uid = sc.run_as_user.or(psc.run_as_user).unwrap_or(0);
+        let gid = sc.run_as_group.or(psc.run_as_group).unwrap_or(uid);
+        let mut cmd = if uid != 0 {
+            let mut cmd = pod.netns.command("setpriv");
+            cmd.args([
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+            ]);
+            cmd.arg(&bin);
+            cmd
+        } else {
+            pod.netns.command(&bin)
+        };
+        cmd.args(&args);
+        cmd.env_clear().env("PATH", PATH).env("RUST_BACKTRACE", "1");
+        let mut env: Vec<(String, String)> = Vec::new();
+        for e in c.env.iter().flatten() {
+            if let Some(v) = &e.value {
+                env.push((e.name.clone(), v.clone()));
+            } else if let Some(f) = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()) {
+                let v = match f.field_path.as_str() {
+                    "metadata.name" => pod.name.clone(),
+                    "metadata.namespace" => pod.namespace.clone(),
+                    "status.podIP" => pod.ip.to_string(),
+                    "status.podIPs" => pod.ip.to_string(),
+                    "status.hostIP" => GATEWAY.to_string(),
+                    "spec.serviceAccountName" => pod.service_account.clone(),
+                    "spec.nodeName" => "mle2e-node".into(),
+                    other => {
+                        return Err(Error::Manifest(format!(
+                            "container {} env {}: fieldRef {other} is not supported by the mini-cluster",
+                            c.name, e.name
+                        )))
+                    }
+                };
+                env.push((e.name.clone(), v));
+            } else if let Some(r) = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.resource_field_ref.as_ref())
+            {
+                // No cgroup limits here: report the node's size like an unlimited container.
+                let v = if r.resource.contains("cpu") { "2" } else { "0" };
+                env.push((e.name.clone(), v.into()));
+            }
+        }
+        if c.name == meshlet_api::PROXY_CONTAINER_NAME {
+            // The mounted config volume becomes the file the harness wrote.
+            env.retain(|(k, _)| k != menv::PROXY_CONFIG_PATH);
+            env.push((
+                menv::PROXY_CONFIG_PATH.into(),
+                self.mesh_path.display().to_string(),
+            ));
+            for (k, v) in &self.proxy_env {
+                env.retain(|(ek, _)| ek != k);
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        cmd.envs(env);
+        Ok(cmd)
+    }
+
+    fn log_path(&self, pod: &str, container: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("logs")
+            .join(format!("{pod}.{container}.log"))
+    }
+
+    fn spawn(&self, pod: &PodRun, c: &Container) -> Result<(), Error> {
+        let mut cmd = self.command_for(pod, c)?;
+        let log = self.log_path(&pod.name, &c.name);
+        let f = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+        let f2 = f.try_clone().map_err(io_err("dup log file"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2)
+            .spawn()
+            .map_err(io_err(format!(
+                "starting container {} of {}",
+                c.name, pod.name
+            )))?;
+        self.lock().push(Proc {
+            pod: pod.name.clone(),
+            container: c.name.clone(),
+            child,
+            log,
+        });
+        Ok(())
+    }
+
+    fn run_init(&self, pod: &PodRun, c: &Container) -> Result<String, Error> {
+        let mut cmd = self.command_for(pod, c)?;
+        let out = netns::run_with_timeout(&mut cmd, INIT_TIMEOUT)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = self.log_path(&pod.name, &c.name);
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(text.as_bytes()));
+        if !out.status.success() {
+            return Err(Error::Other(format!(
+                "init container {} of pod {} failed ({}): {}",
+                c.name,
+                pod.name,
+                out.status,
+                text.trim()
+            )));
+        }
+        Ok(text)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Proc>> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exited(&self, pod: &str, container: &str) -> Option<ExitStatus> {
+        let mut procs = self.lock();
+        procs
+            .iter_mut()
+            .rev()
+            .find(|p| p.pod == pod && p.container == container)
+            .and_then(|p| p.child.try_wait().ok().flatten())
+    }
+
+    fn wait_probe(&self, pod: &PodRun, c: &Container) -> Result<(), Error> {
+        let (path, port) = match c
+            .readiness_probe
+            .as_ref()
+            .or(c.startup_probe.as_ref())
+            .and_then(|p| p.http_get.as_ref())
+        {
+            Some(h) => (
+                h.path.clone().unwrap_or_else(|| "/".into()),
+                match &h.port {
+                    IntOrString::Int(p) => *p as u16,
+                    IntOrString::String(_) => meshlet_api::ports::ADMIN,
+                },
+            ),
+            None if c.name == meshlet_api::PROXY_CONTAINER_NAME => {
+                ("/ready".into(), meshlet_api::ports::ADMIN)
+            }
+            None => return Ok(()),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(st) = self.exited(&pod.name, &c.name) {
+                return Err(Error::Other(format!(
+                    "container {} of pod {} exited ({st}) before it was ready; its log:\n{}",
+                    c.name,
+                    pod.name,
+                    self.log(&pod.name, &c.name)
+                )));
+            }
+            match self.http(
+                pod,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                "GET",
+                &path,
+            ) {
+                Ok((200, _)) => return Ok(()),
+                Ok((s, b)) => last = format!("{s} {}", b.trim()),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Err(Error::Timeout(format!(
+            "container {} of pod {} not ready on :{port}{path} within {READY_TIMEOUT:?} (last: {last}); its log:\n{}",
+            c.name,
+            pod.name,
+            self.log(&pod.name, &c.name)
+        )))
+    }
+
+    /// Waits until every declared container port of the pod's app containers listens.
+    fn wait_listening(&self, pod: &PodRun) -> Result<(), Error> {
+        let mut want: Vec<(u16, bool, String)> = Vec::new();
+        for c in pod.containers() {
+            if c.name == meshlet_api::PROXY_CONTAINER_NAME {
+                continue;
+            }
+            for p in c.ports.iter().flatten() {
+                let udp = p.protocol.as_deref() == Some("UDP");
+                want.push((p.container_port as u16, udp, c.name.clone()));
+            }
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let (tcp, udp) = pod.netns.enter(|| {
+                (
+                    fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default(),
+                    fs::read_to_string("/proc/thread-self/net/udp").unwrap_or_default(),
+                )
+            })?;
+            let missing: Vec<&(u16, bool, String)> = want
+                .iter()
+                .filter(|(port, is_udp, _)| {
+                    let table = if *is_udp { &udp } else { &tcp };
+                    !listening(table, *port, if *is_udp { "07" } else { "0A" })
+                })
+                .collect();
+            let Some((port, _, container)) = missing.first() else {
+                return Ok(());
+            };
+            if let Some(st) = self.exited(&pod.name, container) {
+                return Err(Error::Other(format!(
+                    "container {container} of pod {} exited ({st}); its log:\n{}",
+                    pod.name,
+                    self.log(&pod.name, container)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(format!(
+                    "container {container} of pod {} does not listen on port {port} after {READY_TIMEOUT:?}; its log:\n{}",
+                    pod.name,
+                    self.log(&pod.name, container)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // --- what tests use ---
+
+    /// A container's log so far (last 4 KiB).
+    pub fn log(&self, pod: &str, container: &str) -> String {
+        let s = fs::read_to_string(self.log_path(pod, container)).unwrap_or_default();
+        let start = s.len().saturating_sub(4096);
+        let start = (start..s.len())
+            .find(|i| s.is_char_boundary(*i))
+            .unwrap_or(s.len());
+        s[start..].to_string()
+    }
+
+    /// An HTTP/1.0 request from inside the pod's namespace; returns status and body.
+    pub fn http(
+        &self,
+        pod: &PodRun,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+    ) -> Result<(u16, String), Error> {
+        let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+        let raw = pod
+            .netns
+            .enter(move || -> std::io::Result<Vec<u8>> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(req.as_bytes())?;
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf)?;
+                Ok(buf)
+            })?
+            .map_err(io_err(format!(
+                "{method} http://{addr}{path} in pod {}",
+                pod.name
+            )))?;
+        parse_http_response(&raw)
+            .ok_or_else(|| Error::Other(format!("{method} {addr}{path}: not an HTTP response")))
+    }
+
+    /// GET on the pod's proxy admin port.
+    pub fn admin(&self, pod: &str, path: &str) -> Result<(u16, String), Error> {
+        let p = self.pod(pod)?;
+        self.http(
+            p,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, meshlet_api::ports::ADMIN)),
+            "GET",
+            path,
+        )
+    }
+
+    /// The pod's proxy metrics.
+    pub fn metrics(&self, pod: &str) -> Result<Metrics, Error> {
+        match self.admin(pod, "/metrics")? {
+            (200, body) => Ok(metrics::parse(&body)),
+            (s, body) => Err(Error::Other(format!("GET /metrics of {pod}: {s} {body}"))),
+        }
+    }
+
+    /// Raw metrics page of the pod's proxy.
+    pub fn metrics_text(&self, pod: &str) -> Result<String, Error> {
+        Ok(self.admin(pod, "/metrics")?.1)
+    }
+
+    /// Runs `argv` as root inside the pod (a client, like `kubectl exec`).
+    pub fn exec(&self, pod: &str, argv: &[&str], timeout: Duration) -> Result<Output, Error> {
+        let p = self.pod(pod)?;
+        let mut c = p.netns.command(argv[0]);
+        c.args(&argv[1..]).env("PATH", PATH);
+        netns::run_with_timeout(&mut c, timeout)
+    }
+
+    /// Runs `argv` in the pod; its stdout, or an error with stderr on a non-zero exit.
+    pub fn exec_ok(&self, pod: &str, argv: &[&str], timeout: Duration) -> Result<String, Error> {
+        let p = self.pod(pod)?;
+        let mut c = p.netns.command(argv[0]);
+        c.args(&argv[1..]);
+        let out = netns::run_with_timeout(&mut c, timeout)?;
+        netns::check(&c, out)
+    }
+
+    /// Starts `argv` in the pod without waiting (for requests in flight).
+    pub fn spawn_client(&self, pod: &str, argv: &[&str]) -> Result<Child, Error> {
+        let p = self.pod(pod)?;
+        let mut c = p.netns.command(argv[0]);
+        c.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err(format!("starting {} in {pod}", argv[0])))
+    }
+
+    /// Runs the test app binary as a client in the pod.
+    pub fn testapp(&self, pod: &str, args: &[&str], timeout: Duration) -> Result<String, Error> {
+        let bin = self.bins.testapp.display().to_string();
+        let mut argv = vec![bin.as_str()];
+        argv.extend_from_slice(args);
+        self.exec_ok(pod, &argv, timeout)
+    }
+
+    /// `iptables-save` of the pod's nat table.
+    pub fn iptables_save(&self, pod: &str) -> Result<String, Error> {
+        self.exec_ok(
+            pod,
+            &["iptables-save", "-t", "nat"],
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Runs the pod's `meshlet-init` init container again (as after a pod restart).
+    pub fn rerun_init(&self, pod: &str) -> Result<String, Error> {
+        let p = self.pod(pod)?;
+        let c = p
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .and_then(|i| {
+                i.iter()
+                    .find(|c| c.name == meshlet_api::INIT_CONTAINER_NAME)
+            })
+            .ok_or_else(|| Error::Other(format!("pod {pod} has no meshlet-init container")))?;
+        self.run_init(p, c)
+    }
+
+    /// Sends `sig` to a container's process.
+    pub fn signal(&self, pod: &str, container: &str, sig: Signal) -> Result<(), Error> {
+        let p = self.pod(pod)?.name.clone();
+        let procs = self.lock();
+        let proc = procs
+            .iter()
+            .rev()
+            .find(|x| x.pod == p && x.container == container)
+            .ok_or_else(|| Error::Other(format!("no container {container} in {p}")))?;
+        nix::sys::signal::kill(Pid::from_raw(proc.child.id() as i32), sig)
+            .map_err(|e| Error::Other(format!("kill -{sig} {container} of {p}: {e}")))
+    }
+
+    /// Waits for a container's process to exit.
+    pub fn wait_exit(
+        &self,
+        pod: &str,
+        container: &str,
+        timeout: Duration,
+    ) -> Result<ExitStatus, Error> {
+        let p = self.pod(pod)?.name.clone();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.exited(&p, container) {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(format!(
+                    "{container} of {p} still runs after {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// (pod, container, pid) of every long-running container process.
+    pub fn container_pids(&self) -> Vec<(String, String, i32)> {
+        self.lock()
+            .iter()
+            .map(|p| (p.pod.clone(), p.container.clone(), p.child.id() as i32))
+            .collect()
+    }
+
+    /// Log file paths, for reports.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// Kills every process and deletes every namespace (also done on drop).
+    pub fn teardown(&mut self) {
+        let procs = std::mem::take(&mut *self.lock());
+        for mut p in procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            let _ = &p.log;
+        }
+        for ns in self.netns.drain(..).rev() {
+            kill_ns_pids(&ns);
+            Netns::delete(&ns);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn target_port(pod: &PodRun, target: Option<&IntOrString>, port: u16) -> Option<u16> {
+    match target {
+        None => Some(port),
+        Some(IntOrString::Int(p)) => u16::try_from(*p).ok(),
+        Some(IntOrString::String(name)) => pod
+            .containers()
+            .iter()
+            .flat_map(|c| c.ports.clone().unwrap_or_default())
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+/// Whether `/proc/net/{tcp,udp}` shows a socket on `port` in state `state`.
+fn listening(table: &str, port: u16, state: &str) -> bool {
+    let want = format!(":{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&want) && f[3] == state
+    })
+}
+
+/// Status and body of a raw HTTP/1.x response (chunked bodies are decoded).
+pub fn parse_http_response(raw: &[u8]) -> Option<(u16, String)> {
+    let pos = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..pos]);
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let mut body = raw[pos + 4..].to_vec();
+    if head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&rest[..i]).trim(), 16).ok()?;
+            if size == 0 {
+                break;
+            }
+            let start = i + 2;
+            out.extend_from_slice(rest.get(start..start + size)?);
+            rest = rest.get(start + size + 2..)?;
+        }
+        body = out;
+    }
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_listening_sockets() {
+        let t = "  sl  local_address rem_address   st\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000\n   1: 0100007F:3AA6 0100007F:1F90 01 x\n";
+        assert!(listening(t, 8080, "0A"));
+        assert!(!listening(t, 15014, "0A"));
+    }
+
+    #[test]
+    fn parses_responses() {
+        assert_eq!(
+            parse_http_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+            Some((200, "ok".into()))
+        );
+        assert_eq!(
+            parse_http_response(b"HTTP/1.1 503 x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+            Some((503, "abcde".into()))
+        );
+        assert_eq!(parse_http_response(b"garbage"), None);
+    }
+
+    #[test]
+    fn image_table() {
+        let b = Binaries {
+            dir: "/b".into(),
+            proxy: "/b/meshlet-proxy".into(),
+            init: "/b/meshlet-init".into(),
+            testapp: "/b/meshlet-testapp".into(),
+            injector: "/b/meshlet-injector".into(),
+        };
+        let c = |image: &str, cmd: Option<Vec<&str>>, args: Vec<&str>| Container {
+            name: "x".into(),
+            image: Some(image.into()),
+            command: cmd.map(|v| v.into_iter().map(String::from).collect()),
+            args: Some(args.into_iter().map(String::from).collect()),
+            ..Default::default()
+        };
+        assert_eq!(
+            b.resolve(&c("meshlet-testapp:latest", None, vec!["http"]))
+                .unwrap(),
+            (
+                PathBuf::from("/b/meshlet-testapp"),
+                vec!["http".to_string()]
+            )
+        );
+        assert_eq!(
+            b.resolve(&c(
+                sidecar::PROXY_IMAGE,
+                Some(vec!["/usr/local/bin/meshlet-init"]),
+                vec!["--dry-run"]
+            ))
+            .unwrap(),
+            (
+                PathBuf::from("/b/meshlet-init"),
+                vec!["--dry-run".to_string()]
+            )
+        );
+        assert_eq!(
+            b.resolve(&c(sidecar::PROXY_IMAGE, None, vec![])).unwrap().0,
+            PathBuf::from("/b/meshlet-proxy")
+        );
+        assert!(b.resolve(&c("nginx:1.27", None, vec![])).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! meshlet's end-to-end harness: a mini-cluster of network namespaces.
+//!
+//! [`testapp`] is the workload the pods run. [`cluster`] builds the mini-cluster: a
+//! node namespace that routes, one namespace per pod (CNI ptp style), ClusterIPs as
+//! kube-proxy DNAT rules in the node, and each pod started from a Kubernetes Pod spec
+//! with its meshlet-init and meshlet-proxy containers.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod cluster;
+pub mod testapp;

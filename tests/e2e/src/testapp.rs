@@ -1,0 +1,122 @@
+//! `meshlet-testapp`: the workload the e2e pods run.
+//!
+//! One binary with a subcommand per protocol the mesh must carry unchanged: HTTP/1.1
+//! and h2c, WebSocket, a server-first TCP protocol and UDP DNS. Servers answer with
+//! their own name so a test can tell which backend answered; clients print one JSON
+//! line and exit non-zero when what came back is not what was sent.
+
+pub mod banner;
+pub mod dns;
+pub mod http;
+pub mod pattern;
+pub mod ws;
+
+use std::net::Ipv4Addr;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of `meshlet-testapp`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshlet-testapp",
+    about = "Test workload for meshlet's e2e mini-mesh"
+)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// HTTP/1.1 + h2c server: echo, /bytes/N, /upload, /slow?ms=N, /status/N.
+    Http {
+        /// TCP port to listen on (all addresses).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Name the server answers with (header `x-testapp-name`, JSON field `name`).
+        #[arg(long, env = "TESTAPP_NAME", default_value = "testapp")]
+        name: String,
+    },
+    /// WebSocket echo server (RFC 6455).
+    Ws {
+        /// TCP port to listen on.
+        #[arg(long, default_value_t = 8081)]
+        port: u16,
+    },
+    /// WebSocket client: sends messages, checks each echo, prints a JSON summary.
+    WsClient {
+        /// Server URL, `ws://HOST:PORT/PATH`.
+        #[arg(long)]
+        url: String,
+        /// Messages to send (repeat the flag for several).
+        #[arg(long = "message", default_value = "hello meshlet")]
+        messages: Vec<String>,
+    },
+    /// Server-first TCP protocol: writes a greeting at once, then answers lines.
+    Banner {
+        /// TCP port to listen on.
+        #[arg(long, default_value_t = 3306)]
+        port: u16,
+        /// Name in the greeting.
+        #[arg(long, env = "TESTAPP_NAME", default_value = "testapp")]
+        name: String,
+    },
+    /// Client of `banner`: measures the time from connect to the greeting.
+    BannerClient {
+        /// Server address, `HOST:PORT`.
+        #[arg(long)]
+        addr: String,
+        /// A line to send after the greeting.
+        #[arg(long, default_value = "PING")]
+        send: String,
+    },
+    /// UDP DNS server that answers every A query with one fixed address.
+    UdpDns {
+        /// UDP port to listen on.
+        #[arg(long, default_value_t = 53)]
+        port: u16,
+        /// The address every A query gets.
+        #[arg(long)]
+        answer: Ipv4Addr,
+    },
+}
+
+/// Why the test app failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket or runtime error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The peer broke the protocol or echoed something else.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Adds context to an I/O error.
+pub(crate) fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// Runs the selected subcommand to completion (servers run until killed).
+pub fn run(cli: Cli) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_ctx("building the tokio runtime"))?;
+    match cli.command {
+        Command::Http { port, name } => rt.block_on(http::serve(port, name)),
+        Command::Ws { port } => rt.block_on(ws::serve(port)),
+        Command::WsClient { url, messages } => rt.block_on(ws::client(&url, &messages)),
+        Command::Banner { port, name } => rt.block_on(banner::serve(port, name)),
+        Command::BannerClient { addr, send } => rt.block_on(banner::client(&addr, &send)),
+        Command::UdpDns { port, answer } => dns::serve(port, answer),
+    }
+}

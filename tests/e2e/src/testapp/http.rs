@@ -1,0 +1,214 @@
+//! HTTP/1.1 and h2c (prior knowledge) server.
+//!
+//! Routes: `/bytes/N` streams N pattern bytes, `/upload` answers the length and
+//! SHA-256 of the request body, `/slow?ms=N` answers after N ms, `/status/N` answers
+//! status N, anything else echoes the request as JSON.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+
+use super::{
+    io_ctx,
+    pattern::{Digest, Pattern},
+    Error,
+};
+
+/// Response header carrying the server's name.
+pub const NAME_HEADER: &str = "x-testapp-name";
+/// Longest `/slow` delay, so a typo cannot park a connection for hours.
+const MAX_SLOW_MS: u64 = 60_000;
+/// How much of a request body the echo route returns.
+const ECHO_BODY_LIMIT: usize = 4096;
+
+type RespBody = BoxBody<Bytes, Infallible>;
+
+/// Serves until the process is killed.
+pub async fn serve(port: u16, name: String) -> Result<(), Error> {
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .await
+        .map_err(io_ctx(format!("binding 0.0.0.0:{port}")))?;
+    eprintln!("testapp http {name}: listening on 0.0.0.0:{port} (HTTP/1.1 and h2c)");
+    let name: Arc<str> = name.into();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("testapp http: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(req, name.clone(), peer));
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await
+            {
+                eprintln!("testapp http: connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    name: Arc<str>,
+    peer: SocketAddr,
+) -> Result<Response<RespBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = if let Some(n) = path.strip_prefix("/bytes/") {
+        match n.parse::<u64>() {
+            Ok(n) => Response::new(PatternBody(Pattern::new(n)).boxed()),
+            Err(_) => text(StatusCode::BAD_REQUEST, "bytes/N needs a number\n"),
+        }
+    } else if path == "/upload" {
+        upload(req, &name).await
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        match code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+        {
+            Some(code) => text(code, &format!("status {code}\n")),
+            None => text(StatusCode::BAD_REQUEST, "status/N needs a status code\n"),
+        }
+    } else {
+        if path == "/slow" {
+            let ms = query_param(req.uri().query(), "ms")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1000)
+                .min(MAX_SLOW_MS);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        echo(req, &name, peer).await
+    };
+    let mut resp = resp;
+    if let Ok(v) = header::HeaderValue::from_str(&name) {
+        resp.headers_mut().insert(NAME_HEADER, v);
+    }
+    Ok(resp)
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn text(status: StatusCode, body: &str) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn json(value: serde_json::Value) -> Response<RespBody> {
+    let mut body = value.to_string();
+    body.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn upload(req: Request<Incoming>, name: &str) -> Response<RespBody> {
+    let mut body = req.into_body();
+    let mut digest = Digest::default();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    digest.update(d);
+                }
+            }
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("body error: {e}\n")),
+        }
+    }
+    let (length, sha256) = digest.finish();
+    json(serde_json::json!({ "name": name, "length": length, "sha256": sha256 }))
+}
+
+async fn echo(req: Request<Incoming>, name: &str, peer: SocketAddr) -> Response<RespBody> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("body error: {e}\n")),
+    };
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
+        .collect();
+    let shown = &body[..body.len().min(ECHO_BODY_LIMIT)];
+    json(serde_json::json!({
+        "name": name,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "version": format!("{:?}", parts.version),
+        "peer": peer.to_string(),
+        "headers": headers,
+        "bodyLength": body.len(),
+        "body": String::from_utf8_lossy(shown),
+    }))
+}
+
+/// Streams the pattern with an exact size hint, so HTTP/1.1 gets a content-length.
+struct PatternBody(Pattern);
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.next_chunk().map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.remaining() == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.0.remaining())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("a=1&ms=250"), "ms"), Some("250"));
+        assert_eq!(query_param(Some("a=1"), "ms"), None);
+        assert_eq!(query_param(None, "ms"), None);
+    }
+}
