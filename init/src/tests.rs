@@ -289,8 +289,10 @@ fn permission_denied_says_net_admin_and_changes_nothing() {
             detail: "Permission denied (you must be root)".into(),
         },
     );
-    let mut cfg = Config::default();
-    cfg.ipv6 = Ipv6Mode::Off;
+    let cfg = Config {
+        ipv6: Ipv6Mode::Off,
+        ..Config::default()
+    };
     let err = apply(&cfg, &rec, false, false).unwrap_err();
     assert_eq!(err.exit_code(), 1);
     let msg = err.to_string();
@@ -313,8 +315,10 @@ fn ipv6_failure_rolls_back_ipv4() {
             detail: "line 3 failed".into(),
         },
     );
-    let mut cfg = Config::default();
-    cfg.ipv6 = Ipv6Mode::On;
+    let cfg = Config {
+        ipv6: Ipv6Mode::On,
+        ..Config::default()
+    };
     let err = apply(&cfg, &rec, false, false).unwrap_err();
     assert!(err.to_string().contains("ip6tables-nft-restore"), "{err}");
     let restores: Vec<_> = rec

@@ -99,9 +99,16 @@ fn flags_override_env() {
     assert_eq!(stdout(&out), golden("default"));
 }
 
+/// Flags, env vars, and the exact stderr expected.
+type Case = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
 #[test]
 fn bad_input_exits_2_with_one_line() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         (
             &[],
             &[("MESHLET_EXCLUDE_INBOUND_PORTS", "22,70000")],
