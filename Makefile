@@ -1,0 +1,46 @@
+# meshlet — every entry point a user or CI needs. Each target installs what it uses
+# (scripts/deps.sh for system packages, scripts/tools.sh for Helm and the schema
+# validator), so a fresh machine needs nothing but this checkout, Rust and Go.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all deps build release test lint unit chart-test demo bench clean-netns help
+
+all: build
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+deps: ## install system packages (apt) the demo and tests use
+	@bash scripts/deps.sh
+
+build: deps ## debug build of every binary
+	$(CARGO) build --workspace --bins
+
+release: deps ## release build of every binary
+	$(CARGO) build --workspace --bins --release
+
+lint: deps ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: build ## unit, golden, in-process and e2e tests (e2e needs root)
+	$(CARGO) test --workspace
+
+chart-test: deps ## helm lint/template, schema validation, Dockerfile and script checks
+	bash scripts/test-chart.sh
+	bash scripts/test-dockerfiles.sh
+
+test: lint unit chart-test ## everything CI runs
+	@echo "make test: all suites passed"
+
+demo: build ## a mini-mesh of network namespaces on this machine (needs root)
+	target/debug/meshlet-minimesh demo
+
+bench: deps ## side-by-side data-path benchmark (needs root), results in bench/results
+	bash bench/run.sh
+
+clean-netns: ## remove network namespaces left by an interrupted test or demo
+	@for ns in $$(ip netns list | awk '/^(mle2e|mlinit|mlbench|mldemo)-/ {print $$1}'); do ip netns del $$ns; done
