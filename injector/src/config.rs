@@ -76,7 +76,11 @@ pub struct DefaultsArgs {
     #[arg(long, env = "MESHLET_INJECTOR_PROXY_CPU_LIMIT", default_value = "1")]
     pub proxy_cpu_limit: String,
     /// Proxy memory limit; empty omits it.
-    #[arg(long, env = "MESHLET_INJECTOR_PROXY_MEMORY_LIMIT", default_value = "128Mi")]
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_PROXY_MEMORY_LIMIT",
+        default_value = "128Mi"
+    )]
     pub proxy_memory_limit: String,
     /// Proxy log level: error, warn, info, debug or trace.
     #[arg(long, env = "MESHLET_INJECTOR_LOG_LEVEL", default_value = "info")]
@@ -109,13 +113,14 @@ impl DefaultsArgs {
             value: value.to_string(),
             reason,
         };
-        let quantity = |flag: &'static str, value: &str| -> Result<Option<String>, InvalidDefault> {
-            if value.is_empty() {
-                return Ok(None);
-            }
-            validate::quantity(value).map_err(|e| bad(flag, value, e))?;
-            Ok(Some(value.to_string()))
-        };
+        let quantity =
+            |flag: &'static str, value: &str| -> Result<Option<String>, InvalidDefault> {
+                if value.is_empty() {
+                    return Ok(None);
+                }
+                validate::quantity(value).map_err(|e| bad(flag, value, e))?;
+                Ok(Some(value.to_string()))
+            };
         let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
         if self.proxy_image.is_empty() {
             return Err(bad("proxy-image", "", "an image is required".into()));
@@ -123,7 +128,10 @@ impl DefaultsArgs {
         if self.init_image.is_empty() {
             return Err(bad("init-image", "", "an image is required".into()));
         }
-        if !matches!(self.image_pull_policy.as_str(), "" | "Always" | "IfNotPresent" | "Never") {
+        if !matches!(
+            self.image_pull_policy.as_str(),
+            "" | "Always" | "IfNotPresent" | "Never"
+        ) {
             return Err(bad(
                 "image-pull-policy",
                 &self.image_pull_policy,

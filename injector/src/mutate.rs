@@ -122,12 +122,18 @@ pub fn mutate(pod: &Pod, _ctx: &Context, defaults: &Defaults) -> Result<Outcome,
         return Ok(Outcome::Skip(SkipReason::HostNetwork));
     }
     let labels = pod.metadata.labels.as_ref();
-    if labels.and_then(|l| l.get(meshlet_api::INJECT_LABEL)).map(String::as_str) == Some("disabled") {
+    if labels
+        .and_then(|l| l.get(meshlet_api::INJECT_LABEL))
+        .map(String::as_str)
+        == Some("disabled")
+    {
         return Ok(Outcome::Skip(SkipReason::OptedOut));
     }
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    if annotations.contains_key(ann::STATUS) || all_containers(spec).any(|c| c.name == PROXY_CONTAINER_NAME) {
+    if annotations.contains_key(ann::STATUS)
+        || all_containers(spec).any(|c| c.name == PROXY_CONTAINER_NAME)
+    {
         return Ok(Outcome::Skip(SkipReason::AlreadyInjected));
     }
 
@@ -142,7 +148,12 @@ pub fn mutate(pod: &Pod, _ctx: &Context, defaults: &Defaults) -> Result<Outcome,
     let rewritten = probes::rewrite(spec);
     for r in &rewritten.replacements {
         ops.push(replace(
-            &["spec", "containers", &r.container_index.to_string(), r.field],
+            &[
+                "spec",
+                "containers",
+                &r.container_index.to_string(),
+                r.field,
+            ],
             r.value.clone(),
         ));
     }
@@ -177,7 +188,10 @@ pub fn mutate(pod: &Pod, _ctx: &Context, defaults: &Defaults) -> Result<Outcome,
         new_annotations.insert(PROMETHEUS_PATH.to_string(), "/metrics".to_string());
     }
     if pod.metadata.annotations.is_none() {
-        ops.push(add(&["metadata", "annotations"], to_value(&new_annotations)));
+        ops.push(add(
+            &["metadata", "annotations"],
+            to_value(&new_annotations),
+        ));
     } else {
         for (k, v) in new_annotations {
             ops.push(add(&["metadata", "annotations", &k], Value::String(v)));
@@ -243,7 +257,10 @@ fn check_app_containers(spec: &PodSpec) -> Result<(), Denied> {
 }
 
 fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
-    spec.init_containers.iter().flatten().chain(spec.containers.iter())
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
 }
 
 fn pointer(tokens: &[&str]) -> PointerBuf {

@@ -1,1 +1,241 @@
-//! placeholder
+//! `meshlet-injector serve`: the HTTPS listener in front of [`webhook::router`]. It
+//! terminates TLS itself (tokio-rustls) so the certificate resolver can swap certificates
+//! per handshake, then hands each connection to hyper's HTTP/1.1 + HTTP/2 server.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    config::{Defaults, DefaultsArgs},
+    tls::{self, ReloadingCert},
+    webhook::{self, AppState},
+};
+
+/// A slow or silent client may not hold a connection slot forever before it finishes TLS.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Histogram buckets (seconds): reviews take microseconds to a few milliseconds.
+const BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+/// Flags of `serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address the HTTPS server listens on.
+    #[arg(long, env = "MESHLET_INJECTOR_ADDR", default_value = "0.0.0.0:8443")]
+    pub addr: SocketAddr,
+    /// PEM certificate chain of the webhook (reloaded when it changes).
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_TLS_CERT",
+        default_value = "/etc/meshlet/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// PEM private key of the webhook (reloaded when it changes).
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_TLS_KEY",
+        default_value = "/etc/meshlet/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// How often the certificate files are checked for changes, e.g. 10s or 500ms.
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_TLS_RELOAD_INTERVAL",
+        default_value = "10s"
+    )]
+    pub tls_reload_interval: meshlet_api::Duration,
+    /// Sidecar defaults.
+    #[command(flatten)]
+    pub defaults: DefaultsArgs,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Certificate or key unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    /// A default flag is invalid.
+    #[error(transparent)]
+    Defaults(#[from] crate::config::InvalidDefault),
+    /// The address cannot be bound.
+    #[error("cannot listen on {addr}: {source}; is another process using the port?")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A resolved serve configuration (what the flags become).
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Listen address; port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Certificate path.
+    pub tls_cert: PathBuf,
+    /// Key path.
+    pub tls_key: PathBuf,
+    /// Poll interval of the certificate files.
+    pub tls_reload_interval: Duration,
+    /// Sidecar defaults.
+    pub defaults: Defaults,
+}
+
+impl ServeArgs {
+    /// Validates the flags.
+    pub fn to_config(&self) -> Result<ServeConfig, Error> {
+        Ok(ServeConfig {
+            addr: self.addr,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_reload_interval: self.tls_reload_interval.into(),
+            defaults: self.defaults.to_defaults()?,
+        })
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use (the `metrics` facade
+/// has one global recorder; tests start several servers in one process).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets(&BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding program); then our
+            // metrics go there and /metrics shows only what this handle saw.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    cert: Arc<ReloadingCert>,
+    acceptor: TlsAcceptor,
+    config: ServeConfig,
+}
+
+impl Server {
+    /// Loads the certificate and binds the address.
+    pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
+        let cert = ReloadingCert::load(&config.tls_cert, &config.tls_key)?;
+        let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.addr,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            cert,
+            acceptor,
+            config,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting (connections in flight
+    /// finish on their own tasks).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let state = Arc::new(AppState {
+            defaults: self.config.defaults.clone(),
+            metrics: metrics_handle(),
+        });
+        let service = TowerToHyperService::new(webhook::router(state));
+        let watcher = tokio::spawn(self.cert.clone().watch(self.config.tls_reload_interval));
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        // Usually EMFILE: back off instead of spinning on the error.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = self.acceptor.clone();
+            let service = service.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let builder = auto::Builder::new(TokioExecutor::new());
+                if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+            });
+        }
+        watcher.abort();
+    }
+}
+
+/// Runs `serve` until SIGTERM or Ctrl-C.
+pub async fn run(args: &ServeArgs) -> Result<(), Error> {
+    let config = args.to_config()?;
+    let server = Server::bind(config).await?;
+    if let Ok(addr) = server.local_addr() {
+        tracing::info!(%addr, "meshlet-injector webhook listening");
+    }
+    server.run(shutdown_signal()).await;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -8,7 +8,9 @@ use meshlet_api::{annotations as ann, parse};
 
 /// A pod annotation with a value meshlet cannot use.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("annotation {name} has the invalid value {value:?}: {reason}; fix or remove the annotation")]
+#[error(
+    "annotation {name} has the invalid value {value:?}: {reason}; fix or remove the annotation"
+)]
 pub struct BadAnnotation {
     /// Annotation name.
     pub name: String,
@@ -52,7 +54,9 @@ pub struct Overrides {
 /// Reads and validates every `meshlet.io/*` annotation the injector understands.
 pub fn overrides(annotations: &BTreeMap<String, String>) -> Result<Overrides, BadAnnotation> {
     let get = |name: &str| annotations.get(name).map(|v| v.trim().to_string());
-    let check = |name: &str, f: &dyn Fn(&str) -> Result<(), String>| -> Result<Option<String>, BadAnnotation> {
+    let check = |name: &str,
+                 f: &dyn Fn(&str) -> Result<(), String>|
+     -> Result<Option<String>, BadAnnotation> {
         match annotations.get(name) {
             None => Ok(None),
             Some(raw) => {
@@ -262,7 +266,10 @@ mod tests {
             assert_eq!(err.name, name);
             assert_eq!(err.value, value);
             let msg = err.to_string();
-            assert!(msg.contains(name) && msg.contains(&format!("{value:?}")), "{msg}");
+            assert!(
+                msg.contains(name) && msg.contains(&format!("{value:?}")),
+                "{msg}"
+            );
         }
     }
 }

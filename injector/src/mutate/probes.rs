@@ -101,9 +101,12 @@ pub(super) fn rewrite(spec: &PodSpec) -> Rewritten {
             };
             // A named port that matches no container port cannot be resolved; leaving
             // the probe as is keeps the pod's behaviour unchanged.
-            let Some(port) = resolve_port(c, &get.port) else { continue };
+            let Some(port) = resolve_port(c, &get.port) else {
+                continue;
+            };
             let path = app_health_path(&c.name, kind);
-            out.app_probes.insert(path.clone(), app_probe(get, port, probe));
+            out.app_probes
+                .insert(path.clone(), app_probe(get, port, probe));
             let original = serde_json::to_value(probe).unwrap_or(Value::Null);
             out.originals
                 .entry(c.name.clone())
@@ -146,7 +149,11 @@ fn resolve_port(c: &Container, port: &IntOrString) -> Option<u16> {
 fn app_probe(get: &HTTPGetAction, port: u16, probe: &Probe) -> AppProbe {
     AppProbe {
         http_get: AppHttpGet {
-            path: get.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".to_string()),
+            path: get
+                .path
+                .clone()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "/".to_string()),
             port,
             scheme: get.scheme.clone().unwrap_or_else(|| "HTTP".to_string()),
             host: get.host.clone().filter(|h| !h.is_empty()),

@@ -13,8 +13,7 @@ use k8s_openapi::{
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use meshlet_api::{
-    annotations as ann, env, ports, INIT_CONTAINER_NAME, PROXY_CONTAINER_NAME, PROXY_GID,
-    PROXY_UID,
+    annotations as ann, env, ports, INIT_CONTAINER_NAME, PROXY_CONTAINER_NAME, PROXY_GID, PROXY_UID,
 };
 
 use super::{probes::AppProbes, Denied};
@@ -72,8 +71,7 @@ impl Settings {
                 &d.proxy_memory_limit,
             ),
         ] {
-            let (req, lim) =
-                resolve_pair(req_ann, lim_ann, req_ovr, lim_ovr, req_def, lim_def)?;
+            let (req, lim) = resolve_pair(req_ann, lim_ann, req_ovr, lim_ovr, req_def, lim_def)?;
             if let Some(r) = req {
                 requests.insert(res.to_string(), Quantity(r));
             }
@@ -162,21 +160,20 @@ fn quantities(pairs: [(&str, &str); 2]) -> BTreeMap<String, Quantity> {
 /// The iptables init container: root with NET_ADMIN and NET_RAW only, nothing else.
 pub(super) fn init_container(s: &Settings) -> Container {
     let o = &s.o;
-    // The admin port must stay reachable from kubelet and Prometheus without passing
-    // through the inbound listener, which refuses connections to the proxy's own ports.
-    let mut exclude_inbound = ports::ADMIN.to_string();
-    if let Some(extra) = o.exclude_inbound_ports.as_deref().filter(|v| !v.is_empty()) {
-        exclude_inbound = format!("{exclude_inbound},{extra}");
-    }
     let mut env_vars = vec![
         value_env(env::INIT_PROXY_UID, PROXY_UID.to_string()),
         value_env(env::INIT_PROXY_GID, PROXY_GID.to_string()),
         value_env(env::INIT_OUTBOUND_PORT, ports::OUTBOUND.to_string()),
         value_env(env::INIT_INBOUND_PORT, ports::INBOUND.to_string()),
-        value_env(env::INIT_INBOUND_PORTS, o.inbound_ports.clone().unwrap_or_else(|| "*".into())),
-        value_env(env::INIT_EXCLUDE_INBOUND_PORTS, exclude_inbound),
+        value_env(
+            env::INIT_INBOUND_PORTS,
+            o.inbound_ports.clone().unwrap_or_else(|| "*".into()),
+        ),
     ];
+    // meshlet-init always leaves the proxy's own ports (admin 15020 included) out of
+    // capture, so only the user's exclusions are passed.
     let optional = [
+        (env::INIT_EXCLUDE_INBOUND_PORTS, &o.exclude_inbound_ports),
         (env::INIT_EXCLUDE_OUTBOUND_PORTS, &o.exclude_outbound_ports),
         (env::INIT_INCLUDE_OUTBOUND_CIDRS, &o.include_outbound_cidrs),
         (env::INIT_EXCLUDE_OUTBOUND_CIDRS, &o.exclude_outbound_cidrs),
@@ -194,7 +191,10 @@ pub(super) fn init_container(s: &Settings) -> Container {
         env: Some(env_vars),
         resources: Some(ResourceRequirements {
             requests: Some(quantities([("cpu", INIT_CPU), ("memory", INIT_MEMORY)])),
-            limits: Some(quantities([("cpu", INIT_CPU_LIMIT), ("memory", INIT_MEMORY_LIMIT)])),
+            limits: Some(quantities([
+                ("cpu", INIT_CPU_LIMIT),
+                ("memory", INIT_MEMORY_LIMIT),
+            ])),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {

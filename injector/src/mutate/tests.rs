@@ -32,26 +32,46 @@ fn apply(p: &Pod, ops: &[PatchOperation]) -> Pod {
 #[test]
 fn injects_init_first_and_native_proxy_second() {
     let p = pod(BASIC);
-    let out = apply(&p, &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()));
+    let out = apply(
+        &p,
+        &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()),
+    );
     let spec = out.spec.unwrap();
-    let inits: Vec<_> = spec.init_containers.unwrap().iter().map(|c| c.name.clone()).collect();
+    let inits: Vec<_> = spec
+        .init_containers
+        .unwrap()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
     assert_eq!(inits, ["meshlet-init", "meshlet-proxy"]);
     assert_eq!(spec.containers.len(), 1);
     let web = &spec.containers[0];
-    let rp = web.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    let rp = web
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
     assert_eq!(rp.path.as_deref(), Some("/app-health/web/readyz"));
     assert_eq!(rp.port, IntOrString::Int(15020));
     assert!(web.liveness_probe.as_ref().unwrap().tcp_socket.is_some());
     let anns = out.metadata.annotations.unwrap();
     assert!(anns.contains_key(ann::STATUS));
     let originals: Value = serde_json::from_str(&anns[ann::ORIGINAL_PROBES]).unwrap();
-    assert_eq!(originals["web"]["readinessProbe"]["httpGet"]["port"], "http");
+    assert_eq!(
+        originals["web"]["readinessProbe"]["httpGet"]["port"],
+        "http"
+    );
 }
 
 #[test]
 fn named_probe_port_is_resolved_for_the_proxy() {
     let p = pod(BASIC);
-    let out = apply(&p, &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()));
+    let out = apply(
+        &p,
+        &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()),
+    );
     let proxy = out.spec.unwrap().init_containers.unwrap().remove(1);
     let env = proxy.env.unwrap();
     let probes = env.iter().find(|e| e.name == "MESHLET_APP_PROBES").unwrap();
@@ -67,7 +87,10 @@ fn named_probe_port_is_resolved_for_the_proxy() {
 fn classic_sidecar_is_first_container_and_probe_indices_stay_right() {
     let mut p = pod(BASIC);
     p.metadata.annotations = Some([(ann::NATIVE_SIDECAR.to_string(), "false".to_string())].into());
-    let out = apply(&p, &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()));
+    let out = apply(
+        &p,
+        &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()),
+    );
     let spec = out.spec.unwrap();
     assert_eq!(spec.init_containers.unwrap().len(), 1);
     assert_eq!(spec.containers[0].name, "meshlet-proxy");
@@ -75,7 +98,14 @@ fn classic_sidecar_is_first_container_and_probe_indices_stay_right() {
     assert!(spec.containers[0].restart_policy.is_none());
     let web = &spec.containers[1];
     assert_eq!(
-        web.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+        web.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
         Some("/app-health/web/readyz")
     );
 }
@@ -86,13 +116,22 @@ fn skips() {
     let ctx = Context::default();
     let mut host = pod(BASIC);
     host.spec.as_mut().unwrap().host_network = Some(true);
-    assert_eq!(mutate(&host, &ctx, &d).unwrap(), Outcome::Skip(SkipReason::HostNetwork));
+    assert_eq!(
+        mutate(&host, &ctx, &d).unwrap(),
+        Outcome::Skip(SkipReason::HostNetwork)
+    );
     let mut out = pod(BASIC);
     out.metadata.labels = Some([("meshlet.io/inject".to_string(), "disabled".to_string())].into());
-    assert_eq!(mutate(&out, &ctx, &d).unwrap(), Outcome::Skip(SkipReason::OptedOut));
+    assert_eq!(
+        mutate(&out, &ctx, &d).unwrap(),
+        Outcome::Skip(SkipReason::OptedOut)
+    );
     let p = pod(BASIC);
     let injected = apply(&p, &ops(mutate(&p, &ctx, &d).unwrap()));
-    assert_eq!(mutate(&injected, &ctx, &d).unwrap(), Outcome::Skip(SkipReason::AlreadyInjected));
+    assert_eq!(
+        mutate(&injected, &ctx, &d).unwrap(),
+        Outcome::Skip(SkipReason::AlreadyInjected)
+    );
 }
 
 #[test]
@@ -100,14 +139,22 @@ fn denials() {
     let d = Defaults::default();
     let ctx = Context::default();
     let mut p = pod(BASIC);
-    p.spec.as_mut().unwrap().containers[0].ports.as_mut().unwrap()[0].container_port = 15006;
-    assert!(matches!(mutate(&p, &ctx, &d), Err(Denied::ReservedPort { port: 15006, .. })));
+    p.spec.as_mut().unwrap().containers[0]
+        .ports
+        .as_mut()
+        .unwrap()[0]
+        .container_port = 15006;
+    assert!(matches!(
+        mutate(&p, &ctx, &d),
+        Err(Denied::ReservedPort { port: 15006, .. })
+    ));
 
     let mut p = pod(BASIC);
-    p.spec.as_mut().unwrap().security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
-        run_as_user: Some(1337),
-        ..Default::default()
-    });
+    p.spec.as_mut().unwrap().security_context =
+        Some(k8s_openapi::api::core::v1::PodSecurityContext {
+            run_as_user: Some(1337),
+            ..Default::default()
+        });
     let err = mutate(&p, &ctx, &d).unwrap_err();
     assert!(err.to_string().contains("UID 1337"), "{err}");
 
@@ -119,14 +166,20 @@ fn denials() {
         ]
         .into(),
     );
-    assert!(matches!(mutate(&p, &ctx, &d), Err(Denied::RequestAboveLimit { .. })));
+    assert!(matches!(
+        mutate(&p, &ctx, &d),
+        Err(Denied::RequestAboveLimit { .. })
+    ));
 }
 
 #[test]
 fn annotated_request_raises_default_limit() {
     let mut p = pod(BASIC);
     p.metadata.annotations = Some([(ann::PROXY_MEMORY.to_string(), "1Gi".to_string())].into());
-    let out = apply(&p, &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()));
+    let out = apply(
+        &p,
+        &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()),
+    );
     let proxy = out.spec.unwrap().init_containers.unwrap().remove(1);
     let res = proxy.resources.unwrap();
     assert_eq!(res.requests.unwrap()["memory"].0, "1Gi");
@@ -139,5 +192,8 @@ fn annotation_keys_are_pointer_escaped() {
     p.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
     let ops = ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap());
     let paths: Vec<String> = ops.iter().map(|o| o.path().to_string()).collect();
-    assert!(paths.contains(&"/metadata/annotations/meshlet.io~1status".to_string()), "{paths:?}");
+    assert!(
+        paths.contains(&"/metadata/annotations/meshlet.io~1status".to_string()),
+        "{paths:?}"
+    );
 }
