@@ -130,6 +130,9 @@ pub struct Report {
     /// The first error seen, to say what went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Every request sent, warmup and failures included: what the proxies on the path
+    /// must have counted.
+    pub requests_sent: u64,
     /// Successful requests per second over the window.
     pub achieved_rate: f64,
     /// From intended send time to the end of the response body, µs.
@@ -150,6 +153,7 @@ struct WorkerResult {
     lag: Histogram,
     ok: u64,
     errors: u64,
+    sent: u64,
     first_error: Option<String>,
 }
 
@@ -331,6 +335,7 @@ fn worker(
                 break;
             }
         };
+        out.sent += 1;
         let res = rt.block_on(async {
             tokio::time::timeout(cfg.timeout, conn.request(&handle, req))
                 .await
@@ -501,6 +506,7 @@ pub fn run(cfg: &Config) -> Result<Report, LoadError> {
         total.lag.merge(&r.lag);
         total.ok += r.ok;
         total.errors += r.errors;
+        total.sent += r.sent;
         if total.first_error.is_none() {
             total.first_error = r.first_error;
         }
@@ -533,6 +539,7 @@ pub fn run(cfg: &Config) -> Result<Report, LoadError> {
         count: total.ok,
         errors: total.errors,
         first_error: total.first_error,
+        requests_sent: total.sent,
         achieved_rate: total.ok as f64 / secs,
         latency_us: total.latency.summary(),
         service_time_us: total.service.summary(),

@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# Data-path benchmark: the direct path against a plaintext meshlet sidecar pair, at the
+# same fixed rate, in one run. See bench/README.md for what each figure means.
+#
+# Topology (all inside network namespaces this script creates and always deletes):
+#   direct:  mlbench-PID-dc (loadgen) ==veth== mlbench-PID-ds (server)
+#   meshlet: mlbench-PID-mc (loadgen, meshlet-init rules, meshlet-proxy as 1337)
+#            ==veth== mlbench-PID-ms (server, meshlet-init rules, meshlet-proxy as 1337)
+# Addresses are in the benchmark range 198.18.0.0/15. Nothing touches the root
+# namespace's addresses, routes or iptables.
+#
+# Knobs (environment): RATE (req/s, 1000), DURATION (30s), WARMUP (5s),
+# CONNECTIONS (8), ROUNDS (1; each round runs direct then meshlet), PROXY_THREADS (1),
+# PIN (0; 1 pins loadgens to CPU 0 and servers and proxies to CPU 1), PROFILE
+# (release | dev), SKIP_BUILD (0), RESULTS (bench/results), LABEL (datapath).
+set -euo pipefail
+
+RATE=${RATE:-1000}
+DURATION=${DURATION:-30s}
+WARMUP=${WARMUP:-5s}
+CONNECTIONS=${CONNECTIONS:-8}
+ROUNDS=${ROUNDS:-1}
+PROXY_THREADS=${PROXY_THREADS:-1}
+PIN=${PIN:-0}
+PROFILE=${PROFILE:-release}
+SKIP_BUILD=${SKIP_BUILD:-0}
+LABEL=${LABEL:-datapath}
+IDLE_SETTLE_S=${IDLE_SETTLE_S:-3}
+PORT=8080
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RESULTS=${RESULTS:-$ROOT/bench/results}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+case $PROFILE in
+release) BIN=$TARGET/release ;;
+dev) BIN=$TARGET/debug ;;
+*)
+    echo "run.sh: PROFILE must be release or dev, not '$PROFILE'" >&2
+    exit 64
+    ;;
+esac
+
+PREFIX=mlbench-$$
+NS_DC=$PREFIX-dc
+NS_DS=$PREFIX-ds
+NS_MC=$PREFIX-mc
+NS_MS=$PREFIX-ms
+CLIENT_IP=198.18.200.1
+SERVER_IP=198.18.200.2
+URL=http://$SERVER_IP:$PORT/
+
+log() { printf 'run.sh: %s\n' "$*" >&2; }
+die() {
+    log "FAILED: $*"
+    exit 1
+}
+
+# --- preconditions ------------------------------------------------------------------
+
+[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, iptables inside them); run it with sudo"
+for cmd in ip iptables setpriv curl jq python3 taskset; do
+    command -v "$cmd" >/dev/null ||
+        die "'$cmd' is missing: apt-get install -y iproute2 iptables util-linux curl jq python3"
+done
+
+# --- cleanup (also of namespaces left by an earlier run that was killed) ---------------
+
+PIDS=()
+NAMESPACES=()
+WORK=$(mktemp -d "/tmp/$PREFIX.XXXXXX")
+# The proxies run as UID 1337 and must read their config file here.
+chmod 755 "$WORK"
+
+cleanup() {
+    local rc=$?
+    local pid ns
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    for ns in "${NAMESPACES[@]}"; do
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    if [[ $rc -ne 0 ]]; then
+        log "logs kept in $WORK"
+        for f in "$WORK"/*.log; do
+            [[ -s $f ]] || continue
+            log "--- tail of $f"
+            tail -n 20 "$f" >&2 || true
+        done
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+while read -r ns _; do
+    [[ $ns =~ ^mlbench-([0-9]+)-(dc|ds|mc|ms)$ ]] || continue
+    if ! kill -0 "${BASH_REMATCH[1]}" 2>/dev/null; then
+        log "removing stale namespace $ns of an earlier run"
+        ip netns del "$ns" 2>/dev/null || true
+    fi
+done < <(ip netns list)
+
+# --- build ----------------------------------------------------------------------------
+
+if [[ $SKIP_BUILD != 1 ]]; then
+    log "building meshlet-proxy, meshlet-init and meshlet-bench ($PROFILE)"
+    (cd "$ROOT" && nice cargo build --profile "$PROFILE" -p meshlet-proxy -p meshlet-init -p meshlet-bench)
+fi
+for b in meshlet-proxy meshlet-init meshlet-loadgen meshlet-bench-server; do
+    [[ -x $BIN/$b ]] || die "$BIN/$b is missing: build it (cargo build --profile $PROFILE -p ...) or unset SKIP_BUILD"
+done
+
+# --- pinning ----------------------------------------------------------------------------
+
+LOAD_CPU=()
+SUT_CPU=()
+if [[ $PIN == 1 ]]; then
+    LOAD_CPU=(taskset -c 0)
+    SUT_CPU=(taskset -c 1)
+fi
+
+# --- namespaces ---------------------------------------------------------------------
+
+# make_pair CLIENT_NS SERVER_NS: two "pods" joined by one veth pair. The veth is created
+# inside the client namespace with its peer moved straight into the server namespace,
+# so no interface ever exists in the root namespace.
+make_pair() {
+    local c=$1 s=$2
+    ip netns add "$c"
+    NAMESPACES+=("$c")
+    ip netns add "$s"
+    NAMESPACES+=("$s")
+    ip -n "$c" link add eth0 type veth peer name eth0 netns "$s"
+    ip -n "$c" addr add "$CLIENT_IP/24" dev eth0
+    ip -n "$s" addr add "$SERVER_IP/24" dev eth0
+    local ns
+    for ns in "$c" "$s"; do
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 up
+    done
+}
+
+make_pair "$NS_DC" "$NS_DS"
+make_pair "$NS_MC" "$NS_MS"
+
+# wait_http NS URL WHAT: bounded wait (10 s) until URL answers 2xx inside NS.
+wait_http() {
+    local ns=$1 url=$2 what=$3 i
+    for ((i = 0; i < 100; i++)); do
+        if ip netns exec "$ns" curl -sf -o /dev/null --max-time 1 "$url"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "$what did not answer $url within 10 s"
+}
+
+# start NS LOGNAME CMD...: runs CMD in NS in the background; sets STARTED_PID.
+# `ip netns exec`, `setpriv` and `env` all exec, so the PID is the program's own.
+start() {
+    local ns=$1 name=$2
+    shift 2
+    ip netns exec "$ns" "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# requests_total NS DIRECTION: the sum of meshlet_requests_total over all label sets.
+requests_total() {
+    ip netns exec "$1" curl -sf --max-time 2 "http://127.0.0.1:15020/metrics" |
+        awk -v d="direction=\"$2\"" \
+            '/^meshlet_requests_total\{/ && index($0, d) { s += $NF } END { printf "%d\n", s }'
+}
+
+# --- servers (one per pair, identical) ----------------------------------------------
+
+SERVER_CMD=("${SUT_CPU[@]}" "$BIN/meshlet-bench-server" --listen "0.0.0.0:$PORT" --body-size 100 --threads 1)
+start "$NS_DS" server-direct "${SERVER_CMD[@]}"
+SERVER_DIRECT=$STARTED_PID
+start "$NS_MS" server-meshlet "${SERVER_CMD[@]}"
+SERVER_MESHLET=$STARTED_PID
+wait_http "$NS_DC" "$URL" "server (direct pair)"
+
+# --- meshlet: init rules and proxies in both pods of the meshed pair -----------------
+
+echo '{}' >"$WORK/mesh.json"
+chmod 644 "$WORK/mesh.json"
+INIT_CMD=("$BIN/meshlet-init" apply)
+ip netns exec "$NS_MC" "${INIT_CMD[@]}" >"$WORK/init-client.log" 2>&1 || die "meshlet-init failed in $NS_MC"
+ip netns exec "$NS_MS" "${INIT_CMD[@]}" >"$WORK/init-server.log" 2>&1 || die "meshlet-init failed in $NS_MS"
+
+# start_proxy NS NAME POD_IP
+start_proxy() {
+    start "$1" "proxy-$2" "${SUT_CPU[@]}" setpriv --reuid 1337 --regid 1337 --clear-groups \
+        env MESHLET_CONFIG_PATH="$WORK/mesh.json" MESHLET_LOG=warn \
+        MESHLET_WORKER_THREADS="$PROXY_THREADS" MESHLET_POD_IP="$3" \
+        MESHLET_POD_NAME="bench-$2" MESHLET_POD_NAMESPACE=bench \
+        "$BIN/meshlet-proxy"
+}
+start_proxy "$NS_MC" client "$CLIENT_IP"
+PROXY_CLIENT=$STARTED_PID
+start_proxy "$NS_MS" server "$SERVER_IP"
+PROXY_SERVER=$STARTED_PID
+wait_http "$NS_MC" http://127.0.0.1:15020/ready "client proxy"
+wait_http "$NS_MS" http://127.0.0.1:15020/ready "server proxy"
+for pid in "$PROXY_CLIENT" "$PROXY_SERVER"; do
+    [[ $(cat "/proc/$pid/comm") == meshlet-proxy ]] || die "PID $pid is not meshlet-proxy"
+    awk '/^Uid:/ { exit !($2 == 1337) }' "/proc/$pid/status" || die "meshlet-proxy $pid does not run as UID 1337"
+done
+
+# The proxies have served nothing yet: this is their idle footprint.
+sleep "$IDLE_SETTLE_S"
+RSS_IDLE_CLIENT=$(rss_kib "$PROXY_CLIENT")
+RSS_IDLE_SERVER=$(rss_kib "$PROXY_SERVER")
+log "idle RSS: client proxy ${RSS_IDLE_CLIENT} KiB, server proxy ${RSS_IDLE_SERVER} KiB"
+
+# --- rounds ---------------------------------------------------------------------------
+
+LOADGEN=("${LOAD_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --rate "$RATE" --duration "$DURATION"
+    --warmup "$WARMUP" --connections "$CONNECTIONS")
+COUNTS="[]"
+for ((round = 1; round <= ROUNDS; round++)); do
+    log "round $round/$ROUNDS: direct at $RATE req/s for $DURATION (+$WARMUP warmup)"
+    ip netns exec "$NS_DC" "${LOADGEN[@]}" --watch "server=$SERVER_DIRECT" \
+        -o "$WORK/round-$round-direct.json" 2>>"$WORK/loadgen.log" ||
+        die "loadgen (direct) failed"
+
+    log "round $round/$ROUNDS: meshlet pair at $RATE req/s for $DURATION (+$WARMUP warmup)"
+    out_before=$(requests_total "$NS_MC" outbound)
+    in_before=$(requests_total "$NS_MS" inbound)
+    ip netns exec "$NS_MC" "${LOADGEN[@]}" --watch "client-proxy=$PROXY_CLIENT" \
+        --watch "server-proxy=$PROXY_SERVER" --watch "server=$SERVER_MESHLET" \
+        -o "$WORK/round-$round-meshlet.json" 2>>"$WORK/loadgen.log" ||
+        die "loadgen (meshlet) failed"
+    out_delta=$(($(requests_total "$NS_MC" outbound) - out_before))
+    in_delta=$(($(requests_total "$NS_MS" inbound) - in_before))
+    sent=$(jq -r .requests_sent "$WORK/round-$round-meshlet.json")
+    # The benchmark must not silently measure the direct path: both sidecars must have
+    # counted every request the load generator sent.
+    [[ $out_delta -eq $sent && $in_delta -eq $sent ]] ||
+        die "requests did not all pass through both proxies: loadgen sent $sent, client proxy counted $out_delta outbound, server proxy $in_delta inbound"
+    log "round $round: both proxies counted all $sent requests"
+    COUNTS=$(jq -c --argjson r "$round" --argjson s "$sent" --argjson o "$out_delta" \
+        --argjson i "$in_delta" '. + [{round: $r, loadgen_sent: $s, client_proxy_outbound: $o, server_proxy_inbound: $i}]' <<<"$COUNTS")
+    for s in direct meshlet; do
+        jq -e '.errors == 0' "$WORK/round-$round-$s.json" >/dev/null ||
+            log "WARNING: $s round $round had errors: $(jq -r '.first_error' "$WORK/round-$round-$s.json")"
+    done
+done
+RSS_AFTER_CLIENT=$(rss_kib "$PROXY_CLIENT")
+RSS_AFTER_SERVER=$(rss_kib "$PROXY_SERVER")
+
+# --- facts and report -----------------------------------------------------------------
+
+cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+[[ -n $cpu_model ]] || cpu_model=$(lscpu 2>/dev/null | awk -F': *' '/^Model name/ {print $2; exit}')
+jq -n \
+    --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --arg nproc "$(nproc)" --arg kernel "$(uname -r)" --arg cpu "$cpu_model" \
+    --arg mem "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)" \
+    --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    --arg rate "$RATE" --arg duration "$DURATION" --arg warmup "$WARMUP" \
+    --arg conns "$CONNECTIONS" --arg rounds "$ROUNDS" --arg threads "$PROXY_THREADS" \
+    --arg pin "$PIN" --arg profile "$PROFILE" \
+    --arg loadgen "meshlet-loadgen $URL --rate $RATE --duration $DURATION --warmup $WARMUP --connections $CONNECTIONS --watch NAME=PID" \
+    --arg server "meshlet-bench-server --listen 0.0.0.0:$PORT --body-size 100 --threads 1" \
+    --arg proxy "setpriv --reuid 1337 --regid 1337 --clear-groups env MESHLET_CONFIG_PATH=mesh.json({}) MESHLET_LOG=warn MESHLET_WORKER_THREADS=$PROXY_THREADS MESHLET_POD_IP=<pod ip> meshlet-proxy" \
+    --arg init "meshlet-init apply (defaults: all inbound ports, all outbound CIDRs, UID/GID 1337 exempt)" \
+    --argjson ric "$RSS_IDLE_CLIENT" --argjson ris "$RSS_IDLE_SERVER" \
+    --argjson rac "$RSS_AFTER_CLIENT" --argjson ras "$RSS_AFTER_SERVER" \
+    --argjson counts "$COUNTS" \
+    '{
+      date: $date, git_commit: $commit,
+      machine: {nproc: ($nproc|tonumber), kernel: $kernel, cpu_model: $cpu,
+                mem_total_kib: ($mem|tonumber), loadavg_at_start: $load},
+      settings: {rate: ($rate|tonumber), duration: $duration, warmup: $warmup,
+                 connections: ($conns|tonumber), rounds: ($rounds|tonumber),
+                 proxy_worker_threads: ($threads|tonumber), pinned: ($pin == "1"),
+                 profile: $profile, network: "two netns per pair joined by one veth (198.18.200.0/24)",
+                 protocol: "HTTP/1.1 keep-alive, GET, 100-byte response", tls: false},
+      commands: {loadgen: $loadgen, server: $server, proxy: $proxy, init: $init},
+      proxy_rss_kib: {client: {idle: $ric, after_load: $rac}, server: {idle: $ris, after_load: $ras}},
+      proxy_request_counts: $counts
+    }' >"$WORK/facts.json"
+
+mkdir -p "$RESULTS"
+python3 "$ROOT/bench/report.py" --work "$WORK" --results "$RESULTS" --label "$LABEL"
