@@ -443,6 +443,13 @@ def cmd_values(chart_dir):
     for k, v in values.items():
         report(v, (k,))
 
+    # The README's values table must not drift from values.yaml.
+    with open(os.path.join(chart_dir, "README.md")) as f:
+        readme = f.read()
+    for path, has_doc in docs.items():
+        if has_doc:
+            check(f"| `{'.'.join(path)}` |" in readme, f"README.md's values table lacks `{'.'.join(path)}`")
+
 
 def main(argv):
     if len(argv) >= 5 and argv[1] == "render":

@@ -84,7 +84,7 @@ expect_refused() { # expect_refused "MESSAGE" [helm template args...]
 }
 
 # --- values.yaml and schema agree, every key documented
-check "values.yaml keys match values.schema.json and carry '# --' docs" "$PY" "$ROOT/scripts/chart_assert.py" values "$CHART"
+check "values.yaml keys match values.schema.json, carry '# --' docs and are in README.md" "$PY" "$ROOT/scripts/chart_assert.py" values "$CHART"
 
 # --- lint
 check "helm lint --strict (defaults)" "$HELM" lint --strict --namespace "$NS" "$CHART"
