@@ -25,6 +25,9 @@ use super::{
 };
 use crate::{detect::Protocol, drain, errors::ProxyError, tcp};
 
+/// Sends of a request that never left on a pooled connection before a fresh one.
+const MAX_ATTEMPTS: usize = 3;
+
 /// The response body of the stack: the upstream's, or a synthetic one.
 pub type Body = Either<PooledBody, Full<Bytes>>;
 
@@ -110,7 +113,7 @@ impl Forward {
     ) -> Result<(Response<Incoming>, hyper::client::conn::http1::SendRequest<Incoming>), ProxyError> {
         let dst = self.dst;
         let mut req = req;
-        loop {
+        for _ in 0..MAX_ATTEMPTS {
             let mut conn = self.pool.checkout_h1(dst, self.connect_timeout).await?;
             match conn.tx.try_send_request(req).await {
                 Ok(rsp) => return Ok((rsp, conn.tx)),
@@ -122,22 +125,29 @@ impl Forward {
                 },
             }
         }
+        // The last reused connection was stale too: a fresh one decides.
+        let mut conn = self.pool.checkout_fresh_h1(dst, self.connect_timeout).await?;
+        match conn.tx.try_send_request(req).await {
+            Ok(rsp) => Ok((rsp, conn.tx)),
+            Err(e) => Err(ProxyError::Upstream { dst, source: e.into_error() }),
+        }
     }
 
     async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
         let dst = self.dst;
         let mut req = req;
+        let mut attempt = 0;
         loop {
+            attempt += 1;
             let (mut tx, reused) = self.pool.checkout_h2(dst, self.connect_timeout).await?;
             match tx.try_send_request(req).await {
                 Ok(rsp) => return Ok(rsp),
-                Err(mut e) => {
-                    self.pool.evict_h2(dst);
-                    match e.take_message() {
-                        Some(unsent) if reused => req = unsent,
-                        _ => return Err(ProxyError::Upstream { dst, source: e.into_error() }),
-                    }
-                }
+                Err(mut e) => match e.take_message() {
+                    // The shared connection was going away (GOAWAY) before the
+                    // request left: the next checkout opens a new one.
+                    Some(unsent) if reused && attempt < MAX_ATTEMPTS => req = unsent,
+                    _ => return Err(ProxyError::Upstream { dst, source: e.into_error() }),
+                },
             }
         }
     }

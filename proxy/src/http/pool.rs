@@ -43,8 +43,11 @@ pub struct Pool<B = Incoming> {
 
 struct Inner<B> {
     h1: Mutex<HashMap<SocketAddr, Vec<(Instant, http1::SendRequest<B>)>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<B>>>,
+    h2: Mutex<HashMap<SocketAddr, H2Slot<B>>>,
 }
+
+/// The HTTP/2 connection to one destination, locked while it is being opened.
+type H2Slot<B> = Arc<tokio::sync::Mutex<Option<http2::SendRequest<B>>>>;
 
 /// A checked-out HTTP/1 connection.
 pub struct H1Conn<B = Incoming> {
@@ -106,6 +109,11 @@ where
                 return Ok(H1Conn { tx, reused: true });
             }
         }
+        self.checkout_fresh_h1(dst, connect_timeout).await
+    }
+
+    /// A new HTTP/1 connection to `dst`.
+    pub async fn checkout_fresh_h1(&self, dst: SocketAddr, connect_timeout: Duration) -> Result<H1Conn<B>, ProxyError> {
         let io = connect(dst, connect_timeout).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
@@ -126,7 +134,26 @@ where
         dst: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<(http2::SendRequest<B>, bool), ProxyError> {
-        if let Some(tx) = lock(&self.inner.h2).get(&dst) {
+        let slot = {
+            let mut h2 = lock(&self.inner.h2);
+            if !h2.contains_key(&dst) && h2.len() >= MAX_DSTS {
+                h2.retain(|_, slot| slot.try_lock().map_or(true, |tx| tx.as_ref().is_some_and(|tx| !tx.is_closed())));
+            }
+            match h2.get(&dst) {
+                Some(slot) => slot.clone(),
+                None => {
+                    let slot = Arc::new(tokio::sync::Mutex::new(None));
+                    if h2.len() < MAX_DSTS {
+                        h2.insert(dst, slot.clone());
+                    }
+                    slot
+                }
+            }
+        };
+        // Concurrent first requests wait for one connect instead of each opening a
+        // connection of their own.
+        let mut slot = slot.lock().await;
+        if let Some(tx) = slot.as_ref() {
             if !tx.is_closed() {
                 return Ok((tx.clone(), true));
             }
@@ -142,29 +169,8 @@ where
                 tracing::debug!(%error, "upstream HTTP/2 connection failed");
             }
         });
-        let mut h2 = lock(&self.inner.h2);
-        // Concurrent first requests may each have connected; keep one open connection
-        // per destination (the others close when their requests finish).
-        match h2.get(&dst) {
-            Some(existing) if !existing.is_closed() => {}
-            _ => {
-                if h2.len() >= MAX_DSTS {
-                    h2.retain(|_, tx| !tx.is_closed());
-                }
-                if h2.len() < MAX_DSTS {
-                    h2.insert(dst, tx.clone());
-                }
-            }
-        }
+        *slot = Some(tx.clone());
         Ok((tx, false))
-    }
-
-    /// Forgets a broken HTTP/2 connection.
-    pub fn evict_h2(&self, dst: SocketAddr) {
-        let mut h2 = lock(&self.inner.h2);
-        if h2.get(&dst).is_some_and(|tx| tx.is_closed()) {
-            h2.remove(&dst);
-        }
     }
 
     /// Idle HTTP/1 connections to `dst`.
