@@ -14,7 +14,8 @@ pub struct Cli {
     /// What to do; `apply` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Print the iptables-restore payload(s) instead of running anything; needs no privilege.
+    /// Print the iptables-restore payload(s) instead of running anything; needs no
+    /// privilege. With `--ipv6 auto` both families are shown.
     #[arg(long, short = 'n', global = true)]
     pub dry_run: bool,
     /// The capture options.

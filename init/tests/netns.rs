@@ -477,6 +477,7 @@ fn traffic_is_redirected_except_the_proxys_own() {
     let outbound = listen_in(&pod, any(15001));
     let inbound = listen_in(&pod, any(15006));
     let admin = listen_in(&pod, any(15020));
+    let app = listen_in(&pod, any(8080));
     let upstream = listen_in(&peer, SocketAddr::from(([198, 18, 200, 2], 80)));
 
     pod.init_ok(&[], &[("MESHLET_IPV6", "off")]);
@@ -529,4 +530,47 @@ fn traffic_is_redirected_except_the_proxys_own() {
         "admin connection must not be redirected"
     );
     assert!(accepted(&inbound).is_none());
+    assert!(accepted(&app).is_none(), "inbound bypassed the proxy");
+
+    // The proxy forwards inbound traffic to the app on the pod IP as uid 1337: that
+    // must reach the app, not loop back into 15006 or 15001.
+    let out = connect_from(&pod, Some("1337"), "198.18.200.1", 8080, "fwd");
+    assert!(out.status.success(), "proxy to app: {}", text(&out.stderr));
+    let (_, data) = accepted(&app).expect("proxy reaches the app on the pod IP");
+    assert_eq!(data, "fwd");
+    // The app talking to itself over loopback bypasses the proxy too.
+    let out = connect_from(&pod, None, "127.0.0.1", 8080, "self");
+    assert!(out.status.success(), "app to itself: {}", text(&out.stderr));
+    let (_, data) = accepted(&app).expect("loopback reaches the app directly");
+    assert_eq!(data, "self");
+    assert!(accepted(&inbound).is_none() && accepted(&outbound).is_none());
+
+    // UDP is never captured: DNS keeps working.
+    let dns = udp_in(&peer, SocketAddr::from(([198, 18, 200, 2], 53)));
+    let out = run(&mut pod.cmd(&[
+        "timeout",
+        "5",
+        "bash",
+        "-c",
+        "printf query >/dev/udp/198.18.200.2/53",
+    ]));
+    assert!(out.status.success(), "udp send: {}", text(&out.stderr));
+    let mut buf = [0u8; 16];
+    let (n, _) = dns
+        .recv_from(&mut buf)
+        .expect("UDP datagram reaches the peer directly");
+    assert_eq!(&buf[..n], b"query");
+}
+
+fn udp_in(ns: &Netns, addr: SocketAddr) -> std::net::UdpSocket {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let f = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        setns(&f, CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
+        let s = std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s
+    })
+    .join()
+    .expect("udp thread")
 }
