@@ -72,6 +72,12 @@ pub enum Command {
         #[arg(long, default_value = "PING")]
         send: String,
     },
+    /// Writes the first N bytes of the `/bytes/N` pattern to stdout (upload input).
+    Pattern {
+        /// How many bytes.
+        #[arg(long)]
+        bytes: u64,
+    },
     /// UDP DNS server that answers every A query with one fixed address.
     UdpDns {
         /// UDP port to listen on.
@@ -118,5 +124,17 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Banner { port, name } => rt.block_on(banner::serve(port, name)),
         Command::BannerClient { addr, send } => rt.block_on(banner::client(&addr, &send)),
         Command::UdpDns { port, answer } => dns::serve(port, answer),
+        Command::Pattern { bytes } => write_pattern(bytes),
     }
+}
+
+fn write_pattern(len: u64) -> Result<(), Error> {
+    use std::io::Write;
+    let mut p = pattern::Pattern::new(len);
+    let mut out = std::io::stdout().lock();
+    while let Some(c) = p.next_chunk() {
+        out.write_all(&c)
+            .map_err(io_ctx("writing the pattern to stdout"))?;
+    }
+    out.flush().map_err(io_ctx("flushing stdout"))
 }

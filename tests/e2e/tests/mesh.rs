@@ -1,1 +1,667 @@
-fn main() {}
+//! End-to-end tests on the netns mini-cluster running `samples/hello.yaml`.
+//!
+//! A runner of our own (`harness = false`): each case builds its own cluster, cases
+//! run one after another, and the suite ends by checking that no namespace and no
+//! process of this run is left. Needs root, iptables, iproute2, curl and dig; when they
+//! are missing every case FAILS with the install command, it never passes silently.
+//!
+//! `cargo test -p meshlet-e2e --test mesh [-- FILTER...]`
+
+use std::{
+    panic::AssertUnwindSafe,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use meshlet_e2e::{
+    cluster::{self, Cluster, ClusterBuilder, Metrics},
+    testapp::pattern,
+};
+use nix::sys::signal::Signal;
+
+const BACKEND: &str = "198.19.0.10";
+const GREETER: &str = "198.19.0.20:3306";
+const DNS: &str = "198.19.0.53";
+const SVC_BACKEND: &str = "hello/backend";
+const SVC_GREETER: &str = "hello/greeter";
+const REQUESTS: &str = "meshlet_requests_total";
+const OPENED: &str = "meshlet_tcp_connections_opened_total";
+const SENT: &str = "meshlet_tcp_sent_bytes_total";
+const RECEIVED: &str = "meshlet_tcp_received_bytes_total";
+const T: Duration = Duration::from_secs(30);
+
+type Case = (&'static str, fn() -> Result<()>);
+
+const CASES: &[Case] = &[
+    ("http1_through_both_sidecars", http1_through_both_sidecars),
+    ("h2c_prior_knowledge", h2c_prior_knowledge),
+    ("websocket_echo", websocket_echo),
+    (
+        "server_first_tcp_on_opaque_port",
+        server_first_tcp_on_opaque_port,
+    ),
+    (
+        "excluded_inbound_port_bypasses_proxy",
+        excluded_inbound_port_bypasses_proxy,
+    ),
+    ("upload_and_download_100mib", upload_and_download_100mib),
+    (
+        "metrics_count_requests_bytes_connections",
+        metrics_count_requests_bytes_connections,
+    ),
+    (
+        "sigterm_drains_in_flight_request",
+        sigterm_drains_in_flight_request,
+    ),
+    ("udp_dns_not_captured", udp_dns_not_captured),
+    ("init_rerun_is_idempotent", init_rerun_is_idempotent),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in CASES {
+            println!("{name}: test");
+        }
+        println!("suite_leaves_nothing_behind: test");
+        return ExitCode::SUCCESS;
+    }
+    // Flags libtest would take (--nocapture, --test-threads=N, ...) are accepted and
+    // ignored; plain words filter cases by substring.
+    let filters: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let selected: Vec<&Case> = CASES
+        .iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f)))
+        .collect();
+    let started = Instant::now();
+    println!(
+        "\nrunning {} tests (netns mini-cluster, pid {})",
+        selected.len() + 1,
+        std::process::id()
+    );
+    let mut failed = Vec::new();
+    let prereq = cluster::check_prereqs().and_then(|()| cluster::Binaries::locate().map(drop));
+    for (name, f) in &selected {
+        let t = Instant::now();
+        let result = match &prereq {
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+            Ok(()) => match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+                Ok(r) => r,
+                Err(p) => Err(anyhow::anyhow!(
+                    "panicked: {}",
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                )),
+            },
+        };
+        match result {
+            Ok(()) => println!("test {name} ... ok ({:.1}s)", t.elapsed().as_secs_f64()),
+            Err(e) => {
+                println!(
+                    "test {name} ... FAILED ({:.1}s)\n    {e:#}",
+                    t.elapsed().as_secs_f64()
+                );
+                failed.push(name.to_string());
+            }
+        }
+    }
+    // Every cluster is dropped by now: nothing of this run may remain.
+    let (ns, pids) = cluster::leftovers();
+    if ns.is_empty() && pids.is_empty() {
+        println!("test suite_leaves_nothing_behind ... ok");
+    } else {
+        println!("test suite_leaves_nothing_behind ... FAILED\n    namespaces left: {ns:?}, processes left: {pids:?}");
+        failed.push("suite_leaves_nothing_behind".into());
+    }
+    let total = selected.len() + 1;
+    println!(
+        "\ntest result: {}. {} passed; {} failed; finished in {:.1}s",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        total - failed.len(),
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("failures: {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
+
+// === helpers ===
+
+fn sample() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../samples/hello.yaml")
+}
+
+fn start(b: ClusterBuilder) -> Result<Cluster> {
+    let c = b.start().context("starting the mini-cluster")?;
+    println!("    [{}] sidecars from {}", c.prefix(), c.inject_path());
+    Ok(c)
+}
+
+fn hello() -> Result<Cluster> {
+    start(ClusterBuilder::new(sample()))
+}
+
+fn curl(c: &Cluster, pod: &str, args: &[&str]) -> Result<String> {
+    let mut argv = vec!["curl", "-sS", "--max-time", "30"];
+    argv.extend_from_slice(args);
+    Ok(c.exec_ok(pod, &argv, T)?)
+}
+
+fn metrics(c: &Cluster, pod: &str) -> Result<Metrics> {
+    c.metrics(pod)
+        .with_context(|| format!("reading the metrics of {pod}"))
+}
+
+fn json(s: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(s.trim()).with_context(|| format!("not JSON: {s:?}"))
+}
+
+/// Delta of `name{filter}` between two scrapes.
+fn delta(before: &Metrics, after: &Metrics, name: &str, filter: &[(&str, &str)]) -> f64 {
+    after.sum(name, filter) - before.sum(name, filter)
+}
+
+fn out_of(dir: &str, svc: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        (
+            "direction",
+            if dir == "in" { "inbound" } else { "outbound" },
+        ),
+        ("service", svc),
+    ]
+}
+
+// === cases ===
+
+fn http1_through_both_sidecars() -> Result<()> {
+    let c = hello()?;
+    let pods = ["client", "backend-v1", "backend-v2"];
+    let before: Vec<Metrics> = pods.iter().map(|p| metrics(&c, p)).collect::<Result<_>>()?;
+    let body = curl(
+        &c,
+        "client",
+        &["-H", "x-e2e: yes", &format!("http://{BACKEND}/hello?x=1")],
+    )?;
+    let v = json(&body)?;
+    let answered = v["name"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        answered.starts_with("backend-v"),
+        "answer not from a backend pod: {v}"
+    );
+    ensure!(
+        v["path"] == "/hello?x=1" && v["method"] == "GET",
+        "echo is wrong: {v}"
+    );
+    ensure!(
+        v["headers"]["x-e2e"] == "yes",
+        "header x-e2e lost on the way: {v}"
+    );
+    let after: Vec<Metrics> = pods.iter().map(|p| metrics(&c, p)).collect::<Result<_>>()?;
+    let out = delta(
+        &before[0],
+        &after[0],
+        REQUESTS,
+        &[
+            ("direction", "outbound"),
+            ("service", SVC_BACKEND),
+            ("status_code", "200"),
+        ],
+    );
+    ensure!(
+        out == 1.0,
+        "client proxy counted {out} outbound requests to {SVC_BACKEND}, want 1:\n{}",
+        c.metrics_text("client")?
+    );
+    let idx = if answered.starts_with("backend-v1") {
+        1
+    } else {
+        2
+    };
+    let inb = delta(
+        &before[idx],
+        &after[idx],
+        REQUESTS,
+        &[("direction", "inbound"), ("status_code", "200")],
+    );
+    ensure!(
+        inb == 1.0,
+        "{answered}'s proxy counted {inb} inbound requests, want 1:\n{}",
+        c.metrics_text(&answered)?
+    );
+    let other = 3 - idx;
+    let none = delta(
+        &before[other],
+        &after[other],
+        REQUESTS,
+        &[("direction", "inbound")],
+    );
+    ensure!(
+        none == 0.0,
+        "the backend that did not answer counted {none} requests"
+    );
+    Ok(())
+}
+
+fn h2c_prior_knowledge() -> Result<()> {
+    let c = hello()?;
+    let before = metrics(&c, "client")?;
+    let out = curl(
+        &c,
+        "client",
+        &[
+            "--http2-prior-knowledge",
+            "-w",
+            "\n%{http_version} %{http_code}",
+            &format!("http://{BACKEND}/h2"),
+        ],
+    )?;
+    let (body, tail) = out.rsplit_once('\n').context("no curl -w line")?;
+    ensure!(
+        tail == "2 200",
+        "curl saw `{tail}`, want HTTP/2 200; body {body}"
+    );
+    let v = json(body)?;
+    ensure!(v["path"] == "/h2", "echo is wrong: {v}");
+    let after = metrics(&c, "client")?;
+    let n = delta(&before, &after, REQUESTS, &out_of("out", SVC_BACKEND));
+    ensure!(n == 1.0, "client proxy counted {n} h2 requests, want 1");
+    println!(
+        "    backend saw {} (curl spoke HTTP/2 to the client's proxy)",
+        v["version"]
+    );
+    Ok(())
+}
+
+fn websocket_echo() -> Result<()> {
+    let c = hello()?;
+    let before = metrics(&c, "client")?;
+    let out = c.testapp(
+        "client",
+        &[
+            "ws-client",
+            "--url",
+            &format!("ws://{BACKEND}:8081/chat"),
+            "--message",
+            "hello",
+            "--message",
+            "meshlet ws",
+        ],
+        T,
+    )?;
+    let v = json(&out)?;
+    ensure!(v["ok"] == true && v["echoed"] == 2, "websocket: {v}");
+    let after = metrics(&c, "client")?;
+    let n = delta(&before, &after, OPENED, &out_of("out", SVC_BACKEND));
+    ensure!(
+        n == 1.0,
+        "client proxy opened {n} connections for the WebSocket, want 1"
+    );
+    Ok(())
+}
+
+fn server_first_tcp_on_opaque_port() -> Result<()> {
+    let c = hello()?;
+    let (cb, gb) = (metrics(&c, "client")?, metrics(&c, "greeter")?);
+    let out = c.testapp(
+        "client",
+        &["banner-client", "--addr", GREETER, "--send", "PING"],
+        T,
+    )?;
+    let v = json(&out)?;
+    let ms = v["greetingMs"].as_f64().context("no greetingMs")?;
+    ensure!(v["greeting"] == "220 greeter ready", "greeting: {v}");
+    ensure!(
+        ms < 300.0,
+        "greeting took {ms:.0} ms: the proxy waited for the client (detect timeout is 1 s)"
+    );
+    ensure!(v["reply"] == "250 PING", "reply: {v}");
+    let (ca, ga) = (metrics(&c, "client")?, metrics(&c, "greeter")?);
+    let o = delta(&cb, &ca, OPENED, &out_of("out", SVC_GREETER));
+    let i = delta(&gb, &ga, OPENED, &[("direction", "inbound")]);
+    ensure!(
+        o == 1.0 && i == 1.0,
+        "connections: client outbound {o}, greeter inbound {i}; want 1 and 1"
+    );
+    let detect = delta(&cb, &ca, "meshlet_timeouts_total", &[("kind", "detect")])
+        + delta(&gb, &ga, "meshlet_timeouts_total", &[("kind", "detect")]);
+    ensure!(detect == 0.0, "{detect} detect timeouts on an opaque port");
+    println!("    greeting after {ms:.1} ms");
+    Ok(())
+}
+
+fn excluded_inbound_port_bypasses_proxy() -> Result<()> {
+    let c = hello()?;
+    let ip = c.pod("backend-v1")?.ip;
+    let before = metrics(&c, "backend-v1")?;
+    let body = curl(&c, "client", &[&format!("http://{ip}:9090/direct")])?;
+    ensure!(
+        json(&body)?["name"] == "stats",
+        "stats port answered {body}"
+    );
+    let mid = metrics(&c, "backend-v1")?;
+    let moved = delta(&before, &mid, OPENED, &[("direction", "inbound")]);
+    ensure!(
+        moved == 0.0,
+        "backend-v1's proxy saw {moved} inbound connections on excluded port 9090"
+    );
+    // Control: the captured port on the same pod does move the counter.
+    curl(&c, "client", &[&format!("http://{ip}:8080/captured")])?;
+    let after = metrics(&c, "backend-v1")?;
+    let moved = delta(&mid, &after, OPENED, &[("direction", "inbound")]);
+    ensure!(
+        moved == 1.0,
+        "control request to captured port 8080 moved the counter by {moved}, want 1"
+    );
+    Ok(())
+}
+
+fn upload_and_download_100mib() -> Result<()> {
+    const N: u64 = 100 * 1024 * 1024;
+    let c = hello()?;
+    let want = pattern::sha256_of_pattern(N);
+    let before = metrics(&c, "client")?;
+    let testapp = c.binaries().testapp.display().to_string();
+    let t = Instant::now();
+    let up = c.exec_ok(
+        "client",
+        &["bash", "-o", "pipefail", "-c", &format!(
+            "{testapp} pattern --bytes {N} | curl -sS --max-time 120 -H 'Expect:' -X POST -T - http://{BACKEND}/upload"
+        )],
+        Duration::from_secs(150),
+    )?;
+    let up_s = t.elapsed().as_secs_f64();
+    let v = json(&up)?;
+    ensure!(
+        v["length"] == N,
+        "upload arrived with {} bytes, want {N}",
+        v["length"]
+    );
+    ensure!(
+        v["sha256"] == want.as_str(),
+        "upload checksum {} != {want}",
+        v["sha256"]
+    );
+    let t = Instant::now();
+    let down = c.exec_ok(
+        "client",
+        &[
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            &format!("curl -sS --max-time 120 http://{BACKEND}/bytes/{N} | sha256sum"),
+        ],
+        Duration::from_secs(150),
+    )?;
+    let down_s = t.elapsed().as_secs_f64();
+    let got = down.split_whitespace().next().unwrap_or_default();
+    ensure!(got == want, "download checksum {got} != {want}");
+    let after = metrics(&c, "client")?;
+    let (rx, tx) = (
+        delta(&before, &after, RECEIVED, &out_of("out", SVC_BACKEND)),
+        delta(&before, &after, SENT, &out_of("out", SVC_BACKEND)),
+    );
+    ensure!(
+        rx >= N as f64 && tx >= N as f64,
+        "client proxy carried {rx} B up and {tx} B down, want >= {N} each: the transfer went around it"
+    );
+    println!(
+        "    100 MiB up in {up_s:.2}s, down in {down_s:.2}s, sha256 {}",
+        &want[..16]
+    );
+    Ok(())
+}
+
+fn metrics_count_requests_bytes_connections() -> Result<()> {
+    // One backend, so the server side counts are exact too.
+    let c = start(ClusterBuilder::new(sample()).scale("backend-v2", 0))?;
+    let (cb, sb) = (metrics(&c, "client")?, metrics(&c, "backend-v1")?);
+    let url = format!("http://{BACKEND}");
+    for i in 0..3 {
+        curl(&c, "client", &[&format!("{url}/get/{i}")])?;
+    }
+    for _ in 0..2 {
+        curl(
+            &c,
+            "client",
+            &["-o", "/dev/null", &format!("{url}/status/404")],
+        )?;
+    }
+    let payload = "x".repeat(50_000);
+    curl(
+        &c,
+        "client",
+        &[
+            "-H",
+            "Expect:",
+            "--data-binary",
+            &payload,
+            &format!("{url}/upload"),
+        ],
+    )?;
+    curl(
+        &c,
+        "client",
+        &["-o", "/dev/null", &format!("{url}/bytes/200000")],
+    )?;
+    let (ca, sa) = (metrics(&c, "client")?, metrics(&c, "backend-v1")?);
+    let req = |m0: &Metrics, m1: &Metrics, dir: &str, code: &str| {
+        delta(
+            m0,
+            m1,
+            REQUESTS,
+            &[
+                ("direction", dir),
+                ("service", SVC_BACKEND),
+                ("status_code", code),
+            ],
+        )
+    };
+    let got = [
+        req(&cb, &ca, "outbound", "200"),
+        req(&cb, &ca, "outbound", "404"),
+        delta(
+            &sb,
+            &sa,
+            REQUESTS,
+            &[("direction", "inbound"), ("status_code", "200")],
+        ),
+        delta(
+            &sb,
+            &sa,
+            REQUESTS,
+            &[("direction", "inbound"), ("status_code", "404")],
+        ),
+    ];
+    ensure!(
+        got == [5.0, 2.0, 5.0, 2.0],
+        "requests (client 200, client 404, server 200, server 404) = {got:?}, want [5, 2, 5, 2]"
+    );
+    let conns = delta(&cb, &ca, OPENED, &out_of("out", SVC_BACKEND));
+    ensure!(
+        conns == 7.0,
+        "client proxy opened {conns} outbound connections, want 7 (one per curl)"
+    );
+    let inbound_conns = delta(&sb, &sa, OPENED, &[("direction", "inbound")]);
+    ensure!(
+        (1.0..=7.0).contains(&inbound_conns),
+        "server proxy opened {inbound_conns} inbound connections"
+    );
+    // Received = bytes read from the app (requests), sent = bytes written to it.
+    let rx = delta(&cb, &ca, RECEIVED, &out_of("out", SVC_BACKEND));
+    let tx = delta(&cb, &ca, SENT, &out_of("out", SVC_BACKEND));
+    ensure!(
+        rx >= 50_000.0,
+        "client proxy read {rx} bytes from the app, want >= 50000"
+    );
+    ensure!(
+        tx >= 200_000.0,
+        "client proxy wrote {tx} bytes to the app, want >= 200000"
+    );
+    let srx = delta(&sb, &sa, RECEIVED, &[("direction", "inbound")]);
+    let stx = delta(&sb, &sa, SENT, &[("direction", "inbound")]);
+    ensure!(
+        srx >= 50_000.0 && stx >= 200_000.0,
+        "server proxy bytes: read {srx}, wrote {stx}"
+    );
+    println!("    client: {conns} conns, {rx} B in, {tx} B out; server: {inbound_conns} conns, {srx} B in, {stx} B out");
+    Ok(())
+}
+
+fn sigterm_drains_in_flight_request() -> Result<()> {
+    let c = start(
+        ClusterBuilder::new(sample())
+            .scale("backend-v2", 0)
+            .proxy_env(meshlet_api::env::PROXY_DRAIN_TIMEOUT, "5s"),
+    )?;
+    let t = Instant::now();
+    let client = c.spawn_client(
+        "client",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{BACKEND}/slow?ms=1000"),
+        ],
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    c.signal(
+        "backend-v1",
+        meshlet_api::PROXY_CONTAINER_NAME,
+        Signal::SIGTERM,
+    )?;
+    let out = client.wait_with_output().context("waiting for curl")?;
+    let elapsed = t.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.ends_with("\n200"),
+        "in-flight request did not complete across SIGTERM: {} {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        elapsed >= Duration::from_millis(950),
+        "answered after {elapsed:?}, before the app's 1 s"
+    );
+    let st = c.wait_exit(
+        "backend-v1",
+        meshlet_api::PROXY_CONTAINER_NAME,
+        Duration::from_secs(8),
+    )?;
+    ensure!(
+        st.success(),
+        "proxy exited with {st} after SIGTERM; log:\n{}",
+        c.log("backend-v1-0", meshlet_api::PROXY_CONTAINER_NAME)
+    );
+    println!(
+        "    request done in {:.2}s, proxy exited 0",
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn udp_dns_not_captured() -> Result<()> {
+    let c = hello()?;
+    let before = metrics(&c, "client")?;
+    let out = c.exec_ok(
+        "client",
+        &[
+            "dig",
+            &format!("@{DNS}"),
+            "+short",
+            "+time=2",
+            "+tries=2",
+            "backend.hello.svc.cluster.local",
+        ],
+        T,
+    )?;
+    ensure!(
+        out.trim() == BACKEND,
+        "dig answered {out:?}, want {BACKEND}"
+    );
+    let after = metrics(&c, "client")?;
+    let n = delta(&before, &after, OPENED, &[]);
+    ensure!(
+        n == 0.0,
+        "client proxy accepted {n} connections during a UDP query"
+    );
+    let rules = c.iptables_save("client")?;
+    ensure!(
+        !rules
+            .lines()
+            .any(|l| l.contains("-p udp") && l.contains("REDIRECT")),
+        "UDP is redirected:\n{rules}"
+    );
+    Ok(())
+}
+
+fn rule_lines(save: &str) -> Vec<String> {
+    save.lines()
+        .filter(|l| l.starts_with("-A "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn init_rerun_is_idempotent() -> Result<()> {
+    let c = hello()?;
+    let first = rule_lines(&c.iptables_save("client")?);
+    ensure!(
+        first.iter().any(|l| l.contains("MESHLET_")),
+        "no MESHLET_ rules in the client pod:\n{first:#?}"
+    );
+    c.rerun_init("client").context("rerunning meshlet-init")?;
+    let second = rule_lines(&c.iptables_save("client")?);
+    let mut sorted = second.clone();
+    sorted.sort();
+    let before_len = sorted.len();
+    sorted.dedup();
+    ensure!(
+        sorted.len() == before_len,
+        "duplicate rules after the rerun:\n{second:#?}"
+    );
+    let mut a = first.clone();
+    a.sort();
+    ensure!(
+        a == sorted,
+        "rules changed on rerun:\nbefore {first:#?}\nafter {second:#?}"
+    );
+    for jump in ["-A PREROUTING", "-A OUTPUT"] {
+        let n = second
+            .iter()
+            .filter(|l| l.starts_with(jump) && l.contains("MESHLET_"))
+            .count();
+        ensure!(n == 1, "{n} jumps from {jump} into MESHLET_ chains, want 1");
+    }
+    let before = metrics(&c, "client")?;
+    let body = curl(&c, "client", &[&format!("http://{BACKEND}/after-rerun")])?;
+    ensure!(
+        json(&body)?["path"] == "/after-rerun",
+        "traffic broken after rerun: {body}"
+    );
+    let n = delta(
+        &before,
+        &metrics(&c, "client")?,
+        REQUESTS,
+        &out_of("out", SVC_BACKEND),
+    );
+    if n != 1.0 {
+        bail!("after the rerun the request went around the proxy (counted {n})");
+    }
+    println!("    {} rules, unchanged by the rerun", second.len());
+    Ok(())
+}
