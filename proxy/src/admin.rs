@@ -94,8 +94,10 @@ impl Admin {
                 });
                 let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
                 let mut rsp = Response::new(Full::new(Bytes::from(body)));
-                rsp.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                rsp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 rsp
             }
             "/shutdown" if method == Method::POST => {
@@ -104,7 +106,10 @@ impl Admin {
                 text(StatusCode::OK, "shutting down\n")
             }
             "/shutdown" => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
-            _ => text(StatusCode::NOT_FOUND, "not found: try /ready, /live, /metrics, /config or POST /shutdown\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /ready, /live, /metrics, /config or POST /shutdown\n",
+            ),
         }
     }
 }
@@ -112,11 +117,14 @@ impl Admin {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *rsp.status_mut() = status;
-    rsp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if status == StatusCode::METHOD_NOT_ALLOWED {
         let allow = if body.contains("POST") { "POST" } else { "GET" };
-        rsp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        rsp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
     }
     rsp
 }
@@ -141,17 +149,44 @@ mod tests {
     #[test]
     fn routes() {
         let (a, signal) = admin();
-        assert_eq!(a.route_parts(&Method::GET, "/ready").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            a.route_parts(&Method::GET, "/ready").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         a.ready.store(true, Ordering::Release);
-        assert_eq!(a.route_parts(&Method::GET, "/ready").status(), StatusCode::OK);
-        assert_eq!(a.route_parts(&Method::GET, "/live").status(), StatusCode::OK);
-        assert_eq!(a.route_parts(&Method::GET, "/metrics").status(), StatusCode::OK);
-        assert_eq!(a.route_parts(&Method::GET, "/config").status(), StatusCode::OK);
-        assert_eq!(a.route_parts(&Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
-        assert_eq!(a.route_parts(&Method::POST, "/metrics").status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(a.route_parts(&Method::GET, "/shutdown").status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            a.route_parts(&Method::GET, "/ready").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            a.route_parts(&Method::GET, "/live").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            a.route_parts(&Method::GET, "/metrics").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            a.route_parts(&Method::GET, "/config").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            a.route_parts(&Method::GET, "/nope").status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            a.route_parts(&Method::POST, "/metrics").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            a.route_parts(&Method::GET, "/shutdown").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
         assert!(!signal.trigger().is_started());
-        assert_eq!(a.route_parts(&Method::POST, "/shutdown").status(), StatusCode::OK);
+        assert_eq!(
+            a.route_parts(&Method::POST, "/shutdown").status(),
+            StatusCode::OK
+        );
         assert!(signal.trigger().is_started());
     }
 }

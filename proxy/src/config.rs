@@ -139,16 +139,18 @@ impl Config {
 
         let opaque_ports = match value(env, env::PROXY_OPAQUE_PORTS) {
             None => None,
-            Some(v) => Some(parse_ports(&v).map_err(|reason| {
-                invalid(env::PROXY_OPAQUE_PORTS, &v, &reason)
-            })?),
+            Some(v) => Some(
+                parse_ports(&v).map_err(|reason| invalid(env::PROXY_OPAQUE_PORTS, &v, &reason))?,
+            ),
         };
 
         let drain_timeout = match value(env, env::PROXY_DRAIN_TIMEOUT) {
             None => DEFAULT_DRAIN_TIMEOUT,
-            Some(v) => v.parse().map_err(|e: meshlet_api::duration::ParseDurationError| {
-                invalid(env::PROXY_DRAIN_TIMEOUT, &v, &e.to_string())
-            })?,
+            Some(v) => v
+                .parse()
+                .map_err(|e: meshlet_api::duration::ParseDurationError| {
+                    invalid(env::PROXY_DRAIN_TIMEOUT, &v, &e.to_string())
+                })?,
         };
 
         let log = value(env, env::PROXY_LOG).unwrap_or_else(|| DEFAULT_LOG.to_string());
@@ -164,21 +166,20 @@ impl Config {
             None => None,
             Some(v) => match v.parse::<usize>() {
                 Ok(n) if (1..=1024).contains(&n) => Some(n),
-                _ => {
-                    return Err(invalid(
-                        env::PROXY_WORKER_THREADS,
-                        &v,
-                        "expected a whole number from 1 to 1024 (or unset it to follow the CPU limit)",
-                    ))
-                }
+                _ => return Err(invalid(
+                    env::PROXY_WORKER_THREADS,
+                    &v,
+                    "expected a whole number from 1 to 1024 (or unset it to follow the CPU limit)",
+                )),
             },
         };
 
         let pod_ip = match value(env, env::POD_IP) {
             None => None,
-            Some(v) => Some(v.parse().map_err(|_| {
-                invalid(env::POD_IP, &v, "expected an IPv4 or IPv6 address")
-            })?),
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| invalid(env::POD_IP, &v, "expected an IPv4 or IPv6 address"))?,
+            ),
         };
 
         Ok(Self {
@@ -220,11 +221,9 @@ pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.parse::<u16>() {
             Ok(p) if p != 0 => ports.push(p),
-            _ => {
-                return Err(format!(
-                    "{part:?} is not a port; write comma-separated ports from 1 to 65535, like 25,3306"
-                ))
-            }
+            _ => return Err(format!(
+                "{part:?} is not a port; write comma-separated ports from 1 to 65535, like 25,3306"
+            )),
         }
     }
     ports.sort_unstable();

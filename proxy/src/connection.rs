@@ -139,7 +139,12 @@ where
     }
 }
 
-async fn opaque<I>(snap: &Snapshot, dst: SocketAddr, mut io: PrefixedIo<I>, m: &ConnMetrics) -> Result<(), BoxError>
+async fn opaque<I>(
+    snap: &Snapshot,
+    dst: SocketAddr,
+    mut io: PrefixedIo<I>,
+    m: &ConnMetrics,
+) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -179,9 +184,15 @@ mod tests {
         let local = Some("198.18.0.5:15006".parse().unwrap());
         assert!(c.is_loop("127.0.0.1:15001".parse().unwrap(), None));
         assert!(c.is_loop("198.18.0.5:15020".parse().unwrap(), None));
-        assert!(c.is_loop("198.18.0.6:15006".parse().unwrap(), Some("198.18.0.6:15006".parse().unwrap())));
+        assert!(c.is_loop(
+            "198.18.0.6:15006".parse().unwrap(),
+            Some("198.18.0.6:15006".parse().unwrap())
+        ));
         assert!(c.is_loop("[::1]:15006".parse().unwrap(), local));
-        assert!(!c.is_loop("198.19.0.10:15001".parse().unwrap(), local), "another pod's 15001 is fine");
+        assert!(
+            !c.is_loop("198.19.0.10:15001".parse().unwrap(), local),
+            "another pod's 15001 is fine"
+        );
         assert!(!c.is_loop("127.0.0.1:8080".parse().unwrap(), local));
     }
 }

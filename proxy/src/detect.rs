@@ -47,7 +47,12 @@ pub async fn detect<I: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> std::io::Result<Detection> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let done = |protocol| Ok(Detection { protocol, timed_out: false });
+    let done = |protocol| {
+        Ok(Detection {
+            protocol,
+            timed_out: false,
+        })
+    };
     loop {
         if let Some(p) = classify(buf) {
             return done(p);
@@ -161,20 +166,38 @@ mod tests {
 
     #[test]
     fn classifies() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Some(Protocol::Http1)
+        );
         assert_eq!(classify(b"POST /a?b=c HTTP/1.0\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GET http://x/ HTTP/1.1\n"), Some(Protocol::Http1));
         assert_eq!(classify(H2_PREFACE), Some(Protocol::H2));
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None, "preface prefix needs more");
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n"),
+            None,
+            "preface prefix needs more"
+        );
         assert_eq!(classify(b"GET / HTT"), None);
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b""), None);
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Protocol::Opaque), "TLS is opaque for now");
-        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Protocol::Opaque), "redis");
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00"),
+            Some(Protocol::Opaque),
+            "TLS is opaque for now"
+        );
+        assert_eq!(
+            classify(b"*1\r\n$4\r\nPING\r\n"),
+            Some(Protocol::Opaque),
+            "redis"
+        );
         assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"hello world\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b" GET"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+            Some(Protocol::Opaque)
+        );
     }
 
     #[test]
@@ -191,15 +214,29 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1024);
         let task = tokio::spawn(async move {
             let mut buf = BytesMut::new();
-            let d = detect(&mut server, &mut buf, Duration::from_secs(5)).await.unwrap();
+            let d = detect(&mut server, &mut buf, Duration::from_secs(5))
+                .await
+                .unwrap();
             (d, buf)
         });
         client.write_all(b"GET /pa").await.unwrap();
         tokio::task::yield_now().await;
-        client.write_all(b"th HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        client
+            .write_all(b"th HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         let (d, buf) = task.await.unwrap();
-        assert_eq!(d, Detection { protocol: Protocol::Http1, timed_out: false });
-        assert!(buf.starts_with(b"GET /path HTTP/1.1\r\n"), "bytes are kept for replay");
+        assert_eq!(
+            d,
+            Detection {
+                protocol: Protocol::Http1,
+                timed_out: false
+            }
+        );
+        assert!(
+            buf.starts_with(b"GET /path HTTP/1.1\r\n"),
+            "bytes are kept for replay"
+        );
     }
 
     #[tokio::test]
@@ -207,7 +244,9 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(H2_PREFACE).await.unwrap();
         let mut buf = BytesMut::new();
-        let d = detect(&mut server, &mut buf, Duration::from_secs(5)).await.unwrap();
+        let d = detect(&mut server, &mut buf, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(d.protocol, Protocol::H2);
         assert_eq!(&buf[..], H2_PREFACE);
     }
@@ -217,8 +256,16 @@ mod tests {
         let (_client, mut server) = tokio::io::duplex(1024);
         let mut buf = BytesMut::new();
         let start = std::time::Instant::now();
-        let d = detect(&mut server, &mut buf, Duration::from_millis(50)).await.unwrap();
-        assert_eq!(d, Detection { protocol: Protocol::Opaque, timed_out: true });
+        let d = detect(&mut server, &mut buf, Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert_eq!(
+            d,
+            Detection {
+                protocol: Protocol::Opaque,
+                timed_out: true
+            }
+        );
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 
@@ -228,7 +275,9 @@ mod tests {
         client.write_all(b"GE").await.unwrap();
         drop(client);
         let mut buf = BytesMut::new();
-        let d = detect(&mut server, &mut buf, Duration::from_secs(5)).await.unwrap();
+        let d = detect(&mut server, &mut buf, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(d.protocol, Protocol::Opaque);
         assert_eq!(&buf[..], b"GE");
     }
@@ -240,7 +289,9 @@ mod tests {
         data.resize(3 * MAX_PEEK, b'a');
         client.write_all(&data).await.unwrap();
         let mut buf = BytesMut::new();
-        let d = detect(&mut server, &mut buf, Duration::from_secs(5)).await.unwrap();
+        let d = detect(&mut server, &mut buf, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(d.protocol, Protocol::Http1);
         assert_eq!(buf.len(), MAX_PEEK);
     }

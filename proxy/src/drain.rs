@@ -69,7 +69,9 @@ impl Signal {
     /// `true` if they all were.
     pub async fn drain(mut self, timeout: Duration) -> bool {
         self.trigger.start();
-        tokio::time::timeout(timeout, self.done.recv()).await.is_ok()
+        tokio::time::timeout(timeout, self.done.recv())
+            .await
+            .is_ok()
     }
 }
 

@@ -57,7 +57,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Connect { .. } | Self::Handshake { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::Connect { .. } | Self::Handshake { .. } | Self::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -78,7 +80,10 @@ pub fn respond(error: &ProxyError) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from(body)));
     *rsp.status_mut() = error.status();
     let h = rsp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert(ERROR_HEADER, HeaderValue::from_static(error.kind()));
     rsp
 }
@@ -100,7 +105,10 @@ mod tests {
         assert_eq!(rsp.headers()[ERROR_HEADER], "connect-failed");
         let body = rsp.into_body().collect().await.unwrap().to_bytes();
         let body = std::str::from_utf8(&body).unwrap();
-        assert!(body.starts_with("meshlet-proxy: connect to 198.19.0.1:80 failed"), "{body}");
+        assert!(
+            body.starts_with("meshlet-proxy: connect to 198.19.0.1:80 failed"),
+            "{body}"
+        );
 
         let slow = ProxyError::ConnectTimeout {
             dst,

@@ -55,7 +55,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -111,7 +115,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.sent.increment(n as u64);
@@ -172,6 +180,11 @@ mod tests {
         io.write_all(b"abc").await.unwrap();
         let text = m.render();
         assert!(text.contains(r#"meshlet_tcp_received_bytes_total{direction="inbound",service="x/y",tls="false"} 5"#), "{text}");
-        assert!(text.contains(r#"meshlet_tcp_sent_bytes_total{direction="inbound",service="x/y",tls="false"} 3"#), "{text}");
+        assert!(
+            text.contains(
+                r#"meshlet_tcp_sent_bytes_total{direction="inbound",service="x/y",tls="false"} 3"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -125,13 +125,16 @@ impl Proxy {
     /// Binds every listener and starts serving (needs a tokio runtime).
     pub async fn start(self) -> Result<Running, Error> {
         let cfg = &self.config;
-        let bind = |name, addr| {
-            listen::bind(addr).map_err(|source| Error::Bind { name, addr, source })
-        };
+        let bind =
+            |name, addr| listen::bind(addr).map_err(|source| Error::Bind { name, addr, source });
         let outbound = bind(meshlet_api::env::PROXY_OUTBOUND_ADDR, cfg.outbound_addr)?;
         let inbound = bind(meshlet_api::env::PROXY_INBOUND_ADDR, cfg.inbound_addr)?;
         let admin_l = listen::bind(cfg.admin_addr)
-            .and_then(|mut ls| ls.drain(..1).next().ok_or_else(|| stdio::ErrorKind::AddrNotAvailable.into()))
+            .and_then(|mut ls| {
+                ls.drain(..1)
+                    .next()
+                    .ok_or_else(|| stdio::ErrorKind::AddrNotAvailable.into())
+            })
             .map_err(|source| Error::Bind {
                 name: meshlet_api::env::PROXY_ADMIN_ADDR,
                 addr: cfg.admin_addr,
@@ -169,20 +172,37 @@ impl Proxy {
             metrics: metrics.clone(),
             orig_dst: self.orig_dst,
             pool: http::Pool::new(),
-            own_ports: vec![addrs.outbound.port(), addrs.inbound.port(), addrs.admin.port()],
+            own_ports: vec![
+                addrs.outbound.port(),
+                addrs.inbound.port(),
+                addrs.admin.port(),
+            ],
             local_ips,
         });
 
         let (signal, watch) = drain::channel();
-        for (listeners, direction) in [(outbound, Direction::Outbound), (inbound, Direction::Inbound)] {
+        for (listeners, direction) in [
+            (outbound, Direction::Outbound),
+            (inbound, Direction::Inbound),
+        ] {
             for l in listeners {
-                tokio::spawn(listen::accept_loop(l, direction, ctx.clone(), watch.clone()));
+                tokio::spawn(listen::accept_loop(
+                    l,
+                    direction,
+                    ctx.clone(),
+                    watch.clone(),
+                ));
             }
         }
         drop(watch);
 
         if let Some(file) = self.watch {
-            tokio::spawn(mesh::watch(mesh.clone(), file, metrics.clone(), mesh::POLL_INTERVAL));
+            tokio::spawn(mesh::watch(
+                mesh.clone(),
+                file,
+                metrics.clone(),
+                mesh::POLL_INTERVAL,
+            ));
         }
         let ready = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(admin::Admin {
@@ -232,8 +252,10 @@ impl Running {
 pub async fn run(config: Config) -> Result<(), Error> {
     let running = Proxy::new(config, Arc::new(SoOriginalDst))?.start().await?;
     let trigger = running.shutdown_handle();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(Error::Signal)?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Signal)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::Signal)?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(Error::Signal)?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),

@@ -32,7 +32,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<Vec<TcpListener>> {
 }
 
 fn bind_one(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SockProtocol::TCP),
+    )?;
     if v6_only {
         sock.set_only_v6(true)?;
     }
@@ -106,7 +110,11 @@ mod tests {
         let port = ls[0].local_addr().unwrap().port();
         assert!(!ls.is_empty() && ls.len() <= 2);
         for l in &ls {
-            assert_eq!(l.local_addr().unwrap().port(), port, "same port on both families");
+            assert_eq!(
+                l.local_addr().unwrap().port(),
+                port,
+                "same port on both families"
+            );
         }
     }
 

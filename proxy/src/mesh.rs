@@ -187,7 +187,7 @@ impl FileWatch {
     pub fn poll(&mut self) -> Option<Result<MeshConfig, MeshError>> {
         self.polls = self.polls.wrapping_add(1);
         let now = stamp(&self.path);
-        if now == self.stamp && self.polls % 10 != 0 {
+        if now == self.stamp && !self.polls.is_multiple_of(10) {
             return None;
         }
         self.stamp = now;
@@ -242,7 +242,11 @@ pub async fn watch(mesh: Arc<Mesh>, mut file: FileWatch, metrics: Arc<Metrics>, 
         match file.poll() {
             None => {}
             Some(Ok(config)) => {
-                tracing::info!(generation = config.generation, services = config.services.len(), "mesh config reloaded");
+                tracing::info!(
+                    generation = config.generation,
+                    services = config.services.len(),
+                    "mesh config reloaded"
+                );
                 mesh.store(config);
                 metrics.config_reload(true);
             }
@@ -264,15 +268,27 @@ mod tests {
     #[test]
     fn snapshot_lookups() {
         let s = Snapshot::new(MeshConfig::from_json(DOC.as_bytes()).unwrap(), None);
-        assert_eq!(&*s.service_label("198.19.0.10:80".parse().unwrap()), "shop/web");
-        assert_eq!(&*s.service_label("198.19.0.10:81".parse().unwrap()), "unknown");
+        assert_eq!(
+            &*s.service_label("198.19.0.10:80".parse().unwrap()),
+            "shop/web"
+        );
+        assert_eq!(
+            &*s.service_label("198.19.0.10:81".parse().unwrap()),
+            "unknown"
+        );
         assert!(s.is_opaque(9000));
         assert!(!s.is_opaque(3306));
 
         let s = Snapshot::new(MeshConfig::default(), None);
-        assert!(s.is_opaque(3306), "the default list applies without a document list");
+        assert!(
+            s.is_opaque(3306),
+            "the default list applies without a document list"
+        );
         let s = Snapshot::new(MeshConfig::default(), Some(&[7000]));
-        assert!(s.is_opaque(7000) && !s.is_opaque(3306), "the env list replaces the default");
+        assert!(
+            s.is_opaque(7000) && !s.is_opaque(3306),
+            "the env list replaces the default"
+        );
     }
 
     #[test]
@@ -289,7 +305,11 @@ mod tests {
             Some(Err(MeshError::Invalid { .. })) => {}
             other => panic!("expected an invalid document, got {other:?}"),
         }
-        assert_eq!(mesh.load().config.generation, 1, "last good config still serves");
+        assert_eq!(
+            mesh.load().config.generation,
+            1,
+            "last good config still serves"
+        );
         assert!(w.poll().is_none(), "the same bad content is reported once");
 
         let v2 = DOC.replace("\"generation\": 1", "\"generation\": 2");
@@ -326,6 +346,9 @@ mod tests {
     fn missing_file_is_an_error_with_the_path() {
         let e = read_file(Path::new("/nonexistent/mesh.json")).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("/nonexistent/mesh.json") && msg.contains("MESHLET_CONFIG_PATH"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/mesh.json") && msg.contains("MESHLET_CONFIG_PATH"),
+            "{msg}"
+        );
     }
 }

@@ -13,7 +13,9 @@
 use std::{fs, sync::Arc};
 
 use metrics::{Counter, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 /// Requests by direction, service, status code and TLS.
 pub const REQUESTS: &str = "meshlet_requests_total";
@@ -41,7 +43,21 @@ pub const CONFIG_RELOADS: &str = "meshlet_config_reloads_total";
 /// Buckets of [`REQUEST_DURATION`]: 0.5 ms to 10 s, dense below 100 ms where a
 /// sidecar's overhead shows.
 pub const DURATION_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
     f64::INFINITY,
 ];
 
@@ -125,7 +141,10 @@ impl Metrics {
             (TCP_OPENED, "Connections accepted"),
             (TCP_CLOSED, "Accepted connections closed"),
             (TCP_SENT, "Bytes the proxy sent on accepted connections"),
-            (TCP_RECEIVED, "Bytes the proxy received on accepted connections"),
+            (
+                TCP_RECEIVED,
+                "Bytes the proxy received on accepted connections",
+            ),
             (RETRIES, "Requests retried"),
             (TIMEOUTS, "Timeouts (detect, connect, idle)"),
             (TLS_HANDSHAKE_ERRORS, "Failed TLS handshakes"),
@@ -149,13 +168,19 @@ impl Metrics {
         // alerts can be written against every name from the start.
         for d in [Direction::Inbound, Direction::Outbound] {
             for name in [RETRIES, TLS_HANDSHAKE_ERRORS] {
-                m.counter(name, vec![Label::from_static_parts("direction", d.as_str())])
-                    .absolute(0);
+                m.counter(
+                    name,
+                    vec![Label::from_static_parts("direction", d.as_str())],
+                )
+                .absolute(0);
             }
         }
         for result in ["ok", "error"] {
-            m.counter(CONFIG_RELOADS, vec![Label::from_static_parts("result", result)])
-                .absolute(0);
+            m.counter(
+                CONFIG_RELOADS,
+                vec![Label::from_static_parts("result", result)],
+            )
+            .absolute(0);
         }
         Arc::new(m)
     }
@@ -175,8 +200,11 @@ impl Metrics {
     /// Counts a config reload.
     pub fn config_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.counter(CONFIG_RELOADS, vec![Label::from_static_parts("result", result)])
-            .increment(1);
+        self.counter(
+            CONFIG_RELOADS,
+            vec![Label::from_static_parts("result", result)],
+        )
+        .increment(1);
     }
 
     /// Counts a timeout of `kind` (`detect`, `connect`, `idle`).
@@ -192,7 +220,11 @@ impl Metrics {
     }
 
     /// Registers the handles of a new accepted connection and counts it as opened.
-    pub fn connection(self: &Arc<Self>, direction: Direction, service: SharedString) -> ConnMetrics {
+    pub fn connection(
+        self: &Arc<Self>,
+        direction: Direction,
+        service: SharedString,
+    ) -> ConnMetrics {
         let labels = || {
             vec![
                 Label::from_static_parts("direction", direction.as_str()),
@@ -343,24 +375,46 @@ mod tests {
         let reqs = conn.requests();
         reqs.record(http::StatusCode::OK, std::time::Duration::from_millis(2));
         reqs.record(http::StatusCode::OK, std::time::Duration::from_millis(2));
-        reqs.record(http::StatusCode::BAD_GATEWAY, std::time::Duration::from_millis(1));
+        reqs.record(
+            http::StatusCode::BAD_GATEWAY,
+            std::time::Duration::from_millis(1),
+        );
         conn.closed("ok");
         m.config_reload(false);
         let text = m.render();
         let has = |line: &str| {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         };
-        has(r#"meshlet_tcp_sent_bytes_total{direction="outbound",service="shop/web",tls="false"} 10"#);
-        has(r#"meshlet_tcp_received_bytes_total{direction="outbound",service="shop/web",tls="false"} 7"#);
-        has(r#"meshlet_requests_total{direction="outbound",service="shop/web",status_code="200",tls="false"} 2"#);
-        has(r#"meshlet_requests_total{direction="outbound",service="shop/web",status_code="502",tls="false"} 1"#);
-        has(r#"meshlet_tcp_connections_opened_total{direction="outbound",service="shop/web",tls="false"} 1"#);
-        has(r#"meshlet_tcp_connections_closed_total{direction="outbound",service="shop/web",tls="false",reason="ok"} 1"#);
+        has(
+            r#"meshlet_tcp_sent_bytes_total{direction="outbound",service="shop/web",tls="false"} 10"#,
+        );
+        has(
+            r#"meshlet_tcp_received_bytes_total{direction="outbound",service="shop/web",tls="false"} 7"#,
+        );
+        has(
+            r#"meshlet_requests_total{direction="outbound",service="shop/web",status_code="200",tls="false"} 2"#,
+        );
+        has(
+            r#"meshlet_requests_total{direction="outbound",service="shop/web",status_code="502",tls="false"} 1"#,
+        );
+        has(
+            r#"meshlet_tcp_connections_opened_total{direction="outbound",service="shop/web",tls="false"} 1"#,
+        );
+        has(
+            r#"meshlet_tcp_connections_closed_total{direction="outbound",service="shop/web",tls="false",reason="ok"} 1"#,
+        );
         has(r#"meshlet_config_reloads_total{result="error"} 1"#);
         has(r#"meshlet_config_reloads_total{result="ok"} 0"#);
         has(r#"meshlet_retries_total{direction="inbound"} 0"#);
-        has(r#"meshlet_request_duration_seconds_bucket{direction="outbound",service="shop/web",tls="false",le="0.0025"} 3"#);
-        has(r#"meshlet_request_duration_seconds_bucket{direction="outbound",service="shop/web",tls="false",le="0.0005"} 0"#);
+        has(
+            r#"meshlet_request_duration_seconds_bucket{direction="outbound",service="shop/web",tls="false",le="0.0025"} 3"#,
+        );
+        has(
+            r#"meshlet_request_duration_seconds_bucket{direction="outbound",service="shop/web",tls="false",le="0.0005"} 0"#,
+        );
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
         assert!(text.contains("process_cpu_seconds_total "), "{text}");
     }

@@ -36,7 +36,13 @@ impl OrigDst for SoOriginalDst {
             SocketAddr::V6(_) => {
                 let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(errno)?;
                 let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
-                Ok(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), sa.sin6_flowinfo, sa.sin6_scope_id).into())
+                Ok(SocketAddrV6::new(
+                    ip,
+                    u16::from_be(sa.sin6_port),
+                    sa.sin6_flowinfo,
+                    sa.sin6_scope_id,
+                )
+                .into())
             }
         }
     }

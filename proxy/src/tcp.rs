@@ -32,13 +32,18 @@ pub enum SpliceEnd {
 /// Copies between `client` and `server` until both directions end or nothing moves
 /// for `idle` (the check runs every `idle`, so an idle connection is closed between
 /// one and two `idle` periods after its last byte).
-pub async fn splice<A, B>(client: &mut A, server: &mut B, idle: Option<Duration>) -> io::Result<SpliceEnd>
+pub async fn splice<A, B>(
+    client: &mut A,
+    server: &mut B,
+    idle: Option<Duration>,
+) -> io::Result<SpliceEnd>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let Some(idle) = idle else {
-        let (a, b) = tokio::io::copy_bidirectional_with_sizes(client, server, BUF_SIZE, BUF_SIZE).await?;
+        let (a, b) =
+            tokio::io::copy_bidirectional_with_sizes(client, server, BUF_SIZE, BUF_SIZE).await?;
         return Ok(SpliceEnd::Closed(a, b));
     };
     let ops = Arc::new(AtomicU64::new(0));
@@ -73,7 +78,11 @@ struct Touch<'a, T: ?Sized> {
 }
 
 impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Touch<'_, T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let res = Pin::new(&mut *self.io).poll_read(cx, buf);
         if res.is_ready() {
             self.ops.fetch_add(1, Ordering::Relaxed);
@@ -83,7 +92,11 @@ impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Touch<'_, T> {
 }
 
 impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Touch<'_, T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut *self.io).poll_write(cx, buf);
         if res.is_ready() {
             self.ops.fetch_add(1, Ordering::Relaxed);
@@ -110,7 +123,12 @@ mod tests {
         let (mut app, mut client_side) = tokio::io::duplex(1024);
         let (mut server_side, mut upstream) = tokio::io::duplex(1024);
         let task = tokio::spawn(async move {
-            splice(&mut client_side, &mut server_side, Some(Duration::from_secs(5))).await
+            splice(
+                &mut client_side,
+                &mut server_side,
+                Some(Duration::from_secs(5)),
+            )
+            .await
         });
         app.write_all(b"request").await.unwrap();
         app.shutdown().await.unwrap();
@@ -130,9 +148,13 @@ mod tests {
         let (_app, mut client_side) = tokio::io::duplex(1024);
         let (mut server_side, _upstream) = tokio::io::duplex(1024);
         let start = std::time::Instant::now();
-        let end = splice(&mut client_side, &mut server_side, Some(Duration::from_millis(30)))
-            .await
-            .unwrap();
+        let end = splice(
+            &mut client_side,
+            &mut server_side,
+            Some(Duration::from_millis(30)),
+        )
+        .await
+        .unwrap();
         assert_eq!(end, SpliceEnd::Idle);
         assert!(start.elapsed() < Duration::from_secs(2));
     }

@@ -49,7 +49,11 @@ impl MockOrigDst {
 }
 
 impl OrigDst for MockOrigDst {
-    fn orig_dst(&self, direction: Direction, stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+    fn orig_dst(
+        &self,
+        direction: Direction,
+        stream: &tokio::net::TcpStream,
+    ) -> std::io::Result<SocketAddr> {
         let dsts = self.dsts.lock().unwrap_or_else(|p| p.into_inner());
         match dsts.get(&direction) {
             Some(d) => Ok(*d),
@@ -123,7 +127,10 @@ impl TestProxy {
 
     /// Waits for the proxy thread; `true` if the drain finished in time.
     pub fn join(mut self) -> bool {
-        self.thread.take().map(|t| t.join().unwrap_or(false)).unwrap_or(false)
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or(false))
+            .unwrap_or(false)
     }
 
     /// `GET path` on the admin server: status and body.
@@ -151,7 +158,10 @@ pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read admin response");
     let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -174,7 +184,9 @@ pub struct TestServer {
 /// Starts an HTTP server on 127.0.0.1 (`h2`: HTTP/2 prior knowledge, else HTTP/1.1
 /// with upgrades) that answers with [`echo`].
 pub async fn http_server(h2: bool) -> TestServer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind test server");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind test server");
     let addr = listener.local_addr().expect("addr");
     let connections = Arc::new(AtomicUsize::new(0));
     let count = connections.clone();
@@ -211,7 +223,9 @@ pub async fn echo(
 ) -> Result<Response<Either<Incoming, Full<Bytes>>>, Infallible> {
     let path = req.uri().path().to_string();
     let full = |status: u16, body: &'static str| {
-        let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+            body.as_bytes(),
+        ))));
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         r
     };
@@ -243,8 +257,10 @@ pub async fn echo(
             }
         });
         let mut r = full(101, "");
-        r.headers_mut().insert("upgrade", "echo".parse().expect("static"));
-        r.headers_mut().insert("connection", "upgrade".parse().expect("static"));
+        r.headers_mut()
+            .insert("upgrade", "echo".parse().expect("static"));
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().expect("static"));
         return Ok(r);
     }
     let host = req
@@ -259,8 +275,15 @@ pub async fn echo(
     let te = req.headers().get("te").cloned();
     let mut r = Response::new(Either::Left(req.into_body()));
     let h = r.headers_mut();
-    h.insert("x-seen-host", host.parse().unwrap_or_else(|_| "?".parse().expect("static")));
-    h.insert("x-seen-uri", uri.parse().unwrap_or_else(|_| "?".parse().expect("static")));
+    h.insert(
+        "x-seen-host",
+        host.parse()
+            .unwrap_or_else(|_| "?".parse().expect("static")),
+    );
+    h.insert(
+        "x-seen-uri",
+        uri.parse().unwrap_or_else(|_| "?".parse().expect("static")),
+    );
     if let Some(c) = conn {
         h.insert("x-seen-connection", c);
     }
@@ -272,7 +295,9 @@ pub async fn echo(
 
 /// A TCP server that writes `banner` as soon as a client connects, then echoes.
 pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind banner server");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind banner server");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -294,7 +319,9 @@ pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
 
 /// A TCP server that reads until EOF, then answers `reply:` plus what it read.
 pub async fn read_to_eof_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind eof server");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind eof server");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -318,7 +345,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
-    let (tx, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1 handshake");
+    let (tx, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("h1 handshake");
     tokio::spawn(conn.with_upgrades());
     tx
 }

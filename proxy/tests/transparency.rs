@@ -21,7 +21,11 @@ use tokio::{
 
 /// A client sidecar whose outbound leads to a server sidecar whose inbound leads to
 /// `app`.
-fn chain(app: std::net::SocketAddr, server_env: &[(&str, &str)], client_env: &[(&str, &str)]) -> (TestProxy, TestProxy) {
+fn chain(
+    app: std::net::SocketAddr,
+    server_env: &[(&str, &str)],
+    client_env: &[(&str, &str)],
+) -> (TestProxy, TestProxy) {
     let server = TestProxy::start(server_env);
     server.orig_dst.set(Direction::Inbound, app);
     let client = TestProxy::start(client_env);
@@ -37,7 +41,11 @@ async fn read_head(s: &mut TcpStream) -> String {
             .await
             .expect("response head in time")
             .unwrap();
-        assert!(n > 0, "connection closed before the head ended: {:?}", String::from_utf8_lossy(&head));
+        assert!(
+            n > 0,
+            "connection closed before the head ended: {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(b[0]);
     }
     String::from_utf8(head).unwrap()
@@ -59,13 +67,27 @@ async fn http1_keep_alive_chained() {
             .unwrap();
         let rsp = tx.send_request(req).await.unwrap();
         assert_eq!(rsp.status(), 200);
-        assert_eq!(rsp.headers()["x-seen-host"], "Web.Shop:8080", "Host passes exactly");
-        assert_eq!(rsp.headers()["x-seen-uri"], format!("/hello?i={i}").as_str());
-        assert!(!rsp.headers().contains_key("x-seen-connection"), "hop-by-hop headers are consumed");
+        assert_eq!(
+            rsp.headers()["x-seen-host"],
+            "Web.Shop:8080",
+            "Host passes exactly"
+        );
+        assert_eq!(
+            rsp.headers()["x-seen-uri"],
+            format!("/hello?i={i}").as_str()
+        );
+        assert!(
+            !rsp.headers().contains_key("x-seen-connection"),
+            "hop-by-hop headers are consumed"
+        );
         let body = test_util::body_bytes(rsp.into_body()).await;
         assert_eq!(body, format!("body {i}").as_bytes());
     }
-    assert_eq!(app.connections.load(Ordering::SeqCst), 1, "the server sidecar reuses one app connection");
+    assert_eq!(
+        app.connections.load(Ordering::SeqCst),
+        1,
+        "the server sidecar reuses one app connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +96,10 @@ async fn chunked_upload_is_echoed_byte_identical() {
     let (client, _server) = chain(app.addr, &[], &[]);
     let mut tx = test_util::h1_client::<ChannelBody>(client.outbound).await;
     let (body_tx, body) = ChannelBody::new();
-    let req = Request::put("/upload").header("host", "web").body(body).unwrap();
+    let req = Request::put("/upload")
+        .header("host", "web")
+        .body(body)
+        .unwrap();
     let mut expected = Vec::new();
     let sender = tokio::spawn(async move {
         let mut sent = Vec::new();
@@ -98,9 +123,11 @@ async fn expect_100_continue() {
     let app = test_util::http_server(false).await;
     let (client, _server) = chain(app.addr, &[], &[]);
     let mut s = TcpStream::connect(client.outbound).await.unwrap();
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let interim = read_head(&mut s).await;
     assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
     s.write_all(b"hello").await.unwrap();
@@ -122,7 +149,10 @@ async fn h2_trailers_pass_both_ways() {
         .body(body)
         .unwrap();
     tokio::spawn(async move {
-        body_tx.send(Frame::data(Bytes::from_static(b"payload"))).await.unwrap();
+        body_tx
+            .send(Frame::data(Bytes::from_static(b"payload")))
+            .await
+            .unwrap();
         let mut t = HeaderMap::new();
         t.insert("grpc-status", "0".parse().unwrap());
         t.insert("x-checksum", "abc123".parse().unwrap());
@@ -130,7 +160,11 @@ async fn h2_trailers_pass_both_ways() {
     });
     let rsp = tx.send_request(req).await.unwrap();
     assert_eq!(rsp.status(), 200);
-    assert_eq!(rsp.headers()["x-seen-host"], "grpc.shop:50051", ":authority passes exactly");
+    assert_eq!(
+        rsp.headers()["x-seen-host"],
+        "grpc.shop:50051",
+        ":authority passes exactly"
+    );
     assert_eq!(rsp.headers()["x-seen-te"], "trailers");
     let collected = rsp.into_body().collect().await.unwrap();
     let trailers = collected.trailers().cloned().expect("trailers arrive");
@@ -148,7 +182,9 @@ async fn h2c_multiplexes_on_one_connection() {
     for _ in 0..10 {
         let mut tx = tx.clone();
         tasks.push(tokio::spawn(async move {
-            let req = Request::get("http://web.shop/slow?ms=300").body(Empty::new()).unwrap();
+            let req = Request::get("http://web.shop/slow?ms=300")
+                .body(Empty::new())
+                .unwrap();
             let rsp = tx.send_request(req).await.unwrap();
             (rsp.status(), test_util::body_bytes(rsp.into_body()).await)
         }));
@@ -159,8 +195,15 @@ async fn h2c_multiplexes_on_one_connection() {
         assert_eq!(body, "slow");
     }
     let took = start.elapsed();
-    assert!(took < Duration::from_millis(2000), "10 x 300ms requests must run concurrently, took {took:?}");
-    assert_eq!(app.connections.load(Ordering::SeqCst), 1, "one shared upstream h2 connection");
+    assert!(
+        took < Duration::from_millis(2000),
+        "10 x 300ms requests must run concurrently, took {took:?}"
+    );
+    assert_eq!(
+        app.connections.load(Ordering::SeqCst),
+        1,
+        "one shared upstream h2 connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,9 +211,11 @@ async fn upgrade_forwards_101_then_splices() {
     let app = test_util::http_server(false).await;
     let (client, _server) = chain(app.addr, &[], &[]);
     let mut s = TcpStream::connect(client.outbound).await.unwrap();
-    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: ws.shop\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: ws.shop\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let head = read_head(&mut s).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");

@@ -55,7 +55,11 @@ fn blank_is_unset() {
 fn errors_name_the_variable_and_value() {
     let cases: &[(&str, &str, &str)] = &[
         ("MESHLET_OUTBOUND_ADDR", "15001", "IP address and port"),
-        ("MESHLET_ADMIN_ADDR", "0.0.0.0:15001", "same port as MESHLET_OUTBOUND_ADDR"),
+        (
+            "MESHLET_ADMIN_ADDR",
+            "0.0.0.0:15001",
+            "same port as MESHLET_OUTBOUND_ADDR",
+        ),
         ("MESHLET_OPAQUE_PORTS", "25,smtp", "\"smtp\" is not a port"),
         ("MESHLET_OPAQUE_PORTS", "0", "\"0\" is not a port"),
         ("MESHLET_DRAIN_TIMEOUT", "30", "invalid duration"),
@@ -69,7 +73,10 @@ fn errors_name_the_variable_and_value() {
         assert_eq!(e.name, *name);
         assert_eq!(e.value, *value);
         let msg = e.to_string();
-        assert!(msg.starts_with(&format!("{name}={value:?} is invalid")), "{msg}");
+        assert!(
+            msg.starts_with(&format!("{name}={value:?} is invalid")),
+            "{msg}"
+        );
         assert!(msg.contains(reason), "{name}: {msg}");
     }
 }

@@ -110,7 +110,13 @@ impl Forward {
     async fn send_h1(
         &self,
         req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, hyper::client::conn::http1::SendRequest<Incoming>), ProxyError> {
+    ) -> Result<
+        (
+            Response<Incoming>,
+            hyper::client::conn::http1::SendRequest<Incoming>,
+        ),
+        ProxyError,
+    > {
         let dst = self.dst;
         let mut req = req;
         for _ in 0..MAX_ATTEMPTS {
@@ -121,15 +127,26 @@ impl Forward {
                     // A pooled connection the server closed while it sat idle: the
                     // request never left, so another connection may carry it.
                     Some(unsent) if conn.reused => req = unsent,
-                    _ => return Err(ProxyError::Upstream { dst, source: e.into_error() }),
+                    _ => {
+                        return Err(ProxyError::Upstream {
+                            dst,
+                            source: e.into_error(),
+                        })
+                    }
                 },
             }
         }
         // The last reused connection was stale too: a fresh one decides.
-        let mut conn = self.pool.checkout_fresh_h1(dst, self.connect_timeout).await?;
+        let mut conn = self
+            .pool
+            .checkout_fresh_h1(dst, self.connect_timeout)
+            .await?;
         match conn.tx.try_send_request(req).await {
             Ok(rsp) => Ok((rsp, conn.tx)),
-            Err(e) => Err(ProxyError::Upstream { dst, source: e.into_error() }),
+            Err(e) => Err(ProxyError::Upstream {
+                dst,
+                source: e.into_error(),
+            }),
         }
     }
 
@@ -146,7 +163,12 @@ impl Forward {
                     // The shared connection was going away (GOAWAY) before the
                     // request left: the next checkout opens a new one.
                     Some(unsent) if reused && attempt < MAX_ATTEMPTS => req = unsent,
-                    _ => return Err(ProxyError::Upstream { dst, source: e.into_error() }),
+                    _ => {
+                        return Err(ProxyError::Upstream {
+                            dst,
+                            source: e.into_error(),
+                        })
+                    }
                 },
             }
         }

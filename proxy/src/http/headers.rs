@@ -4,7 +4,12 @@
 use http::{header, HeaderMap, HeaderValue, Request, Version};
 
 /// Headers that are always connection-specific.
-const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [&str; 4] = [
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Whether `req` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` plus
 /// an `Upgrade` header), e.g. WebSocket.
@@ -67,7 +72,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(header::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -120,7 +128,10 @@ mod tests {
 
     #[test]
     fn upgrade_needs_both_headers_and_http1() {
-        let only_upgrade = Request::builder().header("upgrade", "websocket").body(()).unwrap();
+        let only_upgrade = Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
         assert!(!is_upgrade(&only_upgrade));
         let h2 = Request::builder()
             .version(Version::HTTP_2)

@@ -42,9 +42,12 @@ pub struct Pool<B = Incoming> {
 }
 
 struct Inner<B> {
-    h1: Mutex<HashMap<SocketAddr, Vec<(Instant, http1::SendRequest<B>)>>>,
+    h1: Mutex<HashMap<SocketAddr, Vec<Idle<B>>>>,
     h2: Mutex<HashMap<SocketAddr, H2Slot<B>>>,
 }
+
+/// An idle HTTP/1 connection and when it became idle.
+type Idle<B> = (Instant, http1::SendRequest<B>);
 
 /// The HTTP/2 connection to one destination, locked while it is being opened.
 type H2Slot<B> = Arc<tokio::sync::Mutex<Option<http2::SendRequest<B>>>>;
@@ -103,7 +106,11 @@ where
     }
 
     /// An HTTP/1 connection to `dst`: idle if one is ready, else a new one.
-    pub async fn checkout_h1(&self, dst: SocketAddr, connect_timeout: Duration) -> Result<H1Conn<B>, ProxyError> {
+    pub async fn checkout_h1(
+        &self,
+        dst: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<H1Conn<B>, ProxyError> {
         while let Some(mut tx) = self.pop_h1(dst) {
             if let Ok(Ok(())) = tokio::time::timeout(READY_TIMEOUT, tx.ready()).await {
                 return Ok(H1Conn { tx, reused: true });
@@ -113,7 +120,11 @@ where
     }
 
     /// A new HTTP/1 connection to `dst`.
-    pub async fn checkout_fresh_h1(&self, dst: SocketAddr, connect_timeout: Duration) -> Result<H1Conn<B>, ProxyError> {
+    pub async fn checkout_fresh_h1(
+        &self,
+        dst: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<H1Conn<B>, ProxyError> {
         let io = connect(dst, connect_timeout).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
@@ -137,7 +148,10 @@ where
         let slot = {
             let mut h2 = lock(&self.inner.h2);
             if !h2.contains_key(&dst) && h2.len() >= MAX_DSTS {
-                h2.retain(|_, slot| slot.try_lock().map_or(true, |tx| tx.as_ref().is_some_and(|tx| !tx.is_closed())));
+                h2.retain(|_, slot| {
+                    slot.try_lock()
+                        .map_or(true, |tx| tx.as_ref().is_some_and(|tx| !tx.is_closed()))
+                });
             }
             match h2.get(&dst) {
                 Some(slot) => slot.clone(),
@@ -187,7 +201,9 @@ where
         let found = loop {
             match idle.pop() {
                 None => break None,
-                Some((at, tx)) if now.duration_since(at) < IDLE_TIMEOUT && !tx.is_closed() => break Some(tx),
+                Some((at, tx)) if now.duration_since(at) < IDLE_TIMEOUT && !tx.is_closed() => {
+                    break Some(tx)
+                }
                 Some(_) => {}
             }
         };
@@ -196,7 +212,6 @@ where
         }
         found
     }
-
 }
 
 impl<B> Pool<B> {
@@ -253,7 +268,10 @@ impl<B> HttpBody for PooledBody<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let res = Pin::new(&mut self.inner).poll_frame(cx);
         match &res {
             Poll::Ready(None) => self.finish(),

@@ -16,10 +16,18 @@ use crate::{detect::Protocol, drain};
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves HTTP on `io` until the client closes or the drain finishes the connection.
-pub async fn serve<I, S>(io: I, protocol: Protocol, svc: S, drain: &drain::Watch) -> Result<(), hyper::Error>
+pub async fn serve<I, S>(
+    io: I,
+    protocol: Protocol,
+    svc: S,
+    drain: &drain::Watch,
+) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req| svc.clone().oneshot(req));
