@@ -187,6 +187,22 @@ def markdown(doc, json_name, png_name):
             f"| {c['round']} | {c['loadgen_sent']} | {c['client_proxy_outbound']} | "
             f"{c['server_proxy_inbound']} |"
         )
+    mt = doc.get("max_throughput", {})
+    if mt:
+        lines += [
+            "",
+            "## Max throughput (closed loop)",
+            "",
+            "| path | req/s | errors | p50 µs | p99 µs | client proxy CPU ms/1000 | server proxy CPU ms/1000 |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for sc, r in mt.items():
+            cpu = {p["name"]: p["cpu_ms_per_1000_requests"] for p in r["processes"]}
+            lines.append(
+                f"| {sc} | {fmt(r['achieved_rate'])} | {r['errors']} | "
+                f"{fmt(r['latency_us']['p50'], 1)} | {fmt(r['latency_us']['p99'], 1)} | "
+                f"{fmt(cpu.get('client-proxy'), 1)} | {fmt(cpu.get('server-proxy'), 1)} |"
+            )
     lines += ["", "## Commands", ""]
     for k, v in doc["commands"].items():
         lines.append(f"- {k}: `{v}`")
@@ -231,6 +247,14 @@ def main():
     doc = dict(facts)
     doc["summary"] = summarize(facts, rounds)
     doc["rounds"] = rounds
+    maxtp = {}
+    for sc in ("direct", "meshlet"):
+        path = os.path.join(a.work, f"maxtp-{sc}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                maxtp[sc] = json.load(f)
+    if maxtp:
+        doc["max_throughput"] = maxtp
     day = doc["date"][:10]
     json_name = f"{day}-{a.label}.json"
     png_name = f"{a.label}.png"

@@ -12,7 +12,9 @@
 # Knobs (environment): RATE (req/s, 1000), DURATION (30s), WARMUP (5s),
 # CONNECTIONS (8), ROUNDS (1; each round runs direct then meshlet), PROXY_THREADS (1),
 # PIN (0; 1 pins loadgens to CPU 0 and servers and proxies to CPU 1), PROFILE
-# (release | dev), SKIP_BUILD (0), RESULTS (bench/results), LABEL (datapath).
+# (release | dev), SKIP_BUILD (0), RESULTS (bench/results), LABEL (datapath),
+# MAXTP (0 = skip; e.g. 10s runs a closed-loop max-throughput pass of each path after
+# the rounds: it saturates the machine for that long).
 set -euo pipefail
 
 RATE=${RATE:-1000}
@@ -26,6 +28,7 @@ PROFILE=${PROFILE:-release}
 SKIP_BUILD=${SKIP_BUILD:-0}
 LABEL=${LABEL:-datapath}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-3}
+MAXTP=${MAXTP:-0}
 PORT=8080
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -255,6 +258,23 @@ for ((round = 1; round <= ROUNDS; round++)); do
             log "WARNING: $s round $round had errors: $(jq -r '.first_error' "$WORK/round-$round-$s.json")"
     done
 done
+
+if [[ $MAXTP != 0 ]]; then
+    MAXTP_CMD=("${LOAD_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --max-throughput --duration "$MAXTP"
+        --warmup 1s --connections "$CONNECTIONS")
+    log "max throughput (closed loop, $MAXTP): direct"
+    ip netns exec "$NS_DC" "${MAXTP_CMD[@]}" --watch "server=$SERVER_DIRECT" \
+        -o "$WORK/maxtp-direct.json" 2>>"$WORK/loadgen.log" || die "loadgen (max throughput, direct) failed"
+    log "max throughput (closed loop, $MAXTP): meshlet pair"
+    out_before=$(requests_total "$NS_MC" outbound)
+    ip netns exec "$NS_MC" "${MAXTP_CMD[@]}" --watch "client-proxy=$PROXY_CLIENT" \
+        --watch "server-proxy=$PROXY_SERVER" --watch "server=$SERVER_MESHLET" \
+        -o "$WORK/maxtp-meshlet.json" 2>>"$WORK/loadgen.log" || die "loadgen (max throughput, meshlet) failed"
+    out_delta=$(($(requests_total "$NS_MC" outbound) - out_before))
+    sent=$(jq -r .requests_sent "$WORK/maxtp-meshlet.json")
+    [[ $out_delta -eq $sent ]] ||
+        die "max-throughput requests did not all pass through the client proxy: sent $sent, counted $out_delta"
+fi
 RSS_AFTER_CLIENT=$(rss_kib "$PROXY_CLIENT")
 RSS_AFTER_SERVER=$(rss_kib "$PROXY_SERVER")
 
