@@ -221,9 +221,11 @@ pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.parse::<u16>() {
             Ok(p) if p != 0 => ports.push(p),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{part:?} is not a port; write comma-separated ports from 1 to 65535, like 25,3306"
-            )),
+            ))
+            }
         }
     }
     ports.sort_unstable();
