@@ -104,7 +104,6 @@ pub struct Applied {
 
 /// Runs the command line: the whole program behind the thin `main`.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
-    let cfg = cli.options.validate()?;
     let command = cli.command.unwrap_or(Command::Apply);
     if cli.dry_run {
         if command != Command::Apply {
@@ -112,6 +111,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
                 "--dry-run only applies to `apply`: cleanup and verify read the live rules, run them without --dry-run".into(),
             ));
         }
+        let cfg = cli.options.validate()?;
         // Auto means "if the pod has IPv6", unknown here, so show both payloads.
         let rec = Recording::new();
         apply(&cfg, &rec, true, false)?;
@@ -121,13 +121,14 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Error> {
     let v6 = has_global_ipv6(&std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default());
     match command {
         Command::Apply => {
-            let done = apply(&cfg, &Real, v6, true)?;
+            let done = apply(&cli.options.validate()?, &Real, v6, true)?;
             let _ = writeln!(out, "meshlet-init: applied and verified {}", summary(&done));
         }
         Command::Verify => {
-            let done = verify(&cfg, &Real, v6)?;
+            let done = verify(&cli.options.validate()?, &Real, v6)?;
             let _ = writeln!(out, "meshlet-init: verified {}", summary(&done));
         }
+        // The options are not even validated: a bad value must never block teardown.
         Command::Cleanup => {
             let removed = cleanup(&Real)?;
             if removed.is_empty() {
