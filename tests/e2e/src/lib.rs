@@ -8,4 +8,5 @@
 #![deny(rust_2018_idioms)]
 
 pub mod cluster;
+pub mod demo;
 pub mod testapp;
