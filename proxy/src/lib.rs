@@ -46,6 +46,9 @@ use crate::{
     metrics::{Direction, Metrics},
 };
 
+/// How long the admin server outlives the drain.
+const ADMIN_GRACE: Duration = Duration::from_millis(50);
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -239,6 +242,9 @@ impl Running {
         self.ready.store(false, Ordering::Release);
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let clean = self.signal.drain(self.drain_timeout).await;
+        // The admin server is not part of the drain (scrapes must keep working); give
+        // its answer to `POST /shutdown` a moment to reach the caller before exit.
+        tokio::time::sleep(ADMIN_GRACE).await;
         if clean {
             tracing::info!("drained");
         } else {

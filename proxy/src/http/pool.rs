@@ -299,3 +299,102 @@ impl<B> Drop for PooledBody<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty};
+
+    use super::*;
+
+    /// An HTTP/1 server answering `ok`, counting its connections.
+    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(s),
+                    hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from_static(b"ok")),
+                        ))
+                    }),
+                ));
+            }
+        });
+        (addr, conns)
+    }
+
+    async fn request(pool: &Pool<Empty<Bytes>>, dst: SocketAddr) -> bool {
+        let mut conn = pool.checkout_h1(dst, Duration::from_secs(5)).await.unwrap();
+        let rsp = conn
+            .tx
+            .send_request(http::Request::get("/").body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        let body = PooledBody::new(
+            rsp.into_body(),
+            Some(Checkin::new(pool.clone(), dst, conn.tx)),
+        );
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+        conn.reused
+    }
+
+    #[tokio::test]
+    async fn h1_connections_are_reused() {
+        let (dst, conns) = server().await;
+        let pool = Pool::new();
+        assert!(!request(&pool, dst).await, "first request connects");
+        assert_eq!(pool.idle_h1(dst), 1, "checked in after the body ended");
+        for _ in 0..5 {
+            assert!(request(&pool, dst).await, "later requests reuse");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_list_is_bounded() {
+        let (dst, _) = server().await;
+        let pool: Pool<Empty<Bytes>> = Pool::new();
+        let mut open = Vec::new();
+        for _ in 0..MAX_IDLE_PER_DST + 4 {
+            open.push(
+                pool.checkout_fresh_h1(dst, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for mut conn in open {
+            let rsp = conn
+                .tx
+                .send_request(http::Request::get("/").body(Empty::new()).unwrap())
+                .await
+                .unwrap();
+            let body = PooledBody::new(
+                rsp.into_body(),
+                Some(Checkin::new(pool.clone(), dst, conn.tx)),
+            );
+            body.collect().await.unwrap();
+        }
+        assert_eq!(pool.idle_h1(dst), MAX_IDLE_PER_DST);
+    }
+
+    #[tokio::test]
+    async fn refused_connect_is_a_connect_error() {
+        let dst = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let pool: Pool<Empty<Bytes>> = Pool::new();
+        match pool.checkout_h1(dst, Duration::from_secs(5)).await {
+            Err(ProxyError::Connect { dst: d, .. }) => assert_eq!(d, dst),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("connect to a closed port succeeded"),
+        }
+    }
+}
