@@ -15,8 +15,10 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use k8s_openapi::api::core::v1::Container;
+use meshlet_api::env as menv;
 use meshlet_e2e::{
-    cluster::{self, Cluster, ClusterBuilder, Metrics},
+    cluster::{self, Cluster, ClusterBuilder, InjectMode, InjectPath, Metrics},
     testapp::pattern,
 };
 use nix::sys::signal::Signal;
@@ -57,6 +59,11 @@ const CASES: &[Case] = &[
     ),
     ("udp_dns_not_captured", udp_dns_not_captured),
     ("init_rerun_is_idempotent", init_rerun_is_idempotent),
+    ("pods_come_from_the_injector", pods_come_from_the_injector),
+    (
+        "unmeshed_client_reaches_meshed_service",
+        unmeshed_client_reaches_meshed_service,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -540,6 +547,12 @@ fn sigterm_drains_in_flight_request() -> Result<()> {
         ],
     )?;
     std::thread::sleep(Duration::from_millis(200));
+    // The request must be in the server proxy's hands when the signal lands.
+    let inflight = metrics(&c, "backend-v1")?.sum(OPENED, &[("direction", "inbound")]);
+    ensure!(
+        inflight == 1.0,
+        "backend-v1's proxy holds {inflight} inbound connections at SIGTERM time, want 1"
+    );
     c.signal(
         "backend-v1",
         meshlet_api::PROXY_CONTAINER_NAME,
@@ -602,6 +615,17 @@ fn udp_dns_not_captured() -> Result<()> {
     );
     let rules = c.iptables_save("client")?;
     ensure!(
+        rules.contains("MESHLET_OUTPUT"),
+        "the client pod has no capture rules:\n{rules}"
+    );
+    // Control: TCP from the same pod is captured.
+    curl(&c, "client", &[&format!("http://{BACKEND}/tcp-control")])?;
+    let n = delta(&after, &metrics(&c, "client")?, OPENED, &[]);
+    ensure!(
+        n == 1.0,
+        "control TCP request moved the client proxy's connections by {n}, want 1"
+    );
+    ensure!(
         !rules
             .lines()
             .any(|l| l.contains("-p udp") && l.contains("REDIRECT")),
@@ -663,5 +687,101 @@ fn init_rerun_is_idempotent() -> Result<()> {
         bail!("after the rerun the request went around the proxy (counted {n})");
     }
     println!("    {} rules, unchanged by the rerun", second.len());
+    Ok(())
+}
+
+fn env_of(c: &Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
+fn pods_come_from_the_injector() -> Result<()> {
+    let c = start(ClusterBuilder::new(sample()).inject(InjectMode::Injector))
+        .context("`meshlet-injector inject -f samples/hello.yaml` must produce the pods the mini-cluster runs")?;
+    ensure!(
+        *c.inject_path() == InjectPath::Injector,
+        "path {}",
+        c.inject_path()
+    );
+    let spec =
+        |pod: &str| -> Result<_> { Ok(c.pod(pod)?.pod.spec.clone().context("pod without spec")?) };
+    let b = spec("backend-v1")?;
+    let all: Vec<Container> = b
+        .init_containers
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(b.containers.clone())
+        .collect();
+    let init = all
+        .iter()
+        .find(|c| c.name == meshlet_api::INIT_CONTAINER_NAME)
+        .context("no meshlet-init in backend-v1")?;
+    let excl = env_of(init, menv::INIT_EXCLUDE_INBOUND_PORTS).unwrap_or_default();
+    ensure!(
+        excl.split(',').any(|p| p == "9090"),
+        "the exclude-inbound-ports annotation did not reach meshlet-init: {excl:?}"
+    );
+    let proxy = all
+        .iter()
+        .find(|c| c.name == meshlet_api::PROXY_CONTAINER_NAME)
+        .context("no meshlet-proxy in backend-v1")?;
+    let sc = proxy.security_context.clone().unwrap_or_default();
+    ensure!(
+        sc.run_as_user == Some(meshlet_api::PROXY_UID.into()),
+        "proxy runs as {:?}, want {}",
+        sc.run_as_user,
+        meshlet_api::PROXY_UID
+    );
+    ensure!(
+        !c.pod("legacy")?.meshed(),
+        "the opted-out legacy pod was injected"
+    );
+    // The rules in the pod are the ones the injected env asked for.
+    let rules = c.iptables_save("backend-v1")?;
+    ensure!(
+        rules.contains("--dport 9090 -j RETURN"),
+        "port 9090 is not excluded in the pod:\n{rules}"
+    );
+    let body = curl(&c, "client", &[&format!("http://{BACKEND}/injected")])?;
+    ensure!(json(&body)?["path"] == "/injected", "traffic: {body}");
+    Ok(())
+}
+
+fn unmeshed_client_reaches_meshed_service() -> Result<()> {
+    let c = hello()?;
+    let rules = c.iptables_save("legacy")?;
+    ensure!(
+        !rules.contains("MESHLET"),
+        "the opted-out pod has capture rules:\n{rules}"
+    );
+    let pods = ["backend-v1", "backend-v2"];
+    let before: Vec<Metrics> = pods.iter().map(|p| metrics(&c, p)).collect::<Result<_>>()?;
+    let body = curl(&c, "legacy", &[&format!("http://{BACKEND}/from-legacy")])?;
+    ensure!(
+        json(&body)?["name"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("backend-v"),
+        "answer: {body}"
+    );
+    let after: Vec<Metrics> = pods.iter().map(|p| metrics(&c, p)).collect::<Result<_>>()?;
+    let n: f64 = (0..2)
+        .map(|i| {
+            delta(
+                &before[i],
+                &after[i],
+                REQUESTS,
+                &[("direction", "inbound"), ("status_code", "200")],
+            )
+        })
+        .sum();
+    ensure!(
+        n == 1.0,
+        "the backends' proxies counted {n} plaintext inbound requests, want 1"
+    );
     Ok(())
 }
