@@ -706,9 +706,12 @@ fn pods_come_from_the_injector() -> Result<()> {
         "path {}",
         c.inject_path()
     );
-    let spec =
-        |pod: &str| -> Result<_> { Ok(c.pod(pod)?.pod.spec.clone().context("pod without spec")?) };
-    let b = spec("backend-v1")?;
+    let b = c
+        .pod("backend-v1")?
+        .pod
+        .spec
+        .clone()
+        .context("pod without spec")?;
     let all: Vec<Container> = b
         .init_containers
         .clone()

@@ -104,7 +104,8 @@ fn parse_line(line: &str) -> Option<Sample> {
 impl Metrics {
     /// Sum of `name` over samples whose labels include every `(key, value)` of `filter`.
     pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
-        self.matching(name, filter).fold(0.0, |acc, s| acc + s.value)
+        self.matching(name, filter)
+            .fold(0.0, |acc, s| acc + s.value)
     }
 
     /// Samples of `name` whose labels include every pair of `filter`.
