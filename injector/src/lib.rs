@@ -14,6 +14,7 @@ pub mod serve;
 pub mod tls;
 pub mod validate;
 pub mod webhook;
+pub mod yaml;
 
 pub use config::{Defaults, DefaultsArgs};
 pub use mutate::{mutate, Context, Denied, Outcome, SkipReason};

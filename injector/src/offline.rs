@@ -87,10 +87,7 @@ pub fn inject_yaml(input: &str, defaults: &Defaults) -> Result<String, Error> {
             });
         }
         inject_object(&mut obj, defaults)?;
-        let text = serde_yaml::to_string(&obj).map_err(|source| Error::Yaml {
-            doc: doc_no,
-            source,
-        })?;
+        let text = crate::yaml::to_string(&obj);
         if !out.is_empty() {
             out.push_str("---\n");
         }

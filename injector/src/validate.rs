@@ -54,20 +54,18 @@ pub struct Overrides {
 /// Reads and validates every `meshlet.io/*` annotation the injector understands.
 pub fn overrides(annotations: &BTreeMap<String, String>) -> Result<Overrides, BadAnnotation> {
     let get = |name: &str| annotations.get(name).map(|v| v.trim().to_string());
+    // Each check returns the value in canonical form (`22, 80` becomes `22,80`), so
+    // meshlet-init and the proxy receive exactly what was validated.
     let check = |name: &str,
-                 f: &dyn Fn(&str) -> Result<(), String>|
+                 f: &dyn Fn(&str) -> Result<String, String>|
      -> Result<Option<String>, BadAnnotation> {
         match annotations.get(name) {
             None => Ok(None),
-            Some(raw) => {
-                let v = raw.trim();
-                f(v).map_err(|reason| BadAnnotation {
-                    name: name.to_string(),
-                    value: raw.clone(),
-                    reason,
-                })?;
-                Ok(Some(v.to_string()))
-            }
+            Some(raw) => f(raw.trim()).map(Some).map_err(|reason| BadAnnotation {
+                name: name.to_string(),
+                value: raw.clone(),
+                reason,
+            }),
         }
     };
     let nonempty = |v: &str| -> Result<(), String> {
@@ -78,34 +76,35 @@ pub fn overrides(annotations: &BTreeMap<String, String>) -> Result<Overrides, Ba
         }
     };
     // An empty capture list would silently turn capture off; require `*` or ports.
-    let port_selection = |v: &str| {
+    let port_selection = |v: &str| -> Result<String, String> {
         nonempty(v)?;
         parse::parse_port_selection(v)
-            .map(drop)
+            .map(|sel| selection(&sel))
             .map_err(|e| format!("{e}; expected `*` or ports such as 8080,9090"))
     };
-    let port_ranges = |v: &str| {
+    let port_ranges = |v: &str| -> Result<String, String> {
         parse::parse_port_ranges(v)
-            .map(drop)
+            .map(|l| join(&l))
             .map_err(|e| format!("{e}; expected ports or ranges such as 22,8000-8100"))
     };
-    let port_list = |v: &str| {
+    let port_list = |v: &str| -> Result<String, String> {
         parse::parse_port_list(v)
-            .map(drop)
+            .map(|l| join(&l))
             .map_err(|e| format!("{e}; expected ports such as 3306,6379"))
     };
-    let cidr_list = |v: &str| {
+    let cidr_list = |v: &str| -> Result<String, String> {
         parse::parse_cidr_list(v)
-            .map(drop)
+            .map(|l| join(&l))
             .map_err(|e| format!("{e}; expected CIDRs such as 10.0.0.0/8,fd00::/8"))
     };
-    let cidr_selection = |v: &str| {
+    let cidr_selection = |v: &str| -> Result<String, String> {
         nonempty(v)?;
         parse::parse_cidr_selection(v)
-            .map(drop)
+            .map(|sel| selection(&sel))
             .map_err(|e| format!("{e}; expected `*` or CIDRs such as 10.0.0.0/8"))
     };
-    let q = |v: &str| quantity(v).map(drop);
+    let q = |v: &str| quantity(v).map(|_| v.to_string());
+    let text = |f: fn(&str) -> Result<(), String>| move |v: &str| f(v).map(|()| v.to_string());
 
     let native_sidecar = match get(ann::NATIVE_SIDECAR) {
         None => None,
@@ -131,11 +130,22 @@ pub fn overrides(annotations: &BTreeMap<String, String>) -> Result<Overrides, Ba
         proxy_memory: check(ann::PROXY_MEMORY, &q)?,
         proxy_cpu_limit: check(ann::PROXY_CPU_LIMIT, &q)?,
         proxy_memory_limit: check(ann::PROXY_MEMORY_LIMIT, &q)?,
-        log_level: check(ann::LOG_LEVEL, &log_level)?,
+        log_level: check(ann::LOG_LEVEL, &text(log_level))?,
         native_sidecar,
-        tls_mode: check(ann::TLS_MODE, &tls_mode)?,
+        tls_mode: check(ann::TLS_MODE, &text(tls_mode))?,
     };
     Ok(o)
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn selection<T: std::fmt::Display>(sel: &parse::Selection<T>) -> String {
+    match sel {
+        parse::Selection::All => "*".to_string(),
+        parse::Selection::Only(items) => join(items),
+    }
 }
 
 /// Accepts the proxy log levels.
@@ -238,7 +248,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(o.inbound_ports.as_deref(), Some("*"));
-        assert_eq!(o.exclude_inbound_ports.as_deref(), Some("22, 8000-8100"));
+        assert_eq!(o.exclude_inbound_ports.as_deref(), Some("22,8000-8100"));
         assert_eq!(o.native_sidecar, Some(false));
         assert_eq!(o.tls_mode.as_deref(), Some("strict"));
         assert_eq!(o.proxy_memory.as_deref(), Some("64Mi"));
