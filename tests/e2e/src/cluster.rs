@@ -52,7 +52,7 @@ pub const NS_PREFIX: &str = "mle2e";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// What to install when a tool is missing.
 pub const INSTALL_HINT: &str =
-    "apt-get install -y iptables iproute2 curl dnsutils util-linux procps";
+    "apt-get install -y iptables iproute2 curl dnsutils util-linux nghttp2-client";
 /// How long a proxy or app may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an init container may run.
@@ -226,8 +226,9 @@ pub fn check_prereqs() -> Result<(), Error> {
         "curl",
         "dig",
         "setpriv",
-        "sysctl",
         "sha256sum",
+        "bash",
+        "h2load",
     ]
     .into_iter()
     .filter(|t| !dirs.iter().any(|d| Path::new(d).join(t).is_file()))

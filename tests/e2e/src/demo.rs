@@ -197,6 +197,13 @@ fn traffic(c: &Cluster) -> Result<(), Error> {
     println!(
         "  HTTP/1.1  20 x GET http://{BACKEND}/demo/N (Service backend) answered by {by_backend:?}"
     );
+    if by_backend.len() == 1 {
+        println!(
+            "            note: one backend took every request: the client's proxy reuses its pooled \
+             upstream connection to the ClusterIP, and kube-proxy's DNAT balances per connection, \
+             not per request"
+        );
+    }
     let mut versions = BTreeMap::new();
     for _ in 0..10 {
         let v = curl(

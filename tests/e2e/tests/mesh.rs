@@ -64,6 +64,10 @@ const CASES: &[Case] = &[
         "unmeshed_client_reaches_meshed_service",
         unmeshed_client_reaches_meshed_service,
     ),
+    (
+        "h2load_h2c_and_http1_counts_exact",
+        h2load_h2c_and_http1_counts_exact,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -786,5 +790,63 @@ fn unmeshed_client_reaches_meshed_service() -> Result<()> {
         n == 1.0,
         "the backends' proxies counted {n} plaintext inbound requests, want 1"
     );
+    Ok(())
+}
+
+/// `requests: N total, N started, N done, S succeeded, F failed, ...` of h2load.
+fn h2load_succeeded(out: &str) -> Option<(u64, u64)> {
+    let line = out.lines().find(|l| l.starts_with("requests:"))?;
+    let num = |word: &str| -> Option<u64> {
+        let i = line.find(word)?;
+        line[..i].trim_end().rsplit([' ', ',']).next()?.parse().ok()
+    };
+    Some((num(" succeeded")?, num(" total")?))
+}
+
+fn h2load_h2c_and_http1_counts_exact() -> Result<()> {
+    const N: u64 = 400;
+    let c = start(ClusterBuilder::new(sample()).scale("backend-v2", 0))?;
+    let url = format!("http://{BACKEND}/load");
+    for (proto, extra) in [("h2c", vec![]), ("http/1.1", vec!["--h1"])] {
+        let (cb, sb) = (metrics(&c, "client")?, metrics(&c, "backend-v1")?);
+        let n = N.to_string();
+        let mut argv = vec!["h2load", "-n", &n, "-c", "4", "-m", "8"];
+        argv.extend(extra);
+        argv.push(&url);
+        let out = c.exec_ok("client", &argv, Duration::from_secs(90))?;
+        let (ok, total) =
+            h2load_succeeded(&out).with_context(|| format!("h2load output:\n{out}"))?;
+        ensure!(
+            ok == N && total == N,
+            "{proto}: h2load {ok}/{total} succeeded, want {N}:\n{out}"
+        );
+        let (ca, sa) = (metrics(&c, "client")?, metrics(&c, "backend-v1")?);
+        let o = delta(
+            &cb,
+            &ca,
+            REQUESTS,
+            &[
+                ("direction", "outbound"),
+                ("service", SVC_BACKEND),
+                ("status_code", "200"),
+            ],
+        );
+        let i = delta(
+            &sb,
+            &sa,
+            REQUESTS,
+            &[("direction", "inbound"), ("status_code", "200")],
+        );
+        ensure!(
+            o == N as f64 && i == N as f64,
+            "{proto}: proxies counted {o} outbound / {i} inbound, want {N}"
+        );
+        let rate = out
+            .lines()
+            .find(|l| l.starts_with("finished in"))
+            .unwrap_or("")
+            .trim();
+        println!("    {proto}: {N} requests, 4 connections: {rate}");
+    }
     Ok(())
 }

@@ -8,13 +8,23 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "meshlet-minimesh")]
 struct Args {
+    /// What to do (`demo`, the default).
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// Manifests to run.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samples/hello.yaml"))]
+    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samples/hello.yaml"))]
     manifests: PathBuf,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Build the mini-mesh, send traffic, print what the sidecars saw, clean up.
+    Demo,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let (Some(Cmd::Demo) | None) = args.command;
     match meshlet_e2e::demo::run(&args.manifests) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -62,10 +62,16 @@ impl Netns {
         run(&mut c)
     }
 
-    /// Writes a sysctl of this namespace.
+    /// Writes a network sysctl of this namespace (`net.ipv4.ip_forward`): /proc/sys/net
+    /// shows the namespace of the writing thread, so no sysctl binary is needed.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), Error> {
-        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
-            .map(drop)
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        self.enter(move || std::fs::write(&path, value).map_err(|e| (path, e)))?
+            .map_err(|(path, source)| Error::Io {
+                context: format!("writing {path} in namespace {}", self.name),
+                source,
+            })
     }
 
     /// Runs `f` on a thread that has entered the namespace: sockets it creates live
