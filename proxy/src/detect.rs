@@ -8,10 +8,19 @@
 //! TLS seam: mesh mTLS will be recognised here as a ClientHello (first byte 0x16)
 //! carrying ALPN `meshlet/1`, terminated, and detection run again on the inner stream.
 
-use std::time::Duration;
+use std::{
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tower::ServiceExt;
+
+use crate::{
+    io::PrefixedIo,
+    target::{BoxError, BoxFuture, Target},
+};
 
 /// The most bytes detection reads before deciding.
 pub const MAX_PEEK: usize = 8 * 1024;
@@ -159,6 +168,89 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+// === DetectLayer ===
+
+/// The detection stage: sends opaque ports straight to the TCP service, and every
+/// other connection, after detection, to the HTTP service or the TCP service. Both
+/// get the bytes read so far replayed.
+#[derive(Clone)]
+pub struct DetectLayer<T> {
+    tcp: T,
+}
+
+/// See [`DetectLayer`].
+#[derive(Clone)]
+pub struct Detect<H, T> {
+    http: H,
+    tcp: T,
+}
+
+impl<T: Clone> DetectLayer<T> {
+    /// Opaque connections go to `tcp`.
+    pub fn new(tcp: T) -> Self {
+        Self { tcp }
+    }
+}
+
+impl<H, T: Clone> tower::Layer<H> for DetectLayer<T> {
+    type Service = Detect<H, T>;
+
+    fn layer(&self, http: H) -> Detect<H, T> {
+        Detect {
+            http,
+            tcp: self.tcp.clone(),
+        }
+    }
+}
+
+impl<H, T, I> tower::Service<(Target, I)> for Detect<H, T>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: tower::Service<(Target, Protocol, PrefixedIo<I>), Response = (), Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    H::Future: Send + 'static,
+    T: tower::Service<(Target, PrefixedIo<I>), Response = (), Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    T::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Each connection drives a clone of the inner services to readiness itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (target, mut io): (Target, I)) -> Self::Future {
+        let http = self.http.clone();
+        let tcp = self.tcp.clone();
+        Box::pin(async move {
+            // Server-first protocols: the client waits for a banner, so detection
+            // would only add its timeout to every connect.
+            if target.mesh.is_opaque(target.dst.port()) {
+                return tcp
+                    .oneshot((target, PrefixedIo::new(Bytes::new(), io)))
+                    .await;
+            }
+            let mut buf = BytesMut::new();
+            let detected = detect(&mut io, &mut buf, target.mesh.detect_timeout()).await?;
+            if detected.timed_out {
+                target.timeout("detect");
+            }
+            let io = PrefixedIo::new(buf.freeze(), io);
+            match detected.protocol {
+                Protocol::Opaque => tcp.oneshot((target, io)).await,
+                protocol => http.oneshot((target, protocol, io)).await,
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,5 +386,145 @@ mod tests {
             .unwrap();
         assert_eq!(d.protocol, Protocol::Http1);
         assert_eq!(buf.len(), MAX_PEEK);
+    }
+
+    mod layer {
+        use std::sync::Arc;
+
+        use meshlet_api::MeshConfig;
+        use tokio::{
+            io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
+            sync::mpsc,
+        };
+        use tower::{Layer, ServiceExt};
+
+        use super::super::*;
+        use crate::{
+            mesh::Snapshot,
+            metrics::{Direction, Metrics},
+        };
+
+        type Seen = (&'static str, Option<Protocol>, Vec<u8>);
+
+        /// A detect stage whose HTTP and TCP services report what they got.
+        fn stack(
+            tx: mpsc::UnboundedSender<Seen>,
+        ) -> impl tower::Service<
+            (Target, DuplexStream),
+            Response = (),
+            Error = BoxError,
+            Future = BoxFuture<Result<(), BoxError>>,
+        > + Send
+               + 'static {
+            let t = tx.clone();
+            let tcp = tower::service_fn(move |(_, mut io): (Target, PrefixedIo<DuplexStream>)| {
+                let t = t.clone();
+                async move {
+                    let mut got = vec![0u8; 64];
+                    let n = io.read(&mut got).await?;
+                    got.truncate(n);
+                    let _ = t.send(("tcp", None, got));
+                    Ok::<(), BoxError>(())
+                }
+            });
+            let http = tower::service_fn(
+                move |(_, p, mut io): (Target, Protocol, PrefixedIo<DuplexStream>)| {
+                    let tx = tx.clone();
+                    async move {
+                        let mut got = vec![0u8; 64];
+                        let n = io.read(&mut got).await?;
+                        got.truncate(n);
+                        let _ = tx.send(("http", Some(p), got));
+                        Ok::<(), BoxError>(())
+                    }
+                },
+            );
+            DetectLayer::new(tcp).layer(http)
+        }
+
+        fn target(cfg: MeshConfig, opaque: Option<&[u16]>, metrics: &Arc<Metrics>) -> Target {
+            let dst = "198.19.0.1:6379".parse().unwrap();
+            Target {
+                direction: Direction::Outbound,
+                dst,
+                local: None,
+                mesh: Arc::new(Snapshot::new(cfg, opaque)),
+                metrics: Some(metrics.connection(Direction::Outbound, "unknown".into())),
+            }
+        }
+
+        #[tokio::test]
+        async fn opaque_port_skips_detection() {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let m = Metrics::new();
+            let (mut client, server) = tokio::io::duplex(1024);
+            let start = std::time::Instant::now();
+            let conn =
+                tokio::spawn(stack(tx).oneshot((target(MeshConfig::default(), None, &m), server)));
+            // A server-first client says nothing until it has the banner; the TCP
+            // service must be reached at once. It then reads what the client sends.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(b"PING\r\n").await.unwrap();
+            let (which, p, got) = rx.recv().await.unwrap();
+            assert_eq!((which, p), ("tcp", None));
+            assert_eq!(got, b"PING\r\n");
+            assert!(
+                start.elapsed() < Duration::from_millis(900),
+                "no detect timeout"
+            );
+            conn.await.unwrap().unwrap();
+        }
+
+        #[tokio::test]
+        async fn http1_goes_to_http_with_bytes_replayed() {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let m = Metrics::new();
+            let (mut client, server) = tokio::io::duplex(1024);
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .unwrap();
+            stack(tx)
+                .oneshot((target(MeshConfig::default(), Some(&[]), &m), server))
+                .await
+                .unwrap();
+            let (which, p, got) = rx.recv().await.unwrap();
+            assert_eq!((which, p), ("http", Some(Protocol::Http1)));
+            assert_eq!(got, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        }
+
+        #[tokio::test]
+        async fn h2c_goes_to_http() {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let m = Metrics::new();
+            let (mut client, server) = tokio::io::duplex(1024);
+            client.write_all(H2_PREFACE).await.unwrap();
+            stack(tx)
+                .oneshot((target(MeshConfig::default(), Some(&[]), &m), server))
+                .await
+                .unwrap();
+            let (which, p, _) = rx.recv().await.unwrap();
+            assert_eq!((which, p), ("http", Some(Protocol::H2)));
+        }
+
+        #[tokio::test]
+        async fn timeout_goes_to_tcp_and_is_counted() {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let m = Metrics::new();
+            let cfg = MeshConfig::from_json(br#"{"timeouts": {"detect": "50ms"}}"#).unwrap();
+            let (mut client, server) = tokio::io::duplex(1024);
+            let conn = tokio::spawn(stack(tx).oneshot((target(cfg, Some(&[]), &m), server)));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client.write_all(b"late").await.unwrap();
+            let (which, _, got) = rx.recv().await.unwrap();
+            assert_eq!(which, "tcp");
+            assert_eq!(got, b"late");
+            conn.await.unwrap().unwrap();
+            let text = m.render();
+            assert!(
+                text.contains(r#"meshlet_timeouts_total{direction="outbound",kind="detect"} 1"#),
+                "{text}"
+            );
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! meshlet's sidecar data plane.
 //!
 //! Connections redirected by `meshlet-init` arrive on the outbound (15001) and
-//! inbound (15006) listeners. Each one goes through the same stages
-//! ([`connection`]): original destination, loop guard, protocol detection, then the
+//! inbound (15006) listeners. Each one goes through the same stack of tower
+//! services ([`target`] shows it): original destination, loop guard, protocol detection, then the
 //! HTTP stack ([`http`]) or a TCP splice ([`tcp`]) to that destination. The admin
 //! server (15020) serves readiness, metrics, the effective config and shutdown.
 #![deny(rust_2018_idioms, clippy::disallowed_methods)]
@@ -12,16 +12,17 @@ pub mod admin;
 pub mod cgroup;
 pub mod config;
 pub mod connect;
-pub mod connection;
 pub mod detect;
 pub mod drain;
 pub mod errors;
 pub mod http;
 pub mod io;
 pub mod listen;
+pub mod loop_guard;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
+pub mod target;
 pub mod tcp;
 #[cfg(feature = "test-util")]
 pub mod test_util;
@@ -170,20 +171,23 @@ impl Proxy {
         let mesh = Arc::new(Mesh::new(self.mesh_config, cfg.opaque_ports.clone()));
         let mut local_ips = listen::local_ips();
         local_ips.extend(cfg.pod_ip);
-        let ctx = Arc::new(connection::Ctx {
-            mesh: mesh.clone(),
-            metrics: metrics.clone(),
-            orig_dst: self.orig_dst,
-            pool: http::Pool::new(),
-            own_ports: vec![
-                addrs.outbound.port(),
-                addrs.inbound.port(),
-                addrs.admin.port(),
-            ],
-            local_ips,
-        });
+        let own_ports = vec![
+            addrs.outbound.port(),
+            addrs.inbound.port(),
+            addrs.admin.port(),
+        ];
 
         let (signal, watch) = drain::channel();
+        // Both listeners share one stack; the target carries the direction.
+        let stack = tower::ServiceBuilder::new()
+            .layer(orig_dst::OrigDstLayer::new(self.orig_dst, mesh.clone()))
+            .layer(metrics::ConnMetricsLayer::new(metrics.clone()))
+            .layer(loop_guard::LoopGuardLayer::new(own_ports, local_ips))
+            .layer(detect::DetectLayer::new(tcp::ForwardTcp))
+            .service(http::server::ServeHttp::new(
+                http::Pool::new(),
+                watch.clone(),
+            ));
         for (listeners, direction) in [
             (outbound, Direction::Outbound),
             (inbound, Direction::Inbound),
@@ -192,12 +196,12 @@ impl Proxy {
                 tokio::spawn(listen::accept_loop(
                     l,
                     direction,
-                    ctx.clone(),
+                    stack.clone(),
                     watch.clone(),
                 ));
             }
         }
-        drop(watch);
+        drop((stack, watch));
 
         if let Some(file) = self.watch {
             tokio::spawn(mesh::watch(

@@ -4,14 +4,19 @@ use std::{
     collections::HashSet,
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    sync::Arc,
     time::Duration,
 };
 
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::net::TcpListener;
 
-use crate::{connection, drain, metrics::Direction};
+use tower::ServiceExt;
+
+use crate::{
+    drain,
+    metrics::Direction,
+    target::{BoxError, BoxFuture},
+};
 
 const BACKLOG: i32 = 1024;
 
@@ -49,20 +54,40 @@ fn bind_one(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
 }
 
 /// Accepts on `listener` until the drain starts, then closes it so new connects are
-/// refused while accepted ones finish.
-pub async fn accept_loop(
+/// refused while accepted ones finish. Each connection runs through a clone of
+/// `stack` on its own task, holding a drain watch until it ends.
+pub async fn accept_loop<S>(
     listener: TcpListener,
     direction: Direction,
-    ctx: Arc<connection::Ctx>,
+    stack: S,
     drain: drain::Watch,
-) {
+) where
+    S: tower::Service<
+            (Direction, tokio::net::TcpStream),
+            Response = (),
+            Error = BoxError,
+            Future = BoxFuture<Result<(), BoxError>>,
+        > + Clone
+        + Send
+        + 'static,
+{
     loop {
         tokio::select! {
             biased;
             _ = drain.signaled() => break,
             res = listener.accept() => match res {
                 Ok((stream, _)) => {
-                    tokio::spawn(connection::handle(ctx.clone(), direction, stream, drain.clone()));
+                    // The app side of a sidecar hop is latency-bound, never
+                    // throughput-bound: no Nagle.
+                    let _ = stream.set_nodelay(true);
+                    let conn = stack.clone().oneshot((direction, stream));
+                    let guard = drain.clone();
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        if let Err(error) = conn.await {
+                            tracing::debug!(%error, %direction, "connection ended with an error");
+                        }
+                    });
                 }
                 Err(error) => {
                     // Typically EMFILE: back off instead of spinning on the error.

@@ -17,6 +17,12 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::{
+    io::CountingIo,
+    loop_guard::LoopDetected,
+    target::{is_caused_by, BoxError, BoxFuture, Target},
+};
+
 /// Requests by direction, service, status code and TLS.
 pub const REQUESTS: &str = "meshlet_requests_total";
 /// Time to response headers, by direction, service and TLS.
@@ -269,6 +275,15 @@ impl Metrics {
 
 // === impl ConnMetrics ===
 
+impl std::fmt::Debug for ConnMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnMetrics")
+            .field("direction", &self.labels.direction)
+            .field("service", &&*self.labels.service)
+            .finish()
+    }
+}
+
 impl ConnMetrics {
     /// Counts the connection as closed with `reason`.
     pub fn closed(&self, reason: &'static str) {
@@ -340,6 +355,77 @@ impl RequestMetrics {
         if cache.len() < 16 {
             cache.push((code, c));
         }
+    }
+}
+
+// === ConnMetricsLayer ===
+
+/// The metrics stage: counts the connection opened and closed (with a reason taken
+/// from the error chain) and counts bytes on the accepted IO, so HTTP and opaque
+/// connections are measured the same way.
+#[derive(Clone)]
+pub struct ConnMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+/// See [`ConnMetricsLayer`].
+#[derive(Clone)]
+pub struct CountConn<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnMetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for ConnMetricsLayer {
+    type Service = CountConn<S>;
+
+    fn layer(&self, inner: S) -> CountConn<S> {
+        CountConn {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<S, I> tower::Service<(Target, I)> for CountConn<S>
+where
+    S: tower::Service<(Target, CountingIo<I>), Response = (), Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, (mut target, io): (Target, I)) -> Self::Future {
+        let m = self
+            .metrics
+            .connection(target.direction, target.mesh.service_label(target.dst));
+        let io = CountingIo::new(io, m.sent.clone(), m.received.clone());
+        target.metrics = Some(m.clone());
+        let fut = self.inner.call((target, io));
+        Box::pin(async move {
+            let res = fut.await;
+            let reason = match &res {
+                Ok(()) => "ok",
+                Err(e) if is_caused_by::<LoopDetected>(&**e) => "loop",
+                Err(_) => "error",
+            };
+            m.closed(reason);
+            res
+        })
     }
 }
 
@@ -436,5 +522,54 @@ mod tests {
         let status = "Name:\tx\nVmRSS:\t    3120 kB\nThreads:\t2\n";
         assert_eq!(resident_bytes(status), Some(3120 * 1024));
         assert_eq!(resident_bytes("Name: x\n"), None);
+    }
+
+    #[tokio::test]
+    async fn conn_layer_counts_bytes_and_close_reasons() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tower::{Layer, ServiceExt};
+
+        use crate::{io::CountingIo, loop_guard::LoopDetected, mesh::Snapshot};
+
+        let m = Metrics::new();
+        let layer = ConnMetricsLayer::new(m.clone());
+        let target = Target {
+            direction: Direction::Inbound,
+            dst: "198.18.0.5:8080".parse().unwrap(),
+            local: None,
+            mesh: Arc::new(Snapshot::new(Default::default(), None)),
+            metrics: None,
+        };
+        let echo = layer.layer(tower::service_fn(
+            |(t, mut io): (Target, CountingIo<tokio::io::DuplexStream>)| async move {
+                assert!(t.metrics.is_some(), "later stages get the handles");
+                let mut buf = [0u8; 4];
+                io.read_exact(&mut buf).await?;
+                io.write_all(b"pong!").await?;
+                Ok::<(), BoxError>(())
+            },
+        ));
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"ping").await.unwrap();
+        echo.oneshot((target.clone(), server)).await.unwrap();
+
+        let refuse = layer.layer(tower::service_fn(
+            |(t, _): (Target, CountingIo<()>)| async move {
+                Err::<(), BoxError>(LoopDetected { dst: t.dst }.into())
+            },
+        ));
+        assert!(refuse.oneshot((target, ())).await.is_err());
+
+        let text = m.render();
+        let l = r#"direction="inbound",service="unknown",tls="false""#;
+        for line in [
+            format!("meshlet_tcp_received_bytes_total{{{l}}} 4"),
+            format!("meshlet_tcp_sent_bytes_total{{{l}}} 5"),
+            format!("meshlet_tcp_connections_opened_total{{{l}}} 2"),
+            format!(r#"meshlet_tcp_connections_closed_total{{{l},reason="ok"}} 1"#),
+            format!(r#"meshlet_tcp_connections_closed_total{{{l},reason="loop"}} 1"#),
+        ] {
+            assert!(text.lines().any(|x| x == line), "missing {line} in\n{text}");
+        }
     }
 }

@@ -6,12 +6,18 @@
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    sync::Arc,
+    task::{Context, Poll},
 };
 
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::TcpStream;
 
-use crate::metrics::Direction;
+use crate::{
+    mesh::Mesh,
+    metrics::Direction,
+    target::{BoxError, BoxFuture, Target},
+};
 
 /// Finds the original destination of an accepted connection.
 pub trait OrigDst: Send + Sync + 'static {
@@ -45,6 +51,75 @@ impl OrigDst for SoOriginalDst {
                 .into())
             }
         }
+    }
+}
+
+/// The original destination could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the original destination: {0} (is meshlet-init's redirect in place?)")]
+pub struct NoOrigDst(#[source] pub io::Error);
+
+/// The first stage: turns an accepted `(Direction, TcpStream)` into a [`Target`]
+/// with its original destination and the mesh snapshot in force.
+#[derive(Clone)]
+pub struct OrigDstLayer {
+    orig_dst: Arc<dyn OrigDst>,
+    mesh: Arc<Mesh>,
+}
+
+/// See [`OrigDstLayer`].
+#[derive(Clone)]
+pub struct AddOrigDst<S> {
+    inner: S,
+    orig_dst: Arc<dyn OrigDst>,
+    mesh: Arc<Mesh>,
+}
+
+impl OrigDstLayer {
+    /// Looks destinations up with `orig_dst`, snapshots `mesh`.
+    pub fn new(orig_dst: Arc<dyn OrigDst>, mesh: Arc<Mesh>) -> Self {
+        Self { orig_dst, mesh }
+    }
+}
+
+impl<S> tower::Layer<S> for OrigDstLayer {
+    type Service = AddOrigDst<S>;
+
+    fn layer(&self, inner: S) -> AddOrigDst<S> {
+        AddOrigDst {
+            inner,
+            orig_dst: self.orig_dst.clone(),
+            mesh: self.mesh.clone(),
+        }
+    }
+}
+
+impl<S> tower::Service<(Direction, TcpStream)> for AddOrigDst<S>
+where
+    S: tower::Service<(Target, TcpStream), Response = (), Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, (direction, stream): (Direction, TcpStream)) -> Self::Future {
+        let dst = match self.orig_dst.orig_dst(direction, &stream) {
+            Ok(dst) => dst,
+            Err(e) => return Box::pin(async move { Err(NoOrigDst(e).into()) }),
+        };
+        let target = Target {
+            direction,
+            dst,
+            local: stream.local_addr().ok(),
+            mesh: self.mesh.load(),
+            metrics: None,
+        };
+        Box::pin(self.inner.call((target, stream)))
     }
 }
 

@@ -17,6 +17,12 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::{
+    connect::connect,
+    errors::ProxyError,
+    target::{BoxError, BoxFuture, Target},
+};
+
 /// Splice buffer per direction: small, since a sidecar holds many idle connections.
 pub const BUF_SIZE: usize = 8 * 1024;
 
@@ -68,6 +74,43 @@ where
                 seen = now;
             }
         }
+    }
+}
+
+/// The opaque TCP service: connects to the original destination and splices.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardTcp;
+
+impl<I> tower::Service<(Target, I)> for ForwardTcp
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (target, mut io): (Target, I)) -> Self::Future {
+        Box::pin(async move {
+            let mut upstream = match connect(target.dst, target.mesh.connect_timeout()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if matches!(e, ProxyError::ConnectTimeout { .. }) {
+                        target.timeout("connect");
+                    }
+                    return Err(e.into());
+                }
+            };
+            if let SpliceEnd::Idle =
+                splice(&mut io, &mut upstream, target.mesh.idle_timeout()).await?
+            {
+                target.timeout("idle");
+            }
+            Ok(())
+        })
     }
 }
 

@@ -19,19 +19,19 @@ use crate::{errors, errors::ProxyError, metrics::RequestMetrics};
 /// Adds [`Observe`] to a stack.
 #[derive(Clone)]
 pub struct ObserveLayer {
-    metrics: Arc<RequestMetrics>,
+    metrics: Option<Arc<RequestMetrics>>,
 }
 
 /// Metrics and error responses around an inner HTTP service.
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    metrics: Arc<RequestMetrics>,
+    metrics: Option<Arc<RequestMetrics>>,
 }
 
 impl ObserveLayer {
-    /// Records into `metrics`.
-    pub fn new(metrics: Arc<RequestMetrics>) -> Self {
+    /// Records into `metrics`, if given.
+    pub fn new(metrics: Option<Arc<RequestMetrics>>) -> Self {
         Self { metrics }
     }
 }
@@ -76,7 +76,9 @@ where
                     errors::respond(&error).map(Either::Right)
                 }
             };
-            metrics.record(rsp.status(), start.elapsed());
+            if let Some(m) = metrics {
+                m.record(rsp.status(), start.elapsed());
+            }
             Ok(rsp)
         })
     }

@@ -9,8 +9,66 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 
-use super::Body;
-use crate::{detect::Protocol, drain};
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use super::{Body, Forward, ObserveLayer, Pool};
+use crate::{
+    detect::Protocol,
+    drain,
+    target::{BoxError, BoxFuture, Target},
+};
+
+/// The HTTP service of the connection stack: builds the per-connection HTTP stack
+/// (metrics and error responses over forwarding) and serves it.
+#[derive(Clone)]
+pub struct ServeHttp {
+    pool: Pool,
+    drain: drain::Watch,
+}
+
+impl ServeHttp {
+    /// Forwards over `pool`; connections shut down gracefully when `drain` fires.
+    pub fn new(pool: Pool, drain: drain::Watch) -> Self {
+        Self { pool, drain }
+    }
+}
+
+impl<I> tower::Service<(Target, Protocol, I)> for ServeHttp
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (target, protocol, io): (Target, Protocol, I)) -> Self::Future {
+        let drain = self.drain.clone();
+        let fwd = Forward::new(
+            target.dst,
+            protocol,
+            self.pool.clone(),
+            target.mesh.connect_timeout(),
+            target.mesh.idle_timeout(),
+            drain.clone(),
+        );
+        let svc = tower::ServiceBuilder::new()
+            .layer(ObserveLayer::new(
+                target.metrics.as_ref().map(|m| Arc::new(m.requests())),
+            ))
+            .service(fwd);
+        Box::pin(async move {
+            serve(io, protocol, svc, &drain).await?;
+            Ok(())
+        })
+    }
+}
 
 /// Largest request head (request line plus headers) accepted; bigger ones get 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;

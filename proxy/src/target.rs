@@ -1,0 +1,64 @@
+//! What the connection stack knows about an accepted connection, and the types
+//! every stage shares.
+//!
+//! The stack is a chain of tower services over `(Target, IO)`; each stage adds to
+//! the target or wraps the IO and calls the next one:
+//!
+//! ```text
+//! (Direction, TcpStream)
+//!   -> orig_dst::OrigDstLayer      original destination, mesh snapshot
+//!   -> metrics::ConnMetricsLayer   opened/closed/bytes (counts on the accepted IO)
+//!   -> loop_guard::LoopGuardLayer  refuses the proxy's own ports
+//!   -> detect::DetectLayer         opaque-port bypass or protocol detection
+//!        -> http::server::ServeHttp    HTTP/1 or HTTP/2 (tower HTTP stack inside)
+//!        -> tcp::ForwardTcp            opaque splice
+//! ```
+
+use std::{error::Error as StdError, future::Future, net::SocketAddr, pin::Pin, sync::Arc};
+
+use crate::{
+    mesh::Snapshot,
+    metrics::{ConnMetrics, Direction},
+};
+
+/// The error of every connection stage.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The future of every connection stage.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// An accepted connection as the stack sees it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Which listener accepted it.
+    pub direction: Direction,
+    /// Where the client meant to connect.
+    pub dst: SocketAddr,
+    /// The accepting socket's address.
+    pub local: Option<SocketAddr>,
+    /// The mesh config at accept time; the connection keeps it to the end.
+    pub mesh: Arc<Snapshot>,
+    /// The connection's metrics, once the metrics stage has run.
+    pub metrics: Option<ConnMetrics>,
+}
+
+impl Target {
+    /// Counts a timeout of `kind` on this connection (no-op before the metrics stage).
+    pub fn timeout(&self, kind: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.timeout(kind);
+        }
+    }
+}
+
+/// Whether `error` or anything in its source chain is an `E`.
+pub fn is_caused_by<E: StdError + 'static>(error: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if e.is::<E>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
