@@ -68,6 +68,10 @@ const CASES: &[Case] = &[
         "h2load_h2c_and_http1_counts_exact",
         h2load_h2c_and_http1_counts_exact,
     ),
+    (
+        "kube_proxy_spreads_connections",
+        kube_proxy_spreads_connections,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -90,6 +94,13 @@ fn main() -> ExitCode {
         .iter()
         .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f)))
         .collect();
+    if selected.is_empty() {
+        println!(
+            "no case matches {filters:?}; cases: {}",
+            CASES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        );
+        return ExitCode::FAILURE;
+    }
     let started = Instant::now();
     println!(
         "\nrunning {} tests (netns mini-cluster, pid {})",
@@ -848,5 +859,26 @@ fn h2load_h2c_and_http1_counts_exact() -> Result<()> {
             .trim();
         println!("    {proto}: {N} requests, 4 connections: {rate}");
     }
+    Ok(())
+}
+
+/// The node's kube-proxy rules pick an endpoint per connection: 20 fresh connections
+/// from an unmeshed pod reach both backends (all on one: probability 2 * 0.5^20).
+fn kube_proxy_spreads_connections() -> Result<()> {
+    let c = hello()?;
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..20 {
+        let body = curl(&c, "legacy", &[&format!("http://{BACKEND}/spread/{i}")])?;
+        let name = json(&body)?["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        *seen.entry(name).or_default() += 1;
+    }
+    ensure!(
+        seen.len() == 2 && seen.keys().all(|k| k.starts_with("backend-v")),
+        "20 connections through the ClusterIP reached {seen:?}, want both backends"
+    );
+    println!("    {seen:?}");
     Ok(())
 }
