@@ -95,11 +95,9 @@ fn main() -> ExitCode {
         .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f)))
         .collect();
     if selected.is_empty() {
-        println!(
-            "no case matches {filters:?}; cases: {}",
-            CASES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-        );
-        return ExitCode::FAILURE;
+        // As libtest does: a filter meant for other test binaries selects nothing here.
+        println!("\nrunning 0 tests (no case matches {filters:?})");
+        return ExitCode::SUCCESS;
     }
     let started = Instant::now();
     println!(
