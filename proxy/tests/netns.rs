@@ -1,0 +1,258 @@
+//! Real-kernel tests: the built `meshlet-proxy` runs as UID 1337 inside a throw-away
+//! network namespace per test (`mlproxy-<test>-<pid>`, deleted by a Drop guard even
+//! when the test panics) with iptables REDIRECT rules like meshlet-init's, so
+//! `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` are the kernel's, not a fake.
+//!
+//! A "ClusterIP" (198.19.99.10:80, [fd00:6d65:7368:99::10]:80) is DNATed to an app
+//! on the namespace's own address (198.18.99.1:8080), as kube-proxy would.
+//!
+//! They need root, iptables and iproute2 and util-linux (`setpriv`); when something
+//! is missing they FAIL saying what to install. Nothing touches the host namespace.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sched::{setns, CloneFlags},
+    sys::signal::Signal,
+    unistd::Pid,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshlet-proxy");
+const POD_IP: &str = "198.18.99.1";
+const POD_IP6: &str = "fd00:6d65:7368:99::1";
+const CLUSTER_IP: &str = "198.19.99.10";
+const CLUSTER_IP6: &str = "fd00:6d65:7368:99::10";
+
+fn preflight() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "netns tests need root (they create network namespaces and program iptables inside them): \
+         run `sudo -E cargo test -p meshlet-proxy --test netns`"
+    );
+    for tool in ["ip", "iptables", "ip6tables", "setpriv"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        assert!(
+            found,
+            "netns tests need `{tool}` in PATH: apt-get install -y iptables iproute2 util-linux"
+        );
+    }
+}
+
+/// A network namespace owned by one test.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(test: &str) -> Self {
+        preflight();
+        let name = format!("mlproxy-{test}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Self { name };
+        for cmd in [
+            "ip link set lo up",
+            // No dummy module everywhere; a veth pair kept inside the namespace works.
+            "ip link add pod0 type veth peer name pod1",
+            "ip link set pod1 up",
+            &format!("ip addr add {POD_IP}/24 dev pod0"),
+            &format!("ip -6 addr add {POD_IP6}/64 dev pod0 nodad"),
+            "ip link set pod0 up",
+            // The "Service" range needs a route for the first routing decision;
+            // the NAT rules then send the packets elsewhere.
+            "ip route add 198.19.99.0/24 dev pod0",
+        ] {
+            ns.sh(cmd);
+        }
+        ns
+    }
+
+    fn sh(&self, cmd: &str) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd.split_whitespace())
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The rules meshlet-init and kube-proxy would write, for the test's ClusterIPs.
+    fn redirect(&self) {
+        for (ipt, cip, app) in [
+            ("iptables", CLUSTER_IP, format!("{POD_IP}:8080")),
+            ("ip6tables", CLUSTER_IP6, format!("[{POD_IP6}]:8080")),
+        ] {
+            // The app's traffic goes to the sidecar; the sidecar's own (UID 1337) is
+            // never redirected and reaches the "Service" through the node's DNAT.
+            self.sh(&format!(
+                "{ipt} -t nat -A OUTPUT -p tcp -d {cip} --dport 80 -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 15001"
+            ));
+            self.sh(&format!(
+                "{ipt} -t nat -A OUTPUT -p tcp -d {cip} --dport 80 -j DNAT --to-destination {app}"
+            ));
+        }
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it creates live there).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            setns(fd, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// Starts an app that answers every request with `hello from app` on `addr`.
+    fn app(&self, addr: SocketAddr) {
+        let listener = self.run(move || TcpListener::bind(addr).expect("bind app"));
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).map(|n| n > 0).unwrap_or(false)
+                {
+                    head.push(b[0]);
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\nConnection: close\r\n\r\nhello from app");
+            }
+        });
+    }
+
+    /// Starts the proxy binary as UID 1337, like the injected sidecar.
+    fn proxy(&self) -> Proxy {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "setpriv",
+                "--reuid",
+                "1337",
+                "--regid",
+                "1337",
+                "--clear-groups",
+                BIN,
+            ])
+            .env("MESHLET_POD_IP", POD_IP)
+            .env("MESHLET_DRAIN_TIMEOUT", "2s")
+            .env("MESHLET_LOG", "warn")
+            .spawn()
+            .expect("spawn meshlet-proxy");
+        let p = Proxy { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .request("127.0.0.1:15020".parse().unwrap(), "/ready")
+            .map(|r| !r.starts_with("HTTP/1.1 200"))
+            .unwrap_or(true)
+        {
+            assert!(Instant::now() < deadline, "proxy never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    /// One HTTP/1.1 request from inside the namespace (as root, so it is redirected).
+    fn request(&self, addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let path = path.to_string();
+        self.run(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: web.shop\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+struct Proxy {
+    child: Child,
+}
+
+impl Proxy {
+    fn terminate(mut self) -> Option<i32> {
+        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redirected_ipv4_and_ipv6_reach_the_original_destination() {
+    let ns = Netns::new("origdst");
+    ns.redirect();
+    ns.app(format!("{POD_IP}:8080").parse().unwrap());
+    ns.app(format!("[{POD_IP6}]:8080").parse().unwrap());
+    let proxy = ns.proxy();
+
+    for cip in [format!("{CLUSTER_IP}:80"), format!("[{CLUSTER_IP6}]:80")] {
+        let rsp = ns.request(cip.parse().unwrap(), "/hello").unwrap();
+        assert!(
+            rsp.starts_with("HTTP/1.1 200") && rsp.ends_with("hello from app"),
+            "{cip}: {rsp}"
+        );
+    }
+
+    // A connection straight to the sidecar's port has itself as original destination.
+    let looped = ns
+        .request(format!("{POD_IP}:15001").parse().unwrap(), "/")
+        .unwrap_or_default();
+    assert_eq!(looped, "", "a loop gets no answer");
+
+    let metrics = ns
+        .request("127.0.0.1:15020".parse().unwrap(), "/metrics")
+        .unwrap();
+    assert!(
+        metrics.contains(r#"meshlet_requests_total{direction="outbound",service="unknown",status_code="200",tls="false"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"reason="loop"} 1"#), "{metrics}");
+    assert_eq!(proxy.terminate(), Some(0));
+}
