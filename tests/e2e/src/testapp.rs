@@ -71,6 +71,10 @@ pub enum Command {
         /// A line to send after the greeting.
         #[arg(long, default_value = "PING")]
         send: String,
+        /// End with a FIN (shutdown of the write half) instead of QUIT, and expect the
+        /// reply and then EOF.
+        #[arg(long)]
+        half_close: bool,
     },
     /// Writes the first N bytes of the `/bytes/N` pattern to stdout (upload input).
     Pattern {
@@ -122,7 +126,11 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Ws { port } => rt.block_on(ws::serve(port)),
         Command::WsClient { url, messages } => rt.block_on(ws::client(&url, &messages)),
         Command::Banner { port, name } => rt.block_on(banner::serve(port, name)),
-        Command::BannerClient { addr, send } => rt.block_on(banner::client(&addr, &send)),
+        Command::BannerClient {
+            addr,
+            send,
+            half_close,
+        } => rt.block_on(banner::client(&addr, &send, half_close)),
         Command::UdpDns { port, answer } => dns::serve(port, answer),
         Command::Pattern { bytes } => write_pattern(bytes),
     }

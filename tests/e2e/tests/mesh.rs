@@ -36,42 +36,27 @@ const T: Duration = Duration::from_secs(30);
 
 type Case = (&'static str, fn() -> Result<()>);
 
-const CASES: &[Case] = &[
-    ("http1_through_both_sidecars", http1_through_both_sidecars),
-    ("h2c_prior_knowledge", h2c_prior_knowledge),
-    ("websocket_echo", websocket_echo),
-    (
-        "server_first_tcp_on_opaque_port",
-        server_first_tcp_on_opaque_port,
-    ),
-    (
-        "excluded_inbound_port_bypasses_proxy",
-        excluded_inbound_port_bypasses_proxy,
-    ),
-    ("upload_and_download_100mib", upload_and_download_100mib),
-    (
-        "metrics_count_requests_bytes_connections",
-        metrics_count_requests_bytes_connections,
-    ),
-    (
-        "sigterm_drains_in_flight_request",
-        sigterm_drains_in_flight_request,
-    ),
-    ("udp_dns_not_captured", udp_dns_not_captured),
-    ("init_rerun_is_idempotent", init_rerun_is_idempotent),
-    ("pods_come_from_the_injector", pods_come_from_the_injector),
-    (
-        "unmeshed_client_reaches_meshed_service",
-        unmeshed_client_reaches_meshed_service,
-    ),
-    (
-        "h2load_h2c_and_http1_counts_exact",
-        h2load_h2c_and_http1_counts_exact,
-    ),
-    (
-        "kube_proxy_spreads_connections",
-        kube_proxy_spreads_connections,
-    ),
+/// Names each case after its function.
+macro_rules! cases {
+    ($($f:ident),* $(,)?) => { &[$((stringify!($f), $f as fn() -> Result<()>)),*] };
+}
+
+const CASES: &[Case] = cases![
+    http1_through_both_sidecars,
+    h2c_prior_knowledge,
+    websocket_echo,
+    server_first_tcp_on_opaque_port,
+    tcp_half_close_through_both_sidecars,
+    excluded_inbound_port_bypasses_proxy,
+    upload_and_download_100mib,
+    metrics_count_requests_bytes_connections,
+    h2load_h2c_and_http1_counts_exact,
+    sigterm_drains_in_flight_request,
+    udp_dns_not_captured,
+    init_rerun_is_idempotent,
+    pods_come_from_the_injector,
+    unmeshed_client_reaches_meshed_service,
+    kube_proxy_spreads_connections,
 ];
 
 fn main() -> ExitCode {
@@ -878,5 +863,33 @@ fn kube_proxy_spreads_connections() -> Result<()> {
         "20 connections through the ClusterIP reached {seen:?}, want both backends"
     );
     println!("    {seen:?}");
+    Ok(())
+}
+
+/// The client half-closes after its line; the reply and the server's FIN must still
+/// come back through both proxies' splice.
+fn tcp_half_close_through_both_sidecars() -> Result<()> {
+    let c = hello()?;
+    let before = metrics(&c, "greeter")?;
+    let out = c.testapp(
+        "client",
+        &[
+            "banner-client",
+            "--addr",
+            GREETER,
+            "--send",
+            "HALF",
+            "--half-close",
+        ],
+        T,
+    )?;
+    let v = json(&out)?;
+    ensure!(
+        v["reply"] == "250 HALF" && v["bye"].is_null(),
+        "half-close: {v}"
+    );
+    let after = metrics(&c, "greeter")?;
+    let n = delta(&before, &after, OPENED, &[("direction", "inbound")]);
+    ensure!(n == 1.0, "greeter's proxy saw {n} connections, want 1");
     Ok(())
 }

@@ -54,7 +54,10 @@ async fn conn(s: TcpStream, name: &str) -> Result<(), Error> {
 }
 
 /// Connects, times the greeting, sends one line and checks the reply; prints JSON.
-pub async fn client(addr: &str, send: &str) -> Result<(), Error> {
+///
+/// With `half_close` the client ends its side with a FIN instead of `QUIT` and expects
+/// the reply and then the server's own FIN: both halves must travel through a proxy.
+pub async fn client(addr: &str, send: &str, half_close: bool) -> Result<(), Error> {
     let fut = async {
         let started = Instant::now();
         let s = TcpStream::connect(addr)
@@ -72,9 +75,13 @@ pub async fn client(addr: &str, send: &str) -> Result<(), Error> {
         if !greeting.starts_with("220 ") {
             return Err(Error::Protocol(format!("greeting {greeting:?} is not 220")));
         }
-        w.write_all(format!("{send}\r\nQUIT\r\n").as_bytes())
+        let tail = if half_close { "" } else { "QUIT\r\n" };
+        w.write_all(format!("{send}\r\n{tail}").as_bytes())
             .await
             .map_err(io_ctx("writing"))?;
+        if half_close {
+            w.shutdown().await.map_err(io_ctx("half-closing"))?;
+        }
         let reply = lines
             .next_line()
             .await
@@ -86,7 +93,13 @@ pub async fn client(addr: &str, send: &str) -> Result<(), Error> {
             )));
         }
         let bye = lines.next_line().await.map_err(io_ctx("reading bye"))?;
+        if half_close && bye.is_some() {
+            return Err(Error::Protocol(format!(
+                "expected EOF after the reply, got {bye:?}"
+            )));
+        }
         Ok(serde_json::json!({
+            "halfClose": half_close,
             "greeting": greeting,
             "connectMs": connect_ms,
             "greetingMs": greeting_ms,
