@@ -741,6 +741,32 @@ fn pods_come_from_the_injector() -> Result<()> {
         !c.pod("legacy")?.meshed(),
         "the opted-out legacy pod was injected"
     );
+    // The kubelet honoured the securityContext: every proxy process runs as 1337.
+    let proxies: Vec<(String, i32)> = c
+        .container_pids()
+        .into_iter()
+        .filter(|(_, name, _)| name == meshlet_api::PROXY_CONTAINER_NAME)
+        .map(|(pod, _, pid)| (pod, pid))
+        .collect();
+    ensure!(
+        proxies.len() == 5,
+        "{} proxies running, want 5 (every pod but legacy)",
+        proxies.len()
+    );
+    for (pod, pid) in proxies {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let ids = |key: &str| -> Option<String> {
+            let l = status.lines().find(|l| l.starts_with(key))?;
+            Some(l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        };
+        ensure!(
+            ids("Uid:").as_deref() == Some("1337 1337 1337 1337")
+                && ids("Gid:").as_deref() == Some("1337 1337 1337 1337"),
+            "proxy of {pod} runs as uid {:?} gid {:?}",
+            ids("Uid:"),
+            ids("Gid:")
+        );
+    }
     // The rules in the pod are the ones the injected env asked for.
     let rules = c.iptables_save("backend-v1")?;
     ensure!(
