@@ -89,13 +89,32 @@ async fn mutate_handler(State(state): State<Arc<AppState>>, body: Bytes) -> Resp
     let (status, review, result) = review(&body, &state.defaults);
     metrics::counter!(REVIEWS_TOTAL, "result" => result.as_str()).increment(1);
     metrics::histogram!(REVIEW_DURATION).record(start.elapsed().as_secs_f64());
-    match serde_json::to_vec(&review) {
+    match to_wire(&review) {
         Ok(json) => (status, [(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(error) => {
             tracing::error!(%error, "cannot serialise the AdmissionReview response");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
+}
+
+/// Serialises a response review as the API server reads it. kube-core serialises the
+/// patch (`Vec<u8>`) as an array of numbers, but the API is a Go `[]byte`, whose JSON
+/// form is a base64 string (kube-rs/kube#1781); so the patch is re-encoded here.
+pub fn to_wire(review: &AdmissionReview<DynamicObject>) -> serde_json::Result<Vec<u8>> {
+    use base64::Engine as _;
+    let mut v = serde_json::to_value(review)?;
+    if let Some(patch) = v.pointer_mut("/response/patch") {
+        if let Some(items) = patch.as_array() {
+            let bytes: Vec<u8> = items
+                .iter()
+                .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                .collect();
+            *patch =
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+    }
+    serde_json::to_vec(&v)
 }
 
 fn invalid(message: String) -> (StatusCode, AdmissionReview<DynamicObject>, ReviewResult) {
