@@ -184,9 +184,12 @@ pub struct TestServer {
 /// Starts an HTTP server on 127.0.0.1 (`h2`: HTTP/2 prior knowledge, else HTTP/1.1
 /// with upgrades) that answers with [`echo`].
 pub async fn http_server(h2: bool) -> TestServer {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind test server");
+    http_server_on("127.0.0.1:0".parse().expect("static addr"), h2).await
+}
+
+/// [`http_server`] on a given address.
+pub async fn http_server_on(addr: SocketAddr, h2: bool) -> TestServer {
+    let listener = TcpListener::bind(addr).await.expect("bind test server");
     let addr = listener.local_addr().expect("addr");
     let connections = Arc::new(AtomicUsize::new(0));
     let count = connections.clone();

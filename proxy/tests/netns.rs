@@ -143,6 +143,10 @@ impl Netns {
 
     /// Starts the proxy binary as UID 1337, like the injected sidecar.
     fn proxy(&self) -> Proxy {
+        self.proxy_bin(BIN)
+    }
+
+    fn proxy_bin(&self, bin: &str) -> Proxy {
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -154,7 +158,7 @@ impl Netns {
                 "--regid",
                 "1337",
                 "--clear-groups",
-                BIN,
+                bin,
             ])
             .env("MESHLET_POD_IP", POD_IP)
             .env("MESHLET_DRAIN_TIMEOUT", "2s")
@@ -254,5 +258,85 @@ fn redirected_ipv4_and_ipv6_reach_the_original_destination() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"reason="loop"} 1"#), "{metrics}");
+    assert_eq!(proxy.terminate(), Some(0));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident memory idle and under 1000 req/s, and h2load's latency through the
+/// sidecar vs direct. A measurement, not a regression test: run it with
+/// `MESHLET_PROXY_BIN=target/release/meshlet-proxy cargo test -p meshlet-proxy --test netns -- --ignored --nocapture`
+/// (needs `h2load`: apt-get install -y nghttp2-client).
+#[test]
+#[ignore]
+fn measure_rss_and_latency() {
+    let bin = std::env::var("MESHLET_PROXY_BIN").unwrap_or_else(|_| BIN.to_string());
+    let ns = Netns::new("measure");
+    ns.redirect();
+    let app: SocketAddr = format!("{POD_IP}:8080").parse().unwrap();
+    let path = format!("/var/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        setns(File::open(&path).unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            meshlet_proxy::test_util::http_server_on(app, false).await;
+            std::future::pending::<()>().await
+        });
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let proxy = ns.proxy_bin(&bin);
+    let pid = proxy.child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = rss_kib(pid);
+
+    let h2load = |url: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &ns.name, "h2load", "--h1", "-c", "10", "--rps", "100", "-D",
+                "10", url,
+            ])
+            .output()
+            .expect("h2load (apt-get install -y nghttp2-client)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("finished")
+                    || l.starts_with("requests:")
+                    || l.starts_with("time for request")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut peak = 0;
+    let sampler = {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let h = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        (stop, h)
+    };
+    let through = h2load(&format!("http://{CLUSTER_IP}/"));
+    sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    peak = peak.max(sampler.1.join().unwrap());
+    let direct = h2load(&format!("http://{POD_IP}:8080/"));
+    eprintln!("binary: {bin}\nidle RSS: {idle} KiB\npeak RSS at 1000 req/s: {peak} KiB");
+    eprintln!("through the sidecar:\n{through}\ndirect:\n{direct}");
     assert_eq!(proxy.terminate(), Some(0));
 }
