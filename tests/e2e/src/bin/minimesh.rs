@@ -11,9 +11,9 @@ struct Args {
     /// What to do (`demo`, the default).
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// Manifests to run.
-    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samples/hello.yaml"))]
-    manifests: PathBuf,
+    /// Manifests to run [default: ./samples/hello.yaml, else the checkout's sample].
+    #[arg(long, global = true)]
+    manifests: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -25,7 +25,18 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let (Some(Cmd::Demo) | None) = args.command;
-    match meshlet_e2e::demo::run(&args.manifests) {
+    let manifests = args.manifests.unwrap_or_else(|| {
+        let local = PathBuf::from("samples/hello.yaml");
+        if local.is_file() {
+            local
+        } else {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../samples/hello.yaml"
+            ))
+        }
+    });
+    match meshlet_e2e::demo::run(&manifests) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshlet-minimesh: {e}");
