@@ -57,7 +57,7 @@ pub const INSTALL_HINT: &str =
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an init container may run.
 const INIT_TIMEOUT: Duration = Duration::from_secs(60);
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const PATH: &str = netns::SYSTEM_PATH;
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 
@@ -216,8 +216,8 @@ pub fn check_prereqs() -> Result<(), Error> {
             "the e2e mini-cluster needs root (it creates network namespaces and iptables rules inside them): run it as root, e.g. `sudo -E cargo test -p meshlet-e2e --test mesh`".into(),
         ));
     }
-    let path = std::env::var("PATH").unwrap_or_else(|_| PATH.into());
-    let dirs: Vec<&str> = path.split(':').chain(PATH.split(':')).collect();
+    let path = netns::search_path();
+    let dirs: Vec<&str> = path.split(':').collect();
     let missing: Vec<&str> = [
         "ip",
         "iptables",

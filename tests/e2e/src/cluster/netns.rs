@@ -14,6 +14,25 @@ use nix::sched::CloneFlags;
 
 use super::Error;
 
+/// Directories where `ip`, `iptables` and friends live on Debian-like systems; added
+/// to every command's PATH so a user PATH without the sbin directories still works.
+pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `ip` with a PATH that finds the system tools.
+fn ip_cmd() -> Command {
+    let mut c = Command::new("ip");
+    c.env("PATH", search_path());
+    c
+}
+
+/// The caller's PATH followed by [`SYSTEM_PATH`].
+pub fn search_path() -> String {
+    match std::env::var("PATH") {
+        Ok(p) if !p.is_empty() => format!("{p}:{SYSTEM_PATH}"),
+        _ => SYSTEM_PATH.to_string(),
+    }
+}
+
 /// A named network namespace (`/run/netns/<name>`).
 #[derive(Clone, Debug)]
 pub struct Netns {
@@ -23,7 +42,7 @@ pub struct Netns {
 impl Netns {
     /// Creates `name`; fails if it exists.
     pub fn create(name: &str) -> Result<Self, Error> {
-        run(Command::new("ip").args(["netns", "add", name]))?;
+        run(ip_cmd().args(["netns", "add", name]))?;
         let ns = Self {
             name: name.to_string(),
         };
@@ -45,12 +64,12 @@ impl Netns {
 
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) -> Result<String, Error> {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        run(ip_cmd().arg("-n").arg(&self.name).args(args))
     }
 
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
+        let mut c = ip_cmd();
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
@@ -95,7 +114,7 @@ impl Netns {
 
     /// Process ids running inside the namespace.
     pub fn pids(&self) -> Vec<i32> {
-        Command::new("ip")
+        ip_cmd()
             .args(["netns", "pids", &self.name])
             .output()
             .map(|o| {
@@ -109,7 +128,7 @@ impl Netns {
 
     /// Deletes the namespace (best effort: used from Drop).
     pub fn delete(name: &str) -> bool {
-        Command::new("ip")
+        ip_cmd()
             .args(["netns", "del", name])
             .stderr(Stdio::null())
             .status()
