@@ -218,7 +218,7 @@ pub async fn http_server_on(addr: SocketAddr, h2: bool) -> TestServer {
 /// The test servers' handler:
 /// - `/slow?ms=N`: waits N ms, then answers `slow`;
 /// - `/status/N`: answers status N;
-/// - `/upgrade`: answers 101 and echoes the upgraded bytes;
+/// - `/upgrade`: answers 101 and echoes the upgraded bytes (`CONNECT`: 200, then echoes);
 /// - anything else: streams the request body back (trailers included) with headers
 ///   `x-seen-host`, `x-seen-uri`, `x-seen-connection` and `x-seen-te` describing the request.
 pub async fn echo(
@@ -245,7 +245,7 @@ pub async fn echo(
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
         return Ok(full(code, ""));
     }
-    if path == "/upgrade" {
+    if path == "/upgrade" || req.method() == http::Method::CONNECT {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -259,6 +259,9 @@ pub async fn echo(
                 let _ = io.shutdown().await;
             }
         });
+        if req.method() == http::Method::CONNECT {
+            return Ok(full(200, ""));
+        }
         let mut r = full(101, "");
         r.headers_mut()
             .insert("upgrade", "echo".parse().expect("static"));

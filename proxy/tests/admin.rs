@@ -212,3 +212,42 @@ async fn drain_finishes_in_flight_and_refuses_new() {
         .unwrap();
     assert!(clean, "drained before the deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_sends_h2_goaway_after_in_flight_streams() {
+    let app = test_util::http_server(true).await;
+    let proxy = TestProxy::start(&[("MESHLET_DRAIN_TIMEOUT", "10s")]);
+    proxy.orig_dst.set(Direction::Outbound, app.addr);
+    let tx = test_util::h2_client::<Empty<Bytes>>(proxy.outbound).await;
+    let mut slow_tx = tx.clone();
+    let slow = tokio::spawn(async move {
+        let req = Request::get("http://web/slow?ms=800")
+            .body(Empty::new())
+            .unwrap();
+        let rsp = slow_tx.send_request(req).await.unwrap();
+        (rsp.status(), test_util::body_bytes(rsp.into_body()).await)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "slow");
+    // After GOAWAY the connection takes no new streams.
+    let mut tx = tx;
+    let late = tokio::time::timeout(Duration::from_secs(5), async {
+        match tx.ready().await {
+            Err(_) => true,
+            Ok(()) => tx
+                .send_request(Request::get("http://web/").body(Empty::new()).unwrap())
+                .await
+                .is_err(),
+        }
+    })
+    .await
+    .expect("answer in time");
+    assert!(late, "a new stream after the drain must be refused");
+    let clean = tokio::task::spawn_blocking(move || proxy.join())
+        .await
+        .unwrap();
+    assert!(clean);
+}

@@ -271,3 +271,22 @@ async fn half_close_still_gets_the_response() {
         assert_eq!(got, [&b"reply:"[..], request].concat());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnel_splices_after_200() {
+    let app = test_util::http_server(false).await;
+    let (client, _server) = chain(app.addr, &[], &[]);
+    let mut s = TcpStream::connect(client.outbound).await.unwrap();
+    s.write_all(b"CONNECT db.shop:5432 HTTP/1.1\r\nHost: db.shop:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"tunnelled bytes").await.unwrap();
+    let mut got = vec![0u8; 15];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(got, b"tunnelled bytes");
+}

@@ -14,7 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -68,8 +68,12 @@ impl Forward {
 
     async fn forward(self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
         let dst = self.dst;
-        let upgrade = self.protocol == Protocol::Http1 && headers::is_upgrade(&req);
-        let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let http1 = self.protocol == Protocol::Http1;
+        let upgrade = http1 && headers::is_upgrade(&req);
+        // An HTTP/1 CONNECT (an app tunnelling through an explicit proxy) turns the
+        // connection into a tunnel on any 2xx, like an upgrade.
+        let connect = http1 && req.method() == Method::CONNECT;
+        let downstream = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
 
         let (mut rsp, checkin) = if self.protocol == Protocol::H2 {
@@ -79,8 +83,10 @@ impl Forward {
             (rsp, Some(tx))
         };
 
-        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            headers::strip_hop_by_hop(rsp.headers_mut(), true);
+        let switched = (upgrade && rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
+            || (connect && rsp.status().is_success());
+        if switched {
+            headers::strip_hop_by_hop(rsp.headers_mut(), upgrade);
             if let Some(downstream) = downstream {
                 let upstream = hyper::upgrade::on(&mut rsp);
                 let idle = self.idle_timeout;
