@@ -83,14 +83,18 @@ pub struct DefaultsArgs {
     )]
     pub proxy_memory_limit: String,
     /// Proxy log level: error, warn, info, debug or trace.
-    #[arg(long, env = "MESHLET_INJECTOR_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    #[arg(long, env = "MESHLET_INJECTOR_PROXY_LOG_LEVEL", default_value = "info")]
+    pub proxy_log_level: String,
     /// Run the proxy as a native sidecar (Kubernetes 1.29+); false makes it the first container.
     #[arg(long, env = "MESHLET_INJECTOR_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
     pub native_sidecar: bool,
     /// Default inbound TLS mode: permissive or strict.
-    #[arg(long, env = "MESHLET_INJECTOR_TLS_MODE", default_value = "permissive")]
-    pub tls_mode: String,
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_PROXY_TLS_MODE",
+        default_value = "permissive"
+    )]
+    pub proxy_tls_mode: String,
     /// Mesh config path the proxy reads (MESHLET_CONFIG_PATH); empty leaves it unset.
     #[arg(long, env = "MESHLET_INJECTOR_MESH_CONFIG_PATH", default_value = "")]
     pub mesh_config_path: String,
@@ -138,8 +142,10 @@ impl DefaultsArgs {
                 "expected Always, IfNotPresent or Never".into(),
             ));
         }
-        validate::log_level(&self.log_level).map_err(|e| bad("log-level", &self.log_level, e))?;
-        validate::tls_mode(&self.tls_mode).map_err(|e| bad("tls-mode", &self.tls_mode, e))?;
+        validate::log_level(&self.proxy_log_level)
+            .map_err(|e| bad("proxy-log-level", &self.proxy_log_level, e))?;
+        validate::tls_mode(&self.proxy_tls_mode)
+            .map_err(|e| bad("proxy-tls-mode", &self.proxy_tls_mode, e))?;
         let d = Defaults {
             proxy_image: self.proxy_image.clone(),
             init_image: self.init_image.clone(),
@@ -148,11 +154,60 @@ impl DefaultsArgs {
             proxy_memory: quantity("proxy-memory", &self.proxy_memory)?,
             proxy_cpu_limit: quantity("proxy-cpu-limit", &self.proxy_cpu_limit)?,
             proxy_memory_limit: quantity("proxy-memory-limit", &self.proxy_memory_limit)?,
-            log_level: self.log_level.clone(),
+            log_level: self.proxy_log_level.clone(),
             native_sidecar: self.native_sidecar,
-            tls_mode: self.tls_mode.clone(),
+            tls_mode: self.proxy_tls_mode.clone(),
             mesh_config_path: nonempty(&self.mesh_config_path),
         };
         Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        d: DefaultsArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Defaults, InvalidDefault> {
+        let mut argv = vec!["x"];
+        argv.extend_from_slice(args);
+        Cli::parse_from(argv).d.to_defaults()
+    }
+
+    #[test]
+    fn flag_defaults_match_the_library_defaults() {
+        // Offline `inject` and library users (tests, e2e) must see the same sidecar.
+        assert_eq!(parse(&[]).unwrap(), Defaults::default());
+    }
+
+    #[test]
+    fn empty_values_omit_resources() {
+        let d = parse(&["--proxy-cpu-limit=", "--proxy-memory-limit="]).unwrap();
+        assert_eq!(d.proxy_cpu_limit, None);
+        assert_eq!(d.proxy_memory_limit, None);
+        assert_eq!(d.proxy_cpu.as_deref(), Some("10m"));
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        for (args, flag) in [
+            (&["--proxy-memory=lots"][..], "--proxy-memory"),
+            (&["--proxy-log-level=loud"][..], "--proxy-log-level"),
+            (&["--proxy-tls-mode=on"][..], "--proxy-tls-mode"),
+            (
+                &["--image-pull-policy=Sometimes"][..],
+                "--image-pull-policy",
+            ),
+            (&["--proxy-image="][..], "--proxy-image"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
     }
 }

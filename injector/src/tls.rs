@@ -209,3 +209,63 @@ fn parse(
     })?;
     Ok(Arc::new(ck))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn refuses_missing_empty_and_mismatched_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (crt, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        assert!(matches!(
+            ReloadingCert::load(&crt, &key),
+            Err(Error::Read { .. })
+        ));
+
+        let (c1, k1) = pair("a");
+        let (_, k2) = pair("b");
+        std::fs::write(&crt, "").unwrap();
+        std::fs::write(&key, &k1).unwrap();
+        assert!(matches!(
+            ReloadingCert::load(&crt, &key),
+            Err(Error::NoCertificate { .. })
+        ));
+        std::fs::write(&crt, &c1).unwrap();
+        std::fs::write(&key, "not a key").unwrap();
+        assert!(matches!(
+            ReloadingCert::load(&crt, &key),
+            Err(Error::NoKey { .. })
+        ));
+        std::fs::write(&key, &k2).unwrap();
+        let err = ReloadingCert::load(&crt, &key).unwrap_err();
+        assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+        std::fs::write(&key, &k1).unwrap();
+        assert!(ReloadingCert::load(&crt, &key).is_ok());
+    }
+
+    #[tokio::test]
+    async fn reload_swaps_only_on_a_valid_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (crt, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (c1, k1) = pair("a");
+        let (c2, k2) = pair("b");
+        std::fs::write(&crt, &c1).unwrap();
+        std::fs::write(&key, &k1).unwrap();
+        let r = ReloadingCert::load(&crt, &key).unwrap();
+        let first = r.current.read().unwrap().key.clone();
+        assert!(!r.reload().await.unwrap(), "unchanged files must not swap");
+        // Half-written rotation: new cert, old key. Keep serving the old pair.
+        std::fs::write(&crt, &c2).unwrap();
+        assert!(r.reload().await.is_err());
+        assert!(Arc::ptr_eq(&first, &r.current.read().unwrap().key));
+        std::fs::write(&key, &k2).unwrap();
+        assert!(r.reload().await.unwrap());
+        assert!(!Arc::ptr_eq(&first, &r.current.read().unwrap().key));
+    }
+}

@@ -407,3 +407,45 @@ async fn serving_certificate_rotates_without_dropping_connections() {
     // New handshakes no longer present the old certificate.
     assert!(connect(srv.addr, &old.ca_der).await.is_err());
 }
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    // kube-apiserver's webhook client negotiates h2 when the server offers it.
+    let p = pki("h2");
+    let srv = start(&p).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(p.ca_der.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri("https://localhost/mutate")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(FIXTURE)))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["response"]["allowed"], true);
+    assert!(patch_of(&v).is_some());
+}
