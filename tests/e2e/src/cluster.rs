@@ -1243,6 +1243,23 @@ impl Cluster {
             .collect()
     }
 
+    /// Changes the mesh config every proxy reads and writes it atomically (a rename),
+    /// as a controller would; proxies pick it up on their next poll.
+    pub fn update_mesh_config(&mut self, f: impl FnOnce(&mut MeshConfig)) -> Result<(), Error> {
+        let mut cfg = self.mesh.clone();
+        f(&mut cfg);
+        cfg.generation = self.mesh.generation + 1;
+        let json = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| Error::Other(format!("serializing the mesh config: {e}")))?;
+        let tmp = self.dir.path().join("mesh.json.tmp");
+        fs::write(&tmp, json).map_err(io_err("writing mesh.json.tmp"))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod mesh.json.tmp"))?;
+        fs::rename(&tmp, &self.mesh_path).map_err(io_err("renaming mesh.json.tmp"))?;
+        self.mesh = cfg;
+        Ok(())
+    }
+
     /// Log file paths, for reports.
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("logs")

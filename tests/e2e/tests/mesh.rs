@@ -57,6 +57,8 @@ const CASES: &[Case] = cases![
     pods_come_from_the_injector,
     unmeshed_client_reaches_meshed_service,
     kube_proxy_spreads_connections,
+    mesh_config_reload_takes_effect,
+    admin_endpoints_and_shutdown,
 ];
 
 fn main() -> ExitCode {
@@ -917,5 +919,88 @@ fn tcp_half_close_through_both_sidecars() -> Result<()> {
     let after = metrics(&c, "greeter")?;
     let n = delta(&before, &after, OPENED, &[("direction", "inbound")]);
     ensure!(n == 1.0, "greeter's proxy saw {n} connections, want 1");
+    Ok(())
+}
+
+fn mesh_config_reload_takes_effect() -> Result<()> {
+    let mut c = hello()?;
+    let before = metrics(&c, "client")?;
+    curl(&c, "client", &[&format!("http://{BACKEND}/before")])?;
+    c.update_mesh_config(|cfg| {
+        for s in &mut cfg.services {
+            if s.name == "backend" {
+                s.name = "backend-renamed".into();
+            }
+        }
+    })?;
+    let want = c.mesh_config().generation;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = c.admin("client", "/config")?;
+        let gen = json(&body)?["mesh"]["generation"].as_u64();
+        if gen == Some(want) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "client proxy still serves generation {gen:?}, want {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    curl(&c, "client", &[&format!("http://{BACKEND}/after")])?;
+    let after = metrics(&c, "client")?;
+    let reloads = delta(
+        &before,
+        &after,
+        "meshlet_config_reloads_total",
+        &[("result", "ok")],
+    );
+    ensure!(
+        reloads == 1.0,
+        "{reloads} successful reloads counted, want 1"
+    );
+    let old = delta(&before, &after, REQUESTS, &out_of("out", SVC_BACKEND));
+    let new = delta(
+        &before,
+        &after,
+        REQUESTS,
+        &[
+            ("direction", "outbound"),
+            ("service", "hello/backend-renamed"),
+        ],
+    );
+    ensure!(
+        old == 1.0 && new == 1.0,
+        "requests labelled old/new service: {old}/{new}, want 1/1"
+    );
+    Ok(())
+}
+
+fn admin_endpoints_and_shutdown() -> Result<()> {
+    let c = hello()?;
+    let (s, body) = c.admin("greeter", "/live")?;
+    ensure!(s == 200, "/live answered {s} {body}");
+    let (s, body) = c.admin("greeter", "/config")?;
+    let v = json(&body)?;
+    let names: Vec<&str> = v["mesh"]["services"]
+        .as_array()
+        .context("no mesh.services in /config")?
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    ensure!(
+        s == 200 && names.contains(&"backend") && names.contains(&"greeter"),
+        "/config services {names:?}"
+    );
+    let p = c.pod("greeter")?;
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], meshlet_api::ports::ADMIN));
+    let (s, body) = c.http(p, admin, "POST", "/shutdown")?;
+    ensure!(s == 200, "POST /shutdown answered {s} {body}");
+    let st = c.wait_exit(
+        "greeter",
+        meshlet_api::PROXY_CONTAINER_NAME,
+        Duration::from_secs(10),
+    )?;
+    ensure!(st.success(), "proxy exited with {st} after POST /shutdown");
     Ok(())
 }
