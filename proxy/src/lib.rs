@@ -129,42 +129,24 @@ impl Proxy {
     /// Binds every listener and starts serving (needs a tokio runtime).
     pub async fn start(self) -> Result<Running, Error> {
         let cfg = &self.config;
-        let bind =
-            |name, addr| listen::bind(addr).map_err(|source| Error::Bind { name, addr, source });
-        let outbound = bind(meshlet_api::env::PROXY_OUTBOUND_ADDR, cfg.outbound_addr)?;
-        let inbound = bind(meshlet_api::env::PROXY_INBOUND_ADDR, cfg.inbound_addr)?;
-        let admin_l = listen::bind(cfg.admin_addr)
-            .and_then(|mut ls| {
-                ls.drain(..1)
-                    .next()
-                    .ok_or_else(|| stdio::ErrorKind::AddrNotAvailable.into())
-            })
-            .map_err(|source| Error::Bind {
-                name: meshlet_api::env::PROXY_ADMIN_ADDR,
-                addr: cfg.admin_addr,
-                source,
-            })?;
-        let local = |ls: &[tokio::net::TcpListener]| {
-            ls.first()
-                .and_then(|l| l.local_addr().ok())
-                .ok_or(stdio::ErrorKind::AddrNotAvailable)
+        let bind = |name, addr| -> Result<(Vec<tokio::net::TcpListener>, SocketAddr), Error> {
+            let err = |source| Error::Bind { name, addr, source };
+            let ls = listen::bind(addr).map_err(err)?;
+            let local = ls
+                .first()
+                .ok_or_else(|| stdio::ErrorKind::AddrNotAvailable.into())
+                .and_then(|l| l.local_addr())
+                .map_err(err)?;
+            Ok((ls, local))
         };
+        let (outbound, outbound_addr) =
+            bind(meshlet_api::env::PROXY_OUTBOUND_ADDR, cfg.outbound_addr)?;
+        let (inbound, inbound_addr) = bind(meshlet_api::env::PROXY_INBOUND_ADDR, cfg.inbound_addr)?;
+        let (admin_ls, admin_addr) = bind(meshlet_api::env::PROXY_ADMIN_ADDR, cfg.admin_addr)?;
         let addrs = Addrs {
-            outbound: local(&outbound).map_err(|e| Error::Bind {
-                name: meshlet_api::env::PROXY_OUTBOUND_ADDR,
-                addr: cfg.outbound_addr,
-                source: e.into(),
-            })?,
-            inbound: local(&inbound).map_err(|e| Error::Bind {
-                name: meshlet_api::env::PROXY_INBOUND_ADDR,
-                addr: cfg.inbound_addr,
-                source: e.into(),
-            })?,
-            admin: admin_l.local_addr().map_err(|source| Error::Bind {
-                name: meshlet_api::env::PROXY_ADMIN_ADDR,
-                addr: cfg.admin_addr,
-                source,
-            })?,
+            outbound: outbound_addr,
+            inbound: inbound_addr,
+            admin: admin_addr,
         };
 
         let metrics = Metrics::new();
@@ -219,7 +201,9 @@ impl Proxy {
             config: self.config.clone(),
             shutdown: signal.trigger(),
         });
-        tokio::spawn(admin::serve(admin_l, admin));
+        for l in admin_ls {
+            tokio::spawn(admin::serve(l, admin.clone()));
+        }
         ready.store(true, Ordering::Release);
         tracing::info!(outbound = %addrs.outbound, inbound = %addrs.inbound, admin = %addrs.admin, "listening");
         Ok(Running {
