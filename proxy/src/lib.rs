@@ -244,12 +244,12 @@ impl Running {
 
 /// Runs the proxy of the process: real `SO_ORIGINAL_DST`, SIGTERM/SIGINT drain.
 pub async fn run(config: Config) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Before binding: a SIGTERM that arrives while starting must drain, not kill.
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     let running = Proxy::new(config, Arc::new(SoOriginalDst))?.start().await?;
     let trigger = running.shutdown_handle();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(Error::Signal)?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(Error::Signal)?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
