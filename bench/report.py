@@ -69,6 +69,9 @@ def summarize(facts, rounds):
             "rss_kib_loaded_max": max(p["rss_kib_max"] for p in ps),
             "rss_kib_loaded_end": ps[-1]["rss_kib_end"],
             "rss_kib_after_all_load": facts["proxy_rss_kib"][side]["after_load"],
+            "rss_kib_idle_anon": facts["proxy_rss_kib"][side]["idle_split"]["anon"],
+            "rss_kib_idle_file": facts["proxy_rss_kib"][side]["idle_split"]["file"],
+            "rss_kib_after_load_anon": facts["proxy_rss_kib"][side]["after_load_split"]["anon"],
             "cpu_ms_per_1000_requests": median([p["cpu_ms_per_1000_requests"] for p in ps]),
         }
     servers = {
@@ -154,14 +157,24 @@ def markdown(doc, json_name, png_name):
         "",
         "## Proxy footprint",
         "",
-        "| proxy | RSS idle | RSS max under load | RSS at end of load | CPU ms per 1000 req |",
-        "|---|---:|---:|---:|---:|",
+        "| proxy | RSS idle | of which anon / file | RSS max under load | RSS at end of load "
+        "| anon after load | CPU ms per 1000 req |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, p in px.items():
         lines.append(
-            f"| {name} | {mib(p['rss_kib_idle'])} | {mib(p['rss_kib_loaded_max'])} | "
-            f"{mib(p['rss_kib_loaded_end'])} | {fmt(p['cpu_ms_per_1000_requests'], 1)} |"
+            f"| {name} | {mib(p['rss_kib_idle'])} | {mib(p['rss_kib_idle_anon'])} / "
+            f"{mib(p['rss_kib_idle_file'])} | {mib(p['rss_kib_loaded_max'])} | "
+            f"{mib(p['rss_kib_loaded_end'])} | {mib(p['rss_kib_after_load_anon'])} | "
+            f"{fmt(p['cpu_ms_per_1000_requests'], 1)} |"
         )
+    lines += [
+        "",
+        "RSS is `VmRSS`; *anon* (`RssAnon`) is the proxy's own heap and stacks, *file* "
+        "(`RssFile`) the mapped pages of its binary and shared libraries (libc, libm, "
+        "ld.so), most of them shared with other processes and counted in full by "
+        "`VmRSS`.",
+    ]
     sv = s["server_cpu_ms_per_1000_requests"]
     g = s["goals"]
     lines += [

@@ -175,6 +175,11 @@ start() {
 }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# rss_split PID: {"anon": KiB, "file": KiB} (RssAnon, RssFile): heap and stacks versus
+# mapped code and data of the binary and its shared libraries.
+rss_split() {
+    awk '/^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} END {printf "{\"anon\": %d, \"file\": %d}\n", a, f}' "/proc/$1/status"
+}
 
 # requests_total NS DIRECTION: the sum of meshlet_requests_total over all label sets.
 requests_total() {
@@ -223,6 +228,8 @@ done
 sleep "$IDLE_SETTLE_S"
 RSS_IDLE_CLIENT=$(rss_kib "$PROXY_CLIENT")
 RSS_IDLE_SERVER=$(rss_kib "$PROXY_SERVER")
+SPLIT_IDLE_CLIENT=$(rss_split "$PROXY_CLIENT")
+SPLIT_IDLE_SERVER=$(rss_split "$PROXY_SERVER")
 log "idle RSS: client proxy ${RSS_IDLE_CLIENT} KiB, server proxy ${RSS_IDLE_SERVER} KiB"
 
 # --- rounds ---------------------------------------------------------------------------
@@ -277,6 +284,8 @@ if [[ $MAXTP != 0 ]]; then
 fi
 RSS_AFTER_CLIENT=$(rss_kib "$PROXY_CLIENT")
 RSS_AFTER_SERVER=$(rss_kib "$PROXY_SERVER")
+SPLIT_AFTER_CLIENT=$(rss_split "$PROXY_CLIENT")
+SPLIT_AFTER_SERVER=$(rss_split "$PROXY_SERVER")
 
 # --- facts and report -----------------------------------------------------------------
 
@@ -298,6 +307,8 @@ jq -n \
     --argjson ric "$RSS_IDLE_CLIENT" --argjson ris "$RSS_IDLE_SERVER" \
     --argjson rac "$RSS_AFTER_CLIENT" --argjson ras "$RSS_AFTER_SERVER" \
     --argjson counts "$COUNTS" \
+    --argjson sic "$SPLIT_IDLE_CLIENT" --argjson sis "$SPLIT_IDLE_SERVER" \
+    --argjson sac "$SPLIT_AFTER_CLIENT" --argjson sas "$SPLIT_AFTER_SERVER" \
     '{
       date: $date, git_commit: $commit,
       machine: {nproc: ($nproc|tonumber), kernel: $kernel, cpu_model: $cpu,
@@ -308,7 +319,8 @@ jq -n \
                  profile: $profile, network: "two netns per pair joined by one veth (198.18.200.0/24)",
                  protocol: "HTTP/1.1 keep-alive, GET, 100-byte response", tls: false},
       commands: {loadgen: $loadgen, server: $server, proxy: $proxy, init: $init},
-      proxy_rss_kib: {client: {idle: $ric, after_load: $rac}, server: {idle: $ris, after_load: $ras}},
+      proxy_rss_kib: {client: {idle: $ric, after_load: $rac, idle_split: $sic, after_load_split: $sac},
+                      server: {idle: $ris, after_load: $ras, idle_split: $sis, after_load_split: $sas}},
       proxy_request_counts: $counts
     }' >"$WORK/facts.json"
 
