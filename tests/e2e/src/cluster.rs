@@ -14,6 +14,7 @@
 //! completion, native sidecars until ready, then the app containers. [`Cluster`]'s Drop
 //! kills every process it started and deletes every namespace, also on panic.
 
+mod kubelet;
 pub mod kubeproxy;
 pub mod manifest;
 pub mod metrics;
@@ -23,12 +24,12 @@ pub mod top;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::{self, File},
+    fs,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Child, ExitStatus, Output, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
         Mutex,
@@ -40,7 +41,7 @@ use k8s_openapi::{
     api::core::v1::{Container, Pod, Service},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use meshlet_api::{config, env as menv, MeshConfig, SpiffeId};
+use meshlet_api::{config, MeshConfig, SpiffeId};
 use nix::{sys::signal::Signal, unistd::Pid};
 
 use self::{kubeproxy::Protocol, manifest::Manifests};
@@ -53,10 +54,6 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// What to install when a tool is missing.
 pub const INSTALL_HINT: &str =
     "apt-get install -y iptables iproute2 curl dnsutils util-linux nghttp2-client";
-/// How long a proxy or app may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long an init container may run.
-const INIT_TIMEOUT: Duration = Duration::from_secs(60);
 const PATH: &str = netns::SYSTEM_PATH;
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -518,7 +515,6 @@ struct Proc {
     pod: String,
     container: String,
     child: Child,
-    log: PathBuf,
 }
 
 /// A running mini-cluster; dropping it removes everything it created.
@@ -812,269 +808,6 @@ impl Cluster {
         Ok(())
     }
 
-    // --- the kubelet ---
-
-    fn start_pod(&self, i: usize) -> Result<(), Error> {
-        let pod = &self.pods[i];
-        let spec = pod.pod.spec.clone().unwrap_or_default();
-        for c in spec.init_containers.iter().flatten() {
-            if c.restart_policy.as_deref() == Some("Always") {
-                self.spawn(pod, c)?;
-                self.wait_probe(pod, c)?;
-            } else {
-                self.run_init(pod, c)?;
-            }
-        }
-        for c in &spec.containers {
-            self.spawn(pod, c)?;
-            if c.name == meshlet_api::PROXY_CONTAINER_NAME {
-                // Classic sidecar: the injector's post-start hook holds the app back
-                // until the proxy is ready.
-                self.wait_probe(pod, c)?;
-            }
-        }
-        self.wait_listening(pod)
-    }
-
-    fn command_for(&self, pod: &PodRun, c: &Container) -> Result<Command, Error> {
-        let (bin, args) = self.bins.resolve(c)?;
-        let sc = c.security_context.clone().unwrap_or_default();
-        let psc = pod
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.security_context.clone())
-            .unwrap_or_default();
-        let uid = sc.run_as_user.or(psc.run_as_user).unwrap_or(0);
-        let gid = sc.run_as_group.or(psc.run_as_group).unwrap_or(uid);
-        let mut cmd = if uid != 0 {
-            let mut cmd = pod.netns.command("setpriv");
-            cmd.args([
-                format!("--reuid={uid}"),
-                format!("--regid={gid}"),
-                "--clear-groups".into(),
-            ]);
-            cmd.arg(&bin);
-            cmd
-        } else {
-            pod.netns.command(&bin)
-        };
-        cmd.args(&args);
-        cmd.env_clear().env("PATH", PATH).env("RUST_BACKTRACE", "1");
-        let mut env: Vec<(String, String)> = Vec::new();
-        for e in c.env.iter().flatten() {
-            if let Some(v) = &e.value {
-                env.push((e.name.clone(), v.clone()));
-            } else if let Some(f) = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()) {
-                let v = match f.field_path.as_str() {
-                    "metadata.name" => pod.name.clone(),
-                    "metadata.namespace" => pod.namespace.clone(),
-                    "status.podIP" => pod.ip.to_string(),
-                    "status.podIPs" => pod.ip.to_string(),
-                    "status.hostIP" => GATEWAY.to_string(),
-                    "spec.serviceAccountName" => pod.service_account.clone(),
-                    "spec.nodeName" => "mle2e-node".into(),
-                    other => {
-                        return Err(Error::Manifest(format!(
-                            "container {} env {}: fieldRef {other} is not supported by the mini-cluster",
-                            c.name, e.name
-                        )))
-                    }
-                };
-                env.push((e.name.clone(), v));
-            } else if let Some(r) = e
-                .value_from
-                .as_ref()
-                .and_then(|v| v.resource_field_ref.as_ref())
-            {
-                // No cgroup limits here: report the node's size like an unlimited container.
-                let v = if r.resource.contains("cpu") { "2" } else { "0" };
-                env.push((e.name.clone(), v.into()));
-            }
-        }
-        if c.name == meshlet_api::PROXY_CONTAINER_NAME {
-            // The mounted config volume becomes the file the harness wrote.
-            env.retain(|(k, _)| k != menv::PROXY_CONFIG_PATH);
-            env.push((
-                menv::PROXY_CONFIG_PATH.into(),
-                self.mesh_path.display().to_string(),
-            ));
-            for (k, v) in &self.proxy_env {
-                env.retain(|(ek, _)| ek != k);
-                env.push((k.clone(), v.clone()));
-            }
-        }
-        cmd.envs(env);
-        Ok(cmd)
-    }
-
-    fn log_path(&self, pod: &str, container: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("logs")
-            .join(format!("{pod}.{container}.log"))
-    }
-
-    fn spawn(&self, pod: &PodRun, c: &Container) -> Result<(), Error> {
-        let mut cmd = self.command_for(pod, c)?;
-        let log = self.log_path(&pod.name, &c.name);
-        let f = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
-        let f2 = f.try_clone().map_err(io_err("dup log file"))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2)
-            .spawn()
-            .map_err(io_err(format!(
-                "starting container {} of {}",
-                c.name, pod.name
-            )))?;
-        self.lock().push(Proc {
-            pod: pod.name.clone(),
-            container: c.name.clone(),
-            child,
-            log,
-        });
-        Ok(())
-    }
-
-    fn run_init(&self, pod: &PodRun, c: &Container) -> Result<String, Error> {
-        let mut cmd = self.command_for(pod, c)?;
-        let out = netns::run_with_timeout(&mut cmd, INIT_TIMEOUT)?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let log = self.log_path(&pod.name, &c.name);
-        let _ = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .and_then(|mut f| f.write_all(text.as_bytes()));
-        if !out.status.success() {
-            return Err(Error::Other(format!(
-                "init container {} of pod {} failed ({}): {}",
-                c.name,
-                pod.name,
-                out.status,
-                text.trim()
-            )));
-        }
-        Ok(text)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Proc>> {
-        self.procs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn exited(&self, pod: &str, container: &str) -> Option<ExitStatus> {
-        let mut procs = self.lock();
-        procs
-            .iter_mut()
-            .rev()
-            .find(|p| p.pod == pod && p.container == container)
-            .and_then(|p| p.child.try_wait().ok().flatten())
-    }
-
-    fn wait_probe(&self, pod: &PodRun, c: &Container) -> Result<(), Error> {
-        let (path, port) = match c
-            .readiness_probe
-            .as_ref()
-            .or(c.startup_probe.as_ref())
-            .and_then(|p| p.http_get.as_ref())
-        {
-            Some(h) => (
-                h.path.clone().unwrap_or_else(|| "/".into()),
-                match &h.port {
-                    IntOrString::Int(p) => *p as u16,
-                    IntOrString::String(_) => meshlet_api::ports::ADMIN,
-                },
-            ),
-            None if c.name == meshlet_api::PROXY_CONTAINER_NAME => {
-                ("/ready".into(), meshlet_api::ports::ADMIN)
-            }
-            None => return Ok(()),
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            if let Some(st) = self.exited(&pod.name, &c.name) {
-                return Err(Error::Other(format!(
-                    "container {} of pod {} exited ({st}) before it was ready; its log:\n{}",
-                    c.name,
-                    pod.name,
-                    self.log(&pod.name, &c.name)
-                )));
-            }
-            match self.http(
-                pod,
-                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                "GET",
-                &path,
-            ) {
-                Ok((200, _)) => return Ok(()),
-                Ok((s, b)) => last = format!("{s} {}", b.trim()),
-                Err(e) => last = e.to_string(),
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        Err(Error::Timeout(format!(
-            "container {} of pod {} not ready on :{port}{path} within {READY_TIMEOUT:?} (last: {last}); its log:\n{}",
-            c.name,
-            pod.name,
-            self.log(&pod.name, &c.name)
-        )))
-    }
-
-    /// Waits until every declared container port of the pod's app containers listens.
-    fn wait_listening(&self, pod: &PodRun) -> Result<(), Error> {
-        let mut want: Vec<(u16, bool, String)> = Vec::new();
-        for c in pod.containers() {
-            if c.name == meshlet_api::PROXY_CONTAINER_NAME {
-                continue;
-            }
-            for p in c.ports.iter().flatten() {
-                let udp = p.protocol.as_deref() == Some("UDP");
-                want.push((p.container_port as u16, udp, c.name.clone()));
-            }
-        }
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let (tcp, udp) = pod.netns.enter(|| {
-                (
-                    fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default(),
-                    fs::read_to_string("/proc/thread-self/net/udp").unwrap_or_default(),
-                )
-            })?;
-            let missing: Vec<&(u16, bool, String)> = want
-                .iter()
-                .filter(|(port, is_udp, _)| {
-                    let table = if *is_udp { &udp } else { &tcp };
-                    !listening(table, *port, if *is_udp { "07" } else { "0A" })
-                })
-                .collect();
-            let Some((port, _, container)) = missing.first() else {
-                return Ok(());
-            };
-            if let Some(st) = self.exited(&pod.name, container) {
-                return Err(Error::Other(format!(
-                    "container {container} of pod {} exited ({st}); its log:\n{}",
-                    pod.name,
-                    self.log(&pod.name, container)
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Timeout(format!(
-                    "container {container} of pod {} does not listen on port {port} after {READY_TIMEOUT:?}; its log:\n{}",
-                    pod.name,
-                    self.log(&pod.name, container)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     // --- what tests use ---
 
     /// A container's log so far (last 4 KiB).
@@ -1271,7 +1004,6 @@ impl Cluster {
         for mut p in procs {
             let _ = p.child.kill();
             let _ = p.child.wait();
-            let _ = &p.log;
         }
         for ns in self.netns.drain(..).rev() {
             kill_ns_pids(&ns);
@@ -1297,15 +1029,6 @@ fn target_port(pod: &PodRun, target: Option<&IntOrString>, port: u16) -> Option<
             .find(|p| p.name.as_deref() == Some(name.as_str()))
             .and_then(|p| u16::try_from(p.container_port).ok()),
     }
-}
-
-/// Whether `/proc/net/{tcp,udp}` shows a socket on `port` in state `state`.
-fn listening(table: &str, port: u16, state: &str) -> bool {
-    let want = format!(":{port:04X}");
-    table.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3 && f[1].ends_with(&want) && f[3] == state
-    })
 }
 
 /// Status and body of a raw HTTP/1.x response (chunked bodies are decoded).
@@ -1338,13 +1061,6 @@ pub fn parse_http_response(raw: &[u8]) -> Option<(u16, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_listening_sockets() {
-        let t = "  sl  local_address rem_address   st\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000\n   1: 0100007F:3AA6 0100007F:1F90 01 x\n";
-        assert!(listening(t, 8080, "0A"));
-        assert!(!listening(t, 15014, "0A"));
-    }
 
     #[test]
     fn parses_responses() {
