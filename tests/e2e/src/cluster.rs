@@ -26,7 +26,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, ExitStatus, Output, Stdio},
@@ -51,6 +51,10 @@ pub use self::{metrics::Metrics, netns::Netns, sidecar::InjectPath};
 pub const NS_PREFIX: &str = "mle2e";
 /// Gateway address on the node end of every pod veth.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// IPv6 gateway (link-local) on the node end of every pod veth.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// The /48 every IPv6 address of the mini-cluster comes from (pods and ClusterIPs).
+pub const POD_NET6: [u16; 3] = [0xfd00, 0x6d65, 0x7368];
 /// What to install when a tool is missing.
 pub const INSTALL_HINT: &str =
     "apt-get install -y iptables iproute2 curl dnsutils util-linux nghttp2-client";
@@ -220,6 +224,8 @@ pub fn check_prereqs() -> Result<(), Error> {
         "iptables",
         "iptables-save",
         "iptables-restore",
+        "ip6tables-save",
+        "ip6tables-restore",
         "curl",
         "dig",
         "setpriv",
@@ -378,7 +384,11 @@ impl ClusterBuilder {
             mesh_path: PathBuf::new(),
             proxy_env: self.proxy_env,
         };
-        c.build_network(pods)?;
+        let dual_stack = original.services.iter().any(|s| {
+            let spec = s.spec.clone().unwrap_or_default();
+            matches!(cluster_ips("", "", &spec), Ok((_, Some(_))))
+        });
+        c.build_network(pods, dual_stack)?;
         c.build_services(&original.services)?;
         c.write_mesh_config()?;
         for i in 0..c.pods.len() {
@@ -457,6 +467,8 @@ pub struct PodRun {
     pub namespace: String,
     /// Pod IP.
     pub ip: Ipv4Addr,
+    /// Pod IPv6 address, in a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// Its network namespace.
     pub netns: Netns,
     /// The (injected) pod spec it runs.
@@ -503,6 +515,8 @@ pub struct ServiceRun {
     pub namespace: String,
     /// ClusterIP.
     pub cluster_ip: Ipv4Addr,
+    /// IPv6 ClusterIP (dual-stack Services).
+    pub cluster_ip6: Option<Ipv6Addr>,
     /// Its ports with their endpoints.
     pub ports: Vec<kubeproxy::ServicePortRule>,
     /// Port name and `appProtocol` per port.
@@ -600,13 +614,17 @@ impl Cluster {
 
     // --- building ---
 
-    fn build_network(&mut self, pods: Vec<Pod>) -> Result<(), Error> {
+    fn build_network(&mut self, pods: Vec<Pod>, dual_stack: bool) -> Result<(), Error> {
         let node_name = format!("{}-node", self.prefix);
         let node = Netns::create(&node_name)?;
         self.netns.push(node_name);
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        if dual_stack {
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            no_dad(&node)?;
+        }
         self.node = Some(node.clone());
         for (i, pod) in pods.into_iter().enumerate() {
             let name = pod
@@ -623,6 +641,9 @@ impl Cluster {
             let ns_name = format!("{}-{name}", self.prefix);
             let ns = Netns::create(&ns_name)?;
             self.netns.push(ns_name.clone());
+            if dual_stack {
+                no_dad(&ns)?;
+            }
             let veth = format!("vp{i}");
             node.ip(&[
                 "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns_name,
@@ -644,6 +665,43 @@ impl Cluster {
                 "scope",
                 "link",
             ])?;
+            let ip6 = if dual_stack {
+                let ip6 = Ipv6Addr::new(
+                    POD_NET6[0],
+                    POD_NET6[1],
+                    POD_NET6[2],
+                    self.n as u16,
+                    0,
+                    0,
+                    0,
+                    (i + 2) as u16,
+                );
+                let ip6_s = ip6.to_string();
+                let gw6 = GATEWAY6.to_string();
+                ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6_s}/128"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+                ns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
+                node.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{gw6}/64"),
+                    "dev",
+                    &veth,
+                    "nodad",
+                ])?;
+                node.ip(&["-6", "route", "add", &format!("{ip6_s}/128"), "dev", &veth])?;
+                Some(ip6)
+            } else {
+                None
+            };
             let service_account = pod
                 .spec
                 .as_ref()
@@ -657,6 +715,7 @@ impl Cluster {
                     .clone()
                     .unwrap_or_else(|| "default".into()),
                 ip,
+                ip6,
                 netns: ns,
                 pod,
                 service_account,
@@ -676,15 +735,13 @@ impl Cluster {
                 .clone()
                 .unwrap_or_else(|| "default".into());
             let spec = s.spec.clone().unwrap_or_default();
-            let cluster_ip = match spec.cluster_ip.as_deref().map(str::parse::<Ipv4Addr>) {
-                Some(Ok(ip)) if ip.octets()[..2] == [198, 19] => ip,
-                Some(Ok(ip)) => {
-                    return Err(Error::Manifest(format!(
-                        "service {namespace}/{name} has clusterIP {ip}: the mini-cluster only uses 198.19.0.0/16"
-                    )))
-                }
-                _ => {
-                    next = next.checked_add(1).ok_or_else(|| Error::Manifest("too many services".into()))?;
+            let (v4, v6) = cluster_ips(&namespace, &name, &spec)?;
+            let cluster_ip = match v4 {
+                Some(ip) => ip,
+                None => {
+                    next = next
+                        .checked_add(1)
+                        .ok_or_else(|| Error::Manifest("too many services".into()))?;
                     Ipv4Addr::new(198, 19, 0, next)
                 }
             };
@@ -708,19 +765,34 @@ impl Cluster {
                 };
                 let port = u16::try_from(p.port)
                     .map_err(|_| Error::Manifest(format!("service {name}: bad port {}", p.port)))?;
-                let mut endpoints = Vec::new();
-                for b in &backends {
-                    if let Some(tp) = target_port(b, p.target_port.as_ref(), port) {
-                        endpoints.push((b.ip, tp));
-                    }
-                }
+                let targets: Vec<(&PodRun, u16)> = backends
+                    .iter()
+                    .filter_map(|b| Some((*b, target_port(b, p.target_port.as_ref(), port)?)))
+                    .collect();
+                let port_name =
+                    format!("{namespace}/{name}:{}", p.name.clone().unwrap_or_default());
                 ports.push(kubeproxy::ServicePortRule {
-                    port_name: format!("{namespace}/{name}:{}", p.name.clone().unwrap_or_default()),
+                    port_name: port_name.clone(),
                     protocol,
-                    cluster_ip,
+                    cluster_ip: cluster_ip.into(),
                     port,
-                    endpoints,
+                    endpoints: targets
+                        .iter()
+                        .map(|(b, tp)| (IpAddr::V4(b.ip), *tp))
+                        .collect(),
                 });
+                if let Some(ip6) = v6 {
+                    ports.push(kubeproxy::ServicePortRule {
+                        port_name,
+                        protocol,
+                        cluster_ip: ip6.into(),
+                        port,
+                        endpoints: targets
+                            .iter()
+                            .filter_map(|(b, tp)| Some((IpAddr::V6(b.ip6?), *tp)))
+                            .collect(),
+                    });
+                }
                 if protocol == Protocol::Tcp {
                     port_meta.push((port, p.name.clone(), p.app_protocol.clone()));
                 }
@@ -730,31 +802,44 @@ impl Cluster {
                 name,
                 namespace,
                 cluster_ip,
+                cluster_ip6: v6,
                 ports,
                 port_meta,
                 pods: backends.iter().map(|p| p.name.clone()).collect(),
             });
         }
-        let input = kubeproxy::render(&rules);
-        fs::write(self.dir.path().join("node-nat.rules"), &input)
-            .map_err(io_err("writing node rules"))?;
-        let mut cmd = self.node().command("iptables-restore");
+        let (v4, v6): (Vec<_>, Vec<_>) = rules.into_iter().partition(|r| r.cluster_ip.is_ipv4());
+        self.restore(
+            "iptables-restore",
+            &kubeproxy::render(&v4),
+            "node-nat.rules",
+        )?;
+        if !v6.is_empty() {
+            self.restore(
+                "ip6tables-restore",
+                &kubeproxy::render(&v6),
+                "node-nat6.rules",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn restore(&self, tool: &str, input: &str, keep_as: &str) -> Result<(), Error> {
+        fs::write(self.dir.path().join(keep_as), input).map_err(io_err("writing node rules"))?;
+        let mut cmd = self.node().command(tool);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(io_err("running iptables-restore in the node"))?;
+            .map_err(io_err(format!("running {tool} in the node")))?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(input.as_bytes())
-                .map_err(io_err("writing to iptables-restore"))?;
+                .map_err(io_err(format!("writing to {tool}")))?;
         }
-        let out = child
-            .wait_with_output()
-            .map_err(io_err("iptables-restore"))?;
-        netns::check(&cmd, out)?;
-        Ok(())
+        let out = child.wait_with_output().map_err(io_err(tool.to_string()))?;
+        netns::check(&cmd, out).map(drop)
     }
 
     fn write_mesh_config(&mut self) -> Result<(), Error> {
@@ -777,7 +862,9 @@ impl Cluster {
             services.push(config::Service {
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
-                cluster_ips: vec![IpAddr::V4(s.cluster_ip)],
+                cluster_ips: std::iter::once(IpAddr::V4(s.cluster_ip))
+                    .chain(s.cluster_ip6.map(IpAddr::V6))
+                    .collect(),
                 ports: s
                     .port_meta
                     .iter()
@@ -1016,6 +1103,37 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Makes addresses usable at once: DAD would hold new IPv6 addresses "tentative" for a
+/// second or more, and nothing else shares these links.
+fn no_dad(ns: &Netns) -> Result<(), Error> {
+    ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
+}
+
+/// The Service's IPv4 and IPv6 ClusterIPs from `clusterIP`/`clusterIPs`, each checked
+/// to be in the mini-cluster's ranges.
+fn cluster_ips(
+    namespace: &str,
+    name: &str,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), Error> {
+    let mut all: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    all.extend(spec.cluster_ip.clone());
+    let (mut v4, mut v6) = (None, None);
+    for raw in all.iter().filter(|s| !s.is_empty() && *s != "None") {
+        match raw.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) if ip.octets()[..2] == [198, 19] => v4 = v4.or(Some(ip)),
+            Ok(IpAddr::V6(ip)) if ip.segments()[..3] == POD_NET6 => v6 = v6.or(Some(ip)),
+            _ => {
+                return Err(Error::Manifest(format!(
+                    "service {namespace}/{name} has clusterIP {raw}: the mini-cluster uses 198.19.0.0/16 and fd00:6d65:7368::/48 only"
+                )))
+            }
+        }
+    }
+    Ok((v4, v6))
 }
 
 fn target_port(pod: &PodRun, target: Option<&IntOrString>, port: u16) -> Option<u16> {

@@ -115,6 +115,17 @@ pub(crate) fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
     move |source| Error::Io { context, source }
 }
 
+/// Listens on `[::]:port` (which also accepts IPv4), or on `0.0.0.0:port` where the
+/// namespace has no IPv6.
+pub(crate) async fn bind_tcp(port: u16) -> Result<tokio::net::TcpListener, Error> {
+    match tokio::net::TcpListener::bind(("::", port)).await {
+        Ok(l) => Ok(l),
+        Err(_) => tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .map_err(io_ctx(format!("binding port {port}"))),
+    }
+}
+
 /// Runs the selected subcommand to completion (servers run until killed).
 pub fn run(cli: Cli) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_current_thread()

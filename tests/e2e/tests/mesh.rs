@@ -59,6 +59,7 @@ const CASES: &[Case] = cases![
     kube_proxy_spreads_connections,
     mesh_config_reload_takes_effect,
     admin_endpoints_and_shutdown,
+    dual_stack_ipv6_through_both_sidecars,
 ];
 
 fn main() -> ExitCode {
@@ -1002,5 +1003,60 @@ fn admin_endpoints_and_shutdown() -> Result<()> {
         Duration::from_secs(10),
     )?;
     ensure!(st.success(), "proxy exited with {st} after POST /shutdown");
+    Ok(())
+}
+
+fn dual_stack_ipv6_through_both_sidecars() -> Result<()> {
+    let c = start(ClusterBuilder::new(
+        sample().with_file_name("dualstack.yaml"),
+    ))?;
+    let rules6 = c.exec_ok("client", &["ip6tables-save", "-t", "nat"], T)?;
+    ensure!(
+        rules6.contains("MESHLET_OUTPUT") && rules6.contains("MESHLET_INBOUND"),
+        "meshlet-init programmed no IPv6 capture in a dual-stack pod:\n{rules6}"
+    );
+    let (cb, sb) = (metrics(&c, "client")?, metrics(&c, "backend")?);
+    for (url, peer_v6) in [
+        ("http://[fd00:6d65:7368:c1::10]/v6", true),
+        ("http://198.19.1.10/v4", false),
+    ] {
+        let body = curl(&c, "client", &["-g", url])?;
+        let v = json(&body)?;
+        ensure!(
+            v["name"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("backend-")
+                && url.ends_with(v["path"].as_str().unwrap_or("?")),
+            "{url}: {v}"
+        );
+        // The server proxy forwards to the pod address of the same family.
+        let peer = v["peer"].as_str().unwrap_or_default();
+        ensure!(
+            peer.starts_with("[fd00:6d65:7368:") == peer_v6,
+            "{url}: the app saw peer {peer}"
+        );
+    }
+    let (ca, sa) = (metrics(&c, "client")?, metrics(&c, "backend")?);
+    let o = delta(
+        &cb,
+        &ca,
+        REQUESTS,
+        &[
+            ("direction", "outbound"),
+            ("service", "hello6/backend"),
+            ("status_code", "200"),
+        ],
+    );
+    let i = delta(
+        &sb,
+        &sa,
+        REQUESTS,
+        &[("direction", "inbound"), ("status_code", "200")],
+    );
+    ensure!(
+        o == 2.0 && i == 2.0,
+        "proxies counted {o} outbound / {i} inbound requests over IPv6 + IPv4, want 2 / 2"
+    );
     Ok(())
 }

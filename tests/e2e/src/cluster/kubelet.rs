@@ -79,7 +79,10 @@ impl Cluster {
                     "metadata.name" => pod.name.clone(),
                     "metadata.namespace" => pod.namespace.clone(),
                     "status.podIP" => pod.ip.to_string(),
-                    "status.podIPs" => pod.ip.to_string(),
+                    "status.podIPs" => std::iter::once(pod.ip.to_string())
+                        .chain(pod.ip6.map(|ip| ip.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(","),
                     "status.hostIP" => GATEWAY.to_string(),
                     "spec.serviceAccountName" => pod.service_account.clone(),
                     "spec.nodeName" => "mle2e-node".into(),
@@ -251,8 +254,18 @@ impl Cluster {
         loop {
             let (tcp, udp) = pod.netns.enter(|| {
                 (
-                    fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default(),
-                    fs::read_to_string("/proc/thread-self/net/udp").unwrap_or_default(),
+                    ["tcp", "tcp6"]
+                        .map(|t| {
+                            fs::read_to_string(format!("/proc/thread-self/net/{t}"))
+                                .unwrap_or_default()
+                        })
+                        .concat(),
+                    ["udp", "udp6"]
+                        .map(|t| {
+                            fs::read_to_string(format!("/proc/thread-self/net/{t}"))
+                                .unwrap_or_default()
+                        })
+                        .concat(),
                 )
             })?;
             let missing: Vec<&(u16, bool, String)> = want

@@ -6,7 +6,10 @@
 //! (hairpin) is masqueraded, as kube-proxy does, so the reply comes back through the
 //! node. Chain names use kube-proxy's hash: base32(sha256(port name + protocol)).
 
-use std::{fmt::Write, net::Ipv4Addr};
+use std::{
+    fmt::Write,
+    net::{IpAddr, SocketAddr},
+};
 
 use ring::digest;
 
@@ -36,11 +39,11 @@ pub struct ServicePortRule {
     /// Protocol.
     pub protocol: Protocol,
     /// ClusterIP.
-    pub cluster_ip: Ipv4Addr,
+    pub cluster_ip: IpAddr,
     /// Service port.
     pub port: u16,
     /// Pod IP and target port of each ready endpoint.
-    pub endpoints: Vec<(Ipv4Addr, u16)>,
+    pub endpoints: Vec<(IpAddr, u16)>,
 }
 
 fn hash(s: &str) -> String {
@@ -72,7 +75,7 @@ pub fn svc_chain(port_name: &str, protocol: Protocol) -> String {
 }
 
 /// The `KUBE-SEP-` chain of one endpoint of a service port.
-pub fn sep_chain(port_name: &str, protocol: Protocol, ep: (Ipv4Addr, u16)) -> String {
+pub fn sep_chain(port_name: &str, protocol: Protocol, ep: (IpAddr, u16)) -> String {
     format!(
         "KUBE-SEP-{}",
         hash(&format!(
@@ -84,7 +87,15 @@ pub fn sep_chain(port_name: &str, protocol: Protocol, ep: (Ipv4Addr, u16)) -> St
     )
 }
 
-/// The `iptables-restore` input for the node's nat table.
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}/32"),
+        IpAddr::V6(ip) => format!("{ip}/128"),
+    }
+}
+
+/// The `iptables-restore` (or, for IPv6 rules, `ip6tables-restore`) input for the
+/// node's nat table; pass the rules of one address family.
 pub fn render(rules: &[ServicePortRule]) -> String {
     let mut chains = vec![
         "KUBE-SERVICES".to_string(),
@@ -121,12 +132,13 @@ pub fn render(rules: &[ServicePortRule]) -> String {
         chains.push(svc.clone());
         let _ = writeln!(
             body,
-            "-A KUBE-SERVICES -d {}/32 -p {proto} -m comment --comment \"{} cluster IP\" -m {proto} --dport {} -j {svc}",
-            r.cluster_ip, r.port_name, r.port
+            "-A KUBE-SERVICES -d {} -p {proto} -m comment --comment \"{} cluster IP\" -m {proto} --dport {} -j {svc}",
+            host(r.cluster_ip), r.port_name, r.port
         );
         let n = r.endpoints.len();
         for (i, ep) in r.endpoints.iter().enumerate() {
             let sep = sep_chain(&r.port_name, r.protocol, *ep);
+            let dst = SocketAddr::from(*ep);
             chains.push(sep.clone());
             let stat = if i + 1 < n {
                 format!(
@@ -138,18 +150,19 @@ pub fn render(rules: &[ServicePortRule]) -> String {
             };
             let _ = writeln!(
                 body,
-                "-A {svc} -m comment --comment \"{} -> {}:{}\"{stat} -j {sep}",
-                r.port_name, ep.0, ep.1
+                "-A {svc} -m comment --comment \"{} -> {dst}\"{stat} -j {sep}",
+                r.port_name
             );
             let _ = writeln!(
                 body,
-                "-A {sep} -s {}/32 -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
-                ep.0, r.port_name
+                "-A {sep} -s {} -m comment --comment \"{}\" -j KUBE-MARK-MASQ",
+                host(ep.0),
+                r.port_name
             );
             let _ = writeln!(
                 body,
-                "-A {sep} -p {proto} -m comment --comment \"{}\" -m {proto} -j DNAT --to-destination {}:{}",
-                r.port_name, ep.0, ep.1
+                "-A {sep} -p {proto} -m comment --comment \"{}\" -m {proto} -j DNAT --to-destination {dst}",
+                r.port_name
             );
         }
     }
@@ -168,18 +181,38 @@ pub fn render(rules: &[ServicePortRule]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn ipv6_rules_use_brackets_and_128() {
+        let ip: Ipv6Addr = "fd00:6d65:7368:c1::10".parse().unwrap();
+        let ep: Ipv6Addr = "fd00:6d65:7368:1::2".parse().unwrap();
+        let out = render(&[ServicePortRule {
+            port_name: "hello6/backend:http".into(),
+            protocol: Protocol::Tcp,
+            cluster_ip: ip.into(),
+            port: 80,
+            endpoints: vec![(ep.into(), 8080)],
+        }]);
+        assert!(out.contains("-d fd00:6d65:7368:c1::10/128 -p tcp"), "{out}");
+        assert!(out.contains("-s fd00:6d65:7368:1::2/128"), "{out}");
+        assert!(
+            out.contains("--to-destination [fd00:6d65:7368:1::2]:8080"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn spreads_over_endpoints_like_kube_proxy() {
         let r = ServicePortRule {
             port_name: "hello/backend:http".into(),
             protocol: Protocol::Tcp,
-            cluster_ip: Ipv4Addr::new(198, 19, 0, 10),
+            cluster_ip: Ipv4Addr::new(198, 19, 0, 10).into(),
             port: 80,
             endpoints: vec![
-                (Ipv4Addr::new(198, 18, 0, 2), 8080),
-                (Ipv4Addr::new(198, 18, 0, 3), 8080),
-                (Ipv4Addr::new(198, 18, 0, 4), 8080),
+                (Ipv4Addr::new(198, 18, 0, 2).into(), 8080),
+                (Ipv4Addr::new(198, 18, 0, 3).into(), 8080),
+                (Ipv4Addr::new(198, 18, 0, 4).into(), 8080),
             ],
         };
         let out = render(&[r]);
@@ -195,7 +228,7 @@ mod tests {
         let last = sep_chain(
             "hello/backend:http",
             Protocol::Tcp,
-            (Ipv4Addr::new(198, 18, 0, 4), 8080),
+            (Ipv4Addr::new(198, 18, 0, 4).into(), 8080),
         );
         assert!(out.contains(&format!("198.18.0.4:8080\" -j {last}")));
         assert!(out.starts_with("*nat\n") && out.ends_with("COMMIT\n"));
@@ -206,7 +239,7 @@ mod tests {
         let r = ServicePortRule {
             port_name: "hello/empty:http".into(),
             protocol: Protocol::Udp,
-            cluster_ip: Ipv4Addr::new(198, 19, 0, 11),
+            cluster_ip: Ipv4Addr::new(198, 19, 0, 11).into(),
             port: 53,
             endpoints: vec![],
         };

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 use super::{io_ctx, Error};
@@ -17,10 +17,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until killed: greeting, then `250 <line>` per line, `QUIT` ends.
 pub async fn serve(port: u16, name: String) -> Result<(), Error> {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .await
-        .map_err(io_ctx(format!("binding 0.0.0.0:{port}")))?;
-    eprintln!("testapp banner {name}: listening on 0.0.0.0:{port}");
+    let listener = super::bind_tcp(port).await?;
+    eprintln!("testapp banner {name}: listening on port {port} (IPv4 and IPv6)");
     loop {
         let (stream, peer) = listener.accept().await.map_err(io_ctx("accept"))?;
         let name = name.clone();

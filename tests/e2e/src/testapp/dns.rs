@@ -10,8 +10,11 @@ const TTL: u32 = 30;
 
 /// Serves until killed.
 pub fn serve(port: u16, answer: Ipv4Addr) -> Result<(), Error> {
-    let sock = UdpSocket::bind(("0.0.0.0", port)).map_err(io_ctx(format!("binding udp {port}")))?;
-    eprintln!("testapp udp-dns: answering A queries on udp 0.0.0.0:{port} with {answer}");
+    // Dual-stack where the namespace has IPv6, IPv4 only otherwise.
+    let sock = UdpSocket::bind(("::", port))
+        .or_else(|_| UdpSocket::bind(("0.0.0.0", port)))
+        .map_err(io_ctx(format!("binding udp {port}")))?;
+    eprintln!("testapp udp-dns: answering A queries on udp port {port} with {answer}");
     let mut buf = [0u8; 1500];
     loop {
         let (n, peer) = sock.recv_from(&mut buf).map_err(io_ctx("recv"))?;

@@ -22,10 +22,8 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
 
 use super::{
-    io_ctx,
     pattern::{Digest, Pattern},
     Error,
 };
@@ -41,10 +39,8 @@ type RespBody = BoxBody<Bytes, Infallible>;
 
 /// Serves until the process is killed.
 pub async fn serve(port: u16, name: String) -> Result<(), Error> {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .await
-        .map_err(io_ctx(format!("binding 0.0.0.0:{port}")))?;
-    eprintln!("testapp http {name}: listening on 0.0.0.0:{port} (HTTP/1.1 and h2c)");
+    let listener = super::bind_tcp(port).await?;
+    eprintln!("testapp http {name}: listening on port {port} (IPv4 and IPv6) (HTTP/1.1 and h2c)");
     let name: Arc<str> = name.into();
     loop {
         let (stream, peer) = match listener.accept().await {

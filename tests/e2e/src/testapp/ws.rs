@@ -7,7 +7,7 @@ use base64::Engine;
 use ring::digest;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 use super::{io_ctx, Error};
@@ -152,10 +152,8 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 
 /// Echo server; runs until killed.
 pub async fn serve(port: u16) -> Result<(), Error> {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .await
-        .map_err(io_ctx(format!("binding 0.0.0.0:{port}")))?;
-    eprintln!("testapp ws: listening on 0.0.0.0:{port}");
+    let listener = super::bind_tcp(port).await?;
+    eprintln!("testapp ws: listening on port {port} (IPv4 and IPv6)");
     loop {
         let (stream, peer) = listener.accept().await.map_err(io_ctx("accept"))?;
         tokio::spawn(async move {
