@@ -252,6 +252,25 @@ fn traffic(c: &Cluster) -> Result<(), Error> {
             "DIFFERS"
         }
     );
+    for (label, extra) in [("h2c     ", vec![]), ("HTTP/1.1", vec!["--h1"])] {
+        let mut argv = vec!["h2load", "-n", "3000", "-c", "4", "-m", "8"];
+        argv.extend(extra);
+        let url = format!("http://{BACKEND}/load");
+        argv.push(&url);
+        let out = c.exec_ok("client", &argv, T)?;
+        let pick = |prefix: &str| {
+            out.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        println!(
+            "  {label}  h2load 3000 requests over 4 connections: {}; {}",
+            pick("finished in"),
+            pick("requests:")
+        );
+    }
     let ws = c.testapp(
         "client",
         &[
