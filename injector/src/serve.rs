@@ -5,7 +5,7 @@
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
     service::TowerToHyperService,
 };
@@ -21,6 +21,8 @@ use crate::{
 
 /// A slow or silent client may not hold a connection slot forever before it finishes TLS.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight reviews may take after SIGTERM before connections are dropped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Histogram buckets (seconds): reviews take microseconds to a few milliseconds.
 const BUCKETS: [f64; 10] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
@@ -166,8 +168,13 @@ impl Server {
         });
         let service = TowerToHyperService::new(webhook::router(state));
         let watcher = tokio::spawn(self.cert.clone().watch(self.config.tls_reload_interval));
+        // Flipped on shutdown: every connection finishes its request in flight and closes.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut conns = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
+            // Reap finished connection tasks so the set stays as large as the live ones.
+            while conns.try_join_next().is_some() {}
             let (tcp, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
@@ -180,29 +187,75 @@ impl Server {
                     }
                 },
             };
-            let acceptor = self.acceptor.clone();
-            let service = service.clone();
-            tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let builder = auto::Builder::new(TokioExecutor::new());
-                if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-            });
+            conns.spawn(connection(
+                tcp,
+                peer,
+                self.acceptor.clone(),
+                service.clone(),
+                stop_rx.clone(),
+            ));
         }
         watcher.abort();
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                open = conns.len(),
+                "drain deadline passed; closing the remaining connections"
+            );
+        }
+    }
+}
+
+async fn connection<S>(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    service: S,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and never finishes its headers is cut off.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }
 

@@ -67,7 +67,8 @@ fn write_atomically(path: &Path, contents: &str) {
 struct TestServer {
     addr: SocketAddr,
     dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
 }
 
 impl TestServer {
@@ -94,13 +95,14 @@ async fn start(p: &Pki) -> TestServer {
     .expect("server binds");
     let addr = server.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
+    let done = tokio::spawn(server.run(async {
         let _ = rx.await;
     }));
     TestServer {
         addr,
         dir,
-        _stop: tx,
+        stop: Some(tx),
+        done,
     }
 }
 
@@ -448,4 +450,33 @@ async fn http2_clients_are_served() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["response"]["allowed"], true);
     assert!(patch_of(&v).is_some());
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_closes_idle_connections() {
+    let p = pki("stop");
+    let mut srv = start(&p).await;
+    let mut conn = connect(srv.addr, &p.ca_der).await.unwrap();
+    assert_eq!(
+        send(&mut conn, "GET", "/healthz", vec![]).await.0,
+        StatusCode::OK
+    );
+    let _ = srv.stop.take().unwrap().send(());
+    // An idle keep-alive connection is closed at once, so run() returns well before
+    // the drain deadline.
+    tokio::time::timeout(Duration::from_secs(5), &mut srv.done)
+        .await
+        .expect("server drained idle connections promptly")
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(srv.addr).await.is_err(),
+        "listener still open"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        while !conn.sender.is_closed() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection was not closed");
 }
