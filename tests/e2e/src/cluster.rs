@@ -310,6 +310,7 @@ pub enum InjectMode {
 pub struct ClusterBuilder {
     file: PathBuf,
     scale: BTreeMap<String, i32>,
+    annotations: Vec<(String, String, String)>,
     proxy_env: Vec<(String, String)>,
     inject: InjectMode,
 }
@@ -320,6 +321,7 @@ impl ClusterBuilder {
         Self {
             file: file.into(),
             scale: BTreeMap::new(),
+            annotations: Vec::new(),
             proxy_env: Vec::new(),
             inject: InjectMode::Auto,
         }
@@ -328,6 +330,14 @@ impl ClusterBuilder {
     /// Overrides the replicas of workload `name`.
     pub fn scale(mut self, name: &str, replicas: i32) -> Self {
         self.scale.insert(name.into(), replicas);
+        self
+    }
+
+    /// Sets a pod-template annotation of workload `name` before injection (the way a
+    /// user would edit the manifest), e.g. `meshlet.io/exclude-outbound-ports`.
+    pub fn annotate(mut self, name: &str, key: &str, value: &str) -> Self {
+        self.annotations
+            .push((name.into(), key.into(), value.into()));
         self
     }
 
@@ -351,13 +361,31 @@ impl ClusterBuilder {
         remove_stale();
         let yaml = fs::read_to_string(&self.file)
             .map_err(io_err(format!("reading {}", self.file.display())))?;
+        // Edited manifests go to a file of their own: the injector reads a file.
+        let edited = if self.annotations.is_empty() {
+            None
+        } else {
+            let out = manifest::annotate(&yaml, &self.annotations)?;
+            let mut f = tempfile::Builder::new()
+                .prefix("mle2e-manifest-")
+                .suffix(".yaml")
+                .tempfile()
+                .map_err(io_err("creating the edited manifest"))?;
+            f.write_all(out.as_bytes())
+                .map_err(io_err("writing the edited manifest"))?;
+            Some((f, out))
+        };
+        let (file, yaml) = match &edited {
+            Some((f, out)) => (f.path().to_path_buf(), out.clone()),
+            None => (self.file.clone(), yaml),
+        };
         let original = manifest::parse(&yaml)?;
         let mode = match (self.inject, std::env::var("MLE2E_INJECT").ok().as_deref()) {
             (InjectMode::Auto, Some("injector")) => InjectMode::Injector,
             (InjectMode::Auto, Some("handwritten")) => InjectMode::HandWritten,
             (m, _) => m,
         };
-        let (pods, inject_path) = injected_pods(&bins, &self.file, &original, &self.scale, mode)?;
+        let (pods, inject_path) = injected_pods(&bins, &file, &original, &self.scale, mode)?;
 
         let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("{NS_PREFIX}-{}-{n}", std::process::id());

@@ -60,6 +60,9 @@ const CASES: &[Case] = cases![
     mesh_config_reload_takes_effect,
     admin_endpoints_and_shutdown,
     dual_stack_ipv6_through_both_sidecars,
+    excluded_outbound_port_bypasses_client_proxy,
+    excluded_outbound_cidr_bypasses_client_proxy,
+    classic_sidecar_when_native_is_off,
 ];
 
 fn main() -> ExitCode {
@@ -1057,6 +1060,81 @@ fn dual_stack_ipv6_through_both_sidecars() -> Result<()> {
     ensure!(
         o == 2.0 && i == 2.0,
         "proxies counted {o} outbound / {i} inbound requests over IPv6 + IPv4, want 2 / 2"
+    );
+    Ok(())
+}
+
+/// With `annotation` on the client, the server-first TCP service is reached around the
+/// client's proxy (and still through the greeter's); HTTP to the backend is the
+/// control that still goes through it.
+fn outbound_bypass(annotation: &str, value: &str) -> Result<()> {
+    let c = start(ClusterBuilder::new(sample()).annotate("client", annotation, value))?;
+    let (cb, gb) = (metrics(&c, "client")?, metrics(&c, "greeter")?);
+    let out = c.testapp("client", &["banner-client", "--addr", GREETER], T)?;
+    ensure!(json(&out)?["reply"] == "250 PING", "greeter: {out}");
+    let (ca, ga) = (metrics(&c, "client")?, metrics(&c, "greeter")?);
+    let o = delta(&cb, &ca, OPENED, &[("direction", "outbound")]);
+    let i = delta(&gb, &ga, OPENED, &[("direction", "inbound")]);
+    ensure!(
+        o == 0.0,
+        "{annotation}={value}: the client's proxy still took {o} connections to {GREETER}"
+    );
+    ensure!(i == 1.0, "the greeter's proxy saw {i} connections, want 1");
+    curl(&c, "client", &[&format!("http://{BACKEND}/control")])?;
+    let n = delta(
+        &ca,
+        &metrics(&c, "client")?,
+        OPENED,
+        &[("direction", "outbound")],
+    );
+    ensure!(
+        n == 1.0,
+        "control: HTTP to the backend moved the client's proxy by {n}, want 1"
+    );
+    Ok(())
+}
+
+fn excluded_outbound_port_bypasses_client_proxy() -> Result<()> {
+    outbound_bypass(meshlet_api::annotations::EXCLUDE_OUTBOUND_PORTS, "3306")
+}
+
+fn excluded_outbound_cidr_bypasses_client_proxy() -> Result<()> {
+    outbound_bypass(
+        meshlet_api::annotations::EXCLUDE_OUTBOUND_CIDRS,
+        "198.19.0.20/32",
+    )
+}
+
+/// `meshlet.io/native-sidecar: "false"`: the proxy is the first app container and its
+/// postStart hook must hold the app back until the proxy is ready.
+fn classic_sidecar_when_native_is_off() -> Result<()> {
+    let c = start(
+        ClusterBuilder::new(sample())
+            .scale("backend-v2", 0)
+            .annotate(
+                "backend-v1",
+                meshlet_api::annotations::NATIVE_SIDECAR,
+                "false",
+            ),
+    )?;
+    let spec = c.pod("backend-v1")?.pod.spec.clone().context("no spec")?;
+    ensure!(
+        spec.containers.first().map(|c| c.name.as_str()) == Some(meshlet_api::PROXY_CONTAINER_NAME),
+        "meshlet-proxy is not the first container: {:?}",
+        spec.containers.iter().map(|c| &c.name).collect::<Vec<_>>()
+    );
+    let before = metrics(&c, "backend-v1")?;
+    let body = curl(&c, "client", &[&format!("http://{BACKEND}/classic")])?;
+    ensure!(json(&body)?["path"] == "/classic", "answer: {body}");
+    let n = delta(
+        &before,
+        &metrics(&c, "backend-v1")?,
+        REQUESTS,
+        &[("direction", "inbound")],
+    );
+    ensure!(
+        n == 1.0,
+        "classic sidecar counted {n} inbound requests, want 1"
     );
     Ok(())
 }

@@ -36,13 +36,47 @@ impl Cluster {
         }
         for c in &spec.containers {
             self.spawn(pod, c)?;
-            if c.name == meshlet_api::PROXY_CONTAINER_NAME {
-                // Classic sidecar: the injector's post-start hook holds the app back
-                // until the proxy is ready.
+            let hook = c
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.post_start.as_ref())
+                .and_then(|h| h.exec.as_ref())
+                .and_then(|e| e.command.clone());
+            if let Some(command) = hook {
+                // As the kubelet does: the next container starts only once postStart
+                // has run to completion, and a failed hook fails the container.
+                self.run_post_start(pod, c, command)?;
+            } else if c.name == meshlet_api::PROXY_CONTAINER_NAME {
                 self.wait_probe(pod, c)?;
             }
         }
         self.wait_listening(pod)
+    }
+
+    fn run_post_start(
+        &self,
+        pod: &PodRun,
+        c: &Container,
+        command: Vec<String>,
+    ) -> Result<(), Error> {
+        let hook = Container {
+            command: Some(command.clone()),
+            args: None,
+            ..c.clone()
+        };
+        let mut cmd = self.command_for(pod, &hook)?;
+        let out = netns::run_with_timeout(&mut cmd, INIT_TIMEOUT)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::Other(format!(
+            "postStart hook {command:?} of container {} in pod {} failed ({}): {}{}",
+            c.name,
+            pod.name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 
     pub(super) fn command_for(&self, pod: &PodRun, c: &Container) -> Result<Command, Error> {

@@ -158,6 +158,69 @@ impl Manifests {
     }
 }
 
+/// Sets pod-template annotations: each `(workload, key, value)` applies to the
+/// Deployment, StatefulSet or Pod named `workload`. Returns the edited YAML.
+pub fn annotate(yaml: &str, edits: &[(String, String, String)]) -> Result<String, Error> {
+    let mut out = String::new();
+    let mut applied = vec![false; edits.len()];
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let mut v = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| Error::Manifest(format!("not valid YAML: {e}")))?;
+        if v.is_null() {
+            continue;
+        }
+        edit(&mut v, edits, &mut applied);
+        out.push_str("---\n");
+        out.push_str(
+            &serde_yaml::to_string(&v).map_err(|e| Error::Manifest(format!("YAML: {e}")))?,
+        );
+    }
+    if let Some(i) = applied.iter().position(|a| !a) {
+        return Err(Error::Manifest(format!(
+            "no Deployment, StatefulSet or Pod named {} to annotate",
+            edits[i].0
+        )));
+    }
+    Ok(out)
+}
+
+fn edit(v: &mut serde_yaml::Value, edits: &[(String, String, String)], applied: &mut [bool]) {
+    let kind = v
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
+    if kind == "List" {
+        if let Some(items) = v.get_mut("items").and_then(|i| i.as_sequence_mut()) {
+            for item in items {
+                edit(item, edits, applied);
+            }
+        }
+        return;
+    }
+    let name = v
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("")
+        .to_string();
+    for (i, (w, key, value)) in edits.iter().enumerate() {
+        if *w != name || !["Deployment", "StatefulSet", "Pod"].contains(&kind.as_str()) {
+            continue;
+        }
+        let meta = if kind == "Pod" {
+            &mut v["metadata"]
+        } else {
+            &mut v["spec"]["template"]["metadata"]
+        };
+        if meta.get("annotations").is_none_or(|a| a.is_null()) {
+            meta["annotations"] = serde_yaml::Value::Mapping(Default::default());
+        }
+        meta["annotations"][key.as_str()] = value.as_str().into();
+        applied[i] = true;
+    }
+}
+
 /// Whether a Service selector matches a pod's labels.
 pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -204,6 +267,21 @@ metadata: {name: web, namespace: hello}
         assert_eq!(pods[0].metadata.namespace.as_deref(), Some("hello"));
         let scaled = m.pods(&[("web".to_string(), 0)].into_iter().collect());
         assert!(scaled.is_empty());
+    }
+
+    #[test]
+    fn annotates_pod_templates() {
+        let edits = vec![(
+            "web".to_string(),
+            "meshlet.io/opaque-ports".to_string(),
+            "4444".to_string(),
+        )];
+        let out = annotate(DOC, &edits).unwrap();
+        let pods = parse(&out).unwrap().pods(&BTreeMap::new());
+        let a = pods[0].metadata.annotations.clone().unwrap();
+        assert_eq!(a["meshlet.io/opaque-ports"], "4444");
+        let missing = vec![("nope".to_string(), "k".to_string(), "v".to_string())];
+        assert!(annotate(DOC, &missing).is_err());
     }
 
     #[test]
