@@ -53,6 +53,8 @@ pub enum SkipReason {
     OptedOut,
     /// The pod already has `meshlet.io/status` or a `meshlet-proxy` container.
     AlreadyInjected,
+    /// The pod is in `kube-system` or `meshlet-system`.
+    SystemNamespace,
 }
 
 impl std::fmt::Display for SkipReason {
@@ -61,6 +63,7 @@ impl std::fmt::Display for SkipReason {
             Self::HostNetwork => "hostNetwork pod",
             Self::OptedOut => "pod label meshlet.io/inject=disabled",
             Self::AlreadyInjected => "already injected",
+            Self::SystemNamespace => "system namespace",
         })
     }
 }
@@ -114,7 +117,20 @@ pub enum Denied {
 }
 
 /// Decides whether and how to mesh `pod`.
-pub fn mutate(pod: &Pod, _ctx: &Context, defaults: &Defaults) -> Result<Outcome, Denied> {
+pub fn mutate(pod: &Pod, ctx: &Context, defaults: &Defaults) -> Result<Outcome, Denied> {
+    // The webhook's namespaceSelector already leaves these out; this guard keeps a
+    // mislabelled namespace from making the injector inject itself (whose pods could
+    // then never start while the webhook is down) or break cluster components.
+    let namespace = ctx
+        .namespace
+        .as_deref()
+        .or(pod.metadata.namespace.as_deref());
+    if matches!(
+        namespace,
+        Some("kube-system" | meshlet_api::CONTROL_PLANE_NAMESPACE)
+    ) {
+        return Ok(Outcome::Skip(SkipReason::SystemNamespace));
+    }
     let Some(spec) = pod.spec.as_ref() else {
         return Err(Denied::NoSpec);
     };

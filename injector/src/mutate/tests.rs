@@ -197,3 +197,30 @@ fn annotation_keys_are_pointer_escaped() {
         "{paths:?}"
     );
 }
+
+#[test]
+fn system_namespaces_are_never_injected() {
+    let d = Defaults::default();
+    for ns in ["kube-system", "meshlet-system"] {
+        let ctx = Context {
+            namespace: Some(ns.to_string()),
+        };
+        assert_eq!(
+            mutate(&pod(BASIC), &ctx, &d).unwrap(),
+            Outcome::Skip(SkipReason::SystemNamespace)
+        );
+        let mut p = pod(BASIC);
+        p.metadata.namespace = Some(ns.to_string());
+        assert_eq!(
+            mutate(&p, &Context::default(), &d).unwrap(),
+            Outcome::Skip(SkipReason::SystemNamespace)
+        );
+    }
+    let ctx = Context {
+        namespace: Some("kube-systemd".to_string()),
+    };
+    assert!(matches!(
+        mutate(&pod(BASIC), &ctx, &d).unwrap(),
+        Outcome::Inject(_)
+    ));
+}
