@@ -57,6 +57,7 @@ const CASES: &[Case] = cases![
     pods_come_from_the_injector,
     unmeshed_client_reaches_meshed_service,
     kube_proxy_spreads_connections,
+    meshed_client_requests_reach_every_backend,
     mesh_config_reload_takes_effect,
     admin_endpoints_and_shutdown,
     dual_stack_ipv6_through_both_sidecars,
@@ -1136,5 +1137,30 @@ fn classic_sidecar_when_native_is_off() -> Result<()> {
         n == 1.0,
         "classic sidecar counted {n} inbound requests, want 1"
     );
+    Ok(())
+}
+
+/// What `kube_proxy_spreads_connections` shows without a sidecar must hold with one:
+/// 20 requests (each a new connection from the app) reach both backends. A proxy that
+/// pins every request to one pooled connection to the ClusterIP breaks the Service's
+/// load balancing (all on one: probability 2 * 0.5^20 if balanced per connection).
+fn meshed_client_requests_reach_every_backend() -> Result<()> {
+    let c = hello()?;
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..20 {
+        let body = curl(&c, "client", &[&format!("http://{BACKEND}/spread/{i}")])?;
+        let name = json(&body)?["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        *seen.entry(name).or_default() += 1;
+    }
+    ensure!(
+        seen.len() == 2,
+        "20 requests from the meshed client reached only {seen:?}: the client's proxy reuses one \
+         pooled connection to the ClusterIP, so kube-proxy balances nothing (it picks a backend \
+         per connection); an unmeshed client reaches both"
+    );
+    println!("    {seen:?}");
     Ok(())
 }
