@@ -13,6 +13,7 @@ pub mod env;
 pub mod identity;
 pub mod parse;
 pub mod ports;
+pub mod probes;
 
 pub use config::MeshConfig;
 pub use duration::Duration;

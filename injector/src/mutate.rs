@@ -17,7 +17,7 @@ use crate::{
 mod probes;
 mod template;
 
-pub use probes::{AppProbe, AppProbes};
+pub use meshlet_api::probes::{AppProbe, AppProbes};
 pub use template::{TOKEN_MOUNT_PATH, TOKEN_VOLUME};
 
 /// Annotations added so Prometheus scrapes the proxy's admin port.

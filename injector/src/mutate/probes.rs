@@ -2,56 +2,15 @@
 //! probes keep working when the app port only accepts mesh mTLS: kubelet probes the proxy's
 //! admin port (excluded from capture) and the proxy probes the app from inside the pod.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::{
     api::core::v1::{Container, HTTPGetAction, PodSpec, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use meshlet_api::ports;
-use serde::{Deserialize, Serialize};
+use meshlet_api::{
+    ports,
+    probes::{app_health_path, AppHeader, AppHttpGet, AppProbe, AppProbes, KINDS},
+};
 use serde_json::{Map, Value};
-
-/// What `MESHLET_APP_PROBES` carries: `/app-health/<container>/<livez|readyz|startupz>`
-/// to the probe the proxy runs against the app.
-pub type AppProbes = BTreeMap<String, AppProbe>;
-
-/// One original app probe, with a named port already resolved to its number.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AppProbe {
-    /// The app's httpGet action (port always a number).
-    pub http_get: AppHttpGet,
-    /// Seconds before the probe counts as failed (kubelet's default is 1).
-    pub timeout_seconds: i32,
-}
-
-/// The app's original httpGet action.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AppHttpGet {
-    /// Request path (default `/`).
-    pub path: String,
-    /// App port inside the pod.
-    pub port: u16,
-    /// `HTTP` or `HTTPS` (the proxy does not verify the app's certificate, as kubelet does not).
-    pub scheme: String,
-    /// Host to connect to instead of the pod IP, when the app set one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    /// Extra request headers as `[{name, value}]`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub http_headers: Vec<AppHeader>,
-}
-
-/// One extra probe header.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppHeader {
-    /// Header name.
-    pub name: String,
-    /// Header value.
-    pub value: String,
-}
 
 /// One probe field of one app container to replace.
 pub(super) struct Replacement {
@@ -67,17 +26,6 @@ pub(super) struct Rewritten {
     pub app_probes: AppProbes,
     /// For `meshlet.io/original-probes`: container -> field -> original probe.
     pub originals: Map<String, Value>,
-}
-
-const KINDS: [(&str, &str); 3] = [
-    ("livenessProbe", "livez"),
-    ("readinessProbe", "readyz"),
-    ("startupProbe", "startupz"),
-];
-
-/// The kubelet-facing path of one rewritten probe.
-pub fn app_health_path(container: &str, kind: &str) -> String {
-    format!("/app-health/{container}/{kind}")
 }
 
 pub(super) fn rewrite(spec: &PodSpec) -> Rewritten {

@@ -16,8 +16,9 @@ use meshlet_api::{
     annotations as ann, env, ports, INIT_CONTAINER_NAME, PROXY_CONTAINER_NAME, PROXY_GID, PROXY_UID,
 };
 
-use super::{probes::AppProbes, Denied};
+use super::Denied;
 use crate::{config::Defaults, validate::Overrides};
+use meshlet_api::probes::AppProbes;
 
 /// Name of the projected service-account token volume.
 pub const TOKEN_VOLUME: &str = "meshlet-token";
