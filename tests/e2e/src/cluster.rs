@@ -943,23 +943,56 @@ impl Cluster {
         method: &str,
         path: &str,
     ) -> Result<(u16, String), Error> {
-        let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-        let raw = pod
-            .netns
-            .enter(move || -> std::io::Result<Vec<u8>> {
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(req.as_bytes())?;
-                let mut buf = Vec::new();
-                s.read_to_end(&mut buf)?;
-                Ok(buf)
-            })?
-            .map_err(io_err(format!(
-                "{method} http://{addr}{path} in pod {}",
-                pod.name
-            )))?;
-        parse_http_response(&raw)
-            .ok_or_else(|| Error::Other(format!("{method} {addr}{path}: not an HTTP response")))
+        http_in(&pod.netns, addr, method, path)
+    }
+
+    /// Runs a container's readiness (or, with `liveness`, liveness) probe the way the
+    /// kubelet does: an HTTP GET from the node to the pod IP. Returns status and body.
+    pub fn probe(
+        &self,
+        pod: &str,
+        container: &str,
+        liveness: bool,
+    ) -> Result<(u16, String), Error> {
+        let p = self.pod(pod)?;
+        let spec = p.pod.spec.clone().unwrap_or_default();
+        let c = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == container)
+            .ok_or_else(|| Error::Other(format!("no container {container} in {}", p.name)))?;
+        let probe = if liveness {
+            &c.liveness_probe
+        } else {
+            &c.readiness_probe
+        };
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.clone())
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "container {container} of {} has no httpGet probe",
+                    p.name
+                ))
+            })?;
+        let port = match &get.port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                .and_then(|cp| u16::try_from(cp.container_port).ok()),
+        }
+        .ok_or_else(|| {
+            Error::Other(format!(
+                "probe port {:?} of {container} does not resolve",
+                get.port
+            ))
+        })?;
+        let addr = SocketAddr::from((p.ip, port));
+        http_in(self.node(), addr, "GET", get.path.as_deref().unwrap_or("/"))
     }
 
     /// GET on the pod's proxy admin port.
@@ -1131,6 +1164,26 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// An HTTP/1.0 request from inside `ns`; returns status and body.
+fn http_in(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), Error> {
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    let raw = ns
+        .enter(move || -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(req.as_bytes())?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)?;
+            Ok(buf)
+        })?
+        .map_err(io_err(format!(
+            "{method} http://{addr}{path} in {}",
+            ns.name()
+        )))?;
+    parse_http_response(&raw)
+        .ok_or_else(|| Error::Other(format!("{method} {addr}{path}: not an HTTP response")))
 }
 
 /// Makes addresses usable at once: DAD would hold new IPv6 addresses "tentative" for a

@@ -64,6 +64,7 @@ const CASES: &[Case] = cases![
     excluded_outbound_port_bypasses_client_proxy,
     excluded_outbound_cidr_bypasses_client_proxy,
     classic_sidecar_when_native_is_off,
+    rewritten_app_probes_answer_from_the_node,
 ];
 
 fn main() -> ExitCode {
@@ -1162,5 +1163,38 @@ fn meshed_client_requests_reach_every_backend() -> Result<()> {
          per connection); an unmeshed client reaches both"
     );
     println!("    {seen:?}");
+    Ok(())
+}
+
+/// The injector points the app's httpGet probes at the proxy's `/app-health/...` on the
+/// admin port; probed from the node as the kubelet does, they must reach the app.
+fn rewritten_app_probes_answer_from_the_node() -> Result<()> {
+    let c = hello()?;
+    let spec = c.pod("backend-v1")?.pod.spec.clone().context("no spec")?;
+    let app = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "app")
+        .context("no app container")?;
+    let get = app
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .context("no readiness probe")?;
+    let path = get.path.clone().unwrap_or_default();
+    ensure!(
+        path.starts_with("/app-health/")
+            && get.port == k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15020),
+        "readiness probe not rewritten to the admin port: {get:?}"
+    );
+    for liveness in [false, true] {
+        let (status, body) = c.probe("backend-v1", "app", liveness)?;
+        ensure!(
+            status == 200,
+            "{} probe {path} answered {status} {}: the proxy does not serve /app-health",
+            if liveness { "liveness" } else { "readiness" },
+            body.trim()
+        );
+    }
     Ok(())
 }
