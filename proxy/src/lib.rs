@@ -5,7 +5,7 @@
 //! services ([`target`] shows it): original destination, loop guard, protocol detection, then the
 //! HTTP stack ([`http`]) or a TCP splice ([`tcp`]) to that destination. The admin
 //! server (15020) serves readiness, metrics, the effective config and shutdown.
-#![deny(rust_2018_idioms, clippy::disallowed_methods)]
+#![deny(rust_2018_idioms, clippy::disallowed_methods, missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod admin;
