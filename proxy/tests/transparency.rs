@@ -290,3 +290,54 @@ async fn connect_tunnel_splices_after_200() {
         .unwrap();
     assert_eq!(got, b"tunnelled bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_request_then_half_close_gets_the_response() {
+    let app = test_util::http_server(false).await;
+    let (client, _server) = chain(app.addr, &[], &[]);
+    let mut s = TcpStream::connect(client.outbound).await.unwrap();
+    s.write_all(b"GET /slow?ms=100 HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("slow"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_gain_no_headers() {
+    // A minimal app answer, without even a Date header.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nX-Only: 1\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let (client, _server) = chain(app, &[], &[]);
+    let mut tx = test_util::h1_client::<Empty<Bytes>>(client.outbound).await;
+    let req = Request::get("/")
+        .header("host", "web")
+        .body(Empty::new())
+        .unwrap();
+    let rsp = tx.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    let mut names: Vec<_> = rsp.headers().keys().map(|k| k.to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["content-length", "x-only"]);
+    assert_eq!(test_util::body_bytes(rsp.into_body()).await, "ok");
+}

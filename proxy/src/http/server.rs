@@ -94,6 +94,7 @@ where
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .auto_date_header(false)
             .serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {
@@ -109,6 +110,11 @@ where
             // Keep-alive connections from the app may idle for long; hyper's header
             // timer would also run while idle and cut them.
             .header_read_timeout(None)
+            // A client may send its request and shut down its write side; it still
+            // waits for the answer.
+            .half_close(true)
+            // Transparency: the upstream's headers pass as they are.
+            .auto_date_header(false)
             .max_header_size(MAX_HEADER_BYTES)
             .serve_connection(io, svc)
             .with_upgrades();
