@@ -24,6 +24,35 @@ pub struct CountingIo<T> {
     received: Counter,
 }
 
+/// A connection that can be aborted with a TCP RST instead of a clean close, so a
+/// client sees "connection reset" where it would have seen "refused" without us.
+pub trait Reset {
+    /// Makes the coming close an abort.
+    fn reset(&self);
+}
+
+impl Reset for tokio::net::TcpStream {
+    fn reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Reset for tokio::io::DuplexStream {
+    fn reset(&self) {}
+}
+
+impl<T: Reset> Reset for PrefixedIo<T> {
+    fn reset(&self) {
+        self.io.reset();
+    }
+}
+
+impl<T: Reset> Reset for CountingIo<T> {
+    fn reset(&self) {
+        self.io.reset();
+    }
+}
+
 // === impl PrefixedIo ===
 
 impl<T> PrefixedIo<T> {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::{
     connect::connect,
     errors::ProxyError,
+    io::Reset,
     target::{BoxError, BoxFuture, Target},
 };
 
@@ -83,7 +84,7 @@ pub struct ForwardTcp;
 
 impl<I> tower::Service<(Target, I)> for ForwardTcp
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Reset + Unpin + Send + 'static,
 {
     type Response = ();
     type Error = BoxError;
@@ -101,6 +102,7 @@ where
                     if matches!(e, ProxyError::ConnectTimeout { .. }) {
                         target.timeout("connect");
                     }
+                    io.reset();
                     return Err(e.into());
                 }
             };

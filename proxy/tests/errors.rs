@@ -96,9 +96,15 @@ async fn oversized_headers_get_431() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opaque_to_dead_upstream_closes() {
+async fn opaque_to_dead_upstream_resets() {
     let proxy = TestProxy::start(&[]);
     proxy.orig_dst.set(Direction::Outbound, dead_port());
-    let out = exchange(proxy.outbound, b"\x00\x01binary\r\n").await;
-    assert_eq!(out, "");
+    let mut s = TcpStream::connect(proxy.outbound).await.unwrap();
+    s.write_all(b"\x00\x01binary\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let res = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("closed in time");
+    let err = res.expect_err("the client sees a reset, as with no sidecar it would see a refusal");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }

@@ -341,3 +341,52 @@ async fn responses_gain_no_headers() {
     assert_eq!(names, ["content-length", "x-only"]);
     assert_eq!(test_util::body_bytes(rsp.into_body()).await, "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_responses_keep_the_upstream_connection() {
+    let app = test_util::http_server(false).await;
+    let (client, _server) = chain(app.addr, &[], &[]);
+    let mut tx = test_util::h1_client::<Empty<Bytes>>(client.outbound).await;
+    for (method, path) in [
+        ("HEAD", "/"),
+        ("GET", "/status/204"),
+        ("GET", "/status/304"),
+        ("GET", "/"),
+    ] {
+        tx.ready().await.unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "web")
+            .body(Empty::new())
+            .unwrap();
+        let rsp = tx.send_request(req).await.unwrap();
+        assert!(
+            rsp.status().is_success() || rsp.status() == 304,
+            "{method} {path}: {}",
+            rsp.status()
+        );
+        test_util::body_bytes(rsp.into_body()).await;
+    }
+    assert_eq!(app.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_client() {
+    let app = test_util::http_server(false).await;
+    let (client, _server) = chain(app.addr, &[], &[]);
+    let mut s = TcpStream::connect(client.outbound).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("HTTP/1.0 closes after the response")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.0 200") && out.ends_with("abc"),
+        "{out}"
+    );
+}
