@@ -327,6 +327,11 @@ impl ConnMetrics {
 // === impl RequestMetrics ===
 
 impl RequestMetrics {
+    /// Counts a timeout of `kind` while serving a request.
+    pub fn timeout(&self, kind: &'static str) {
+        self.labels.metrics.timeout(self.labels.direction, kind);
+    }
+
     /// Records one finished request.
     pub fn record(&self, status: http::StatusCode, elapsed: std::time::Duration) {
         self.duration.record(elapsed.as_secs_f64());

@@ -108,3 +108,54 @@ async fn opaque_to_dead_upstream_resets() {
     let err = res.expect_err("the client sees a reset, as with no sidecar it would see a refusal");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_is_504() {
+    // A listener whose accept queue is full drops new SYNs, so connects hang.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    sock.listen(0).unwrap();
+    let full: std::net::SocketAddr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(full)).await
+        {
+            fillers.push(s);
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.json");
+    std::fs::write(&path, r#"{"timeouts": {"connect": "200ms"}}"#).unwrap();
+    let proxy = TestProxy::start(&[("MESHLET_CONFIG_PATH", path.to_str().unwrap())]);
+    proxy.orig_dst.set(Direction::Outbound, full);
+    let start = std::time::Instant::now();
+    let out = exchange(
+        proxy.outbound,
+        b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("meshlet-proxy-error: connect-timeout"),
+        "{out}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let m = proxy.metrics();
+    assert_eq!(
+        test_util::metric_value(
+            &m,
+            r#"meshlet_timeouts_total{direction="outbound",kind="connect"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}

@@ -73,6 +73,9 @@ where
                 Ok(rsp) => rsp,
                 Err(error) => {
                     tracing::debug!(%error, "answering with a synthetic response");
+                    if let (ProxyError::ConnectTimeout { .. }, Some(m)) = (&error, &metrics) {
+                        m.timeout("connect");
+                    }
                     errors::respond(&error).map(Either::Right)
                 }
             };
