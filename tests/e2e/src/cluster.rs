@@ -397,13 +397,16 @@ impl ClusterBuilder {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
             .map_err(io_err("chmod of the temp dir"))?;
         fs::create_dir(dir.path().join("logs")).map_err(io_err("creating logs dir"))?;
+        // Registered for cleanup in the same breath as it is created.
+        let node_name = format!("{prefix}-node");
+        let node = Netns::create(&node_name)?;
         let mut c = Cluster {
             prefix,
             n,
             bins,
             dir,
-            node: None,
-            netns: Vec::new(),
+            node,
+            netns: vec![node_name],
             pods: Vec::new(),
             services: Vec::new(),
             procs: Mutex::new(Vec::new()),
@@ -565,7 +568,7 @@ pub struct Cluster {
     n: u32,
     bins: Binaries,
     dir: tempfile::TempDir,
-    node: Option<Netns>,
+    node: Netns,
     netns: Vec<String>,
     pods: Vec<PodRun>,
     services: Vec<ServiceRun>,
@@ -599,9 +602,7 @@ impl Cluster {
 
     /// The node namespace.
     pub fn node(&self) -> &Netns {
-        self.node
-            .as_ref()
-            .expect("the node exists once the cluster is built")
+        &self.node
     }
 
     /// All pods.
@@ -643,9 +644,7 @@ impl Cluster {
     // --- building ---
 
     fn build_network(&mut self, pods: Vec<Pod>, dual_stack: bool) -> Result<(), Error> {
-        let node_name = format!("{}-node", self.prefix);
-        let node = Netns::create(&node_name)?;
-        self.netns.push(node_name);
+        let node = self.node.clone();
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -653,7 +652,6 @@ impl Cluster {
             node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             no_dad(&node)?;
         }
-        self.node = Some(node.clone());
         for (i, pod) in pods.into_iter().enumerate() {
             let name = pod
                 .metadata

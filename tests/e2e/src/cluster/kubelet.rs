@@ -21,6 +21,8 @@ use super::{io_err, netns, Cluster, Error, PodRun, Proc, GATEWAY, PATH};
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an init container may run.
 const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a postStart hook may run (a readiness wait takes well under a second).
+const POST_START_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Cluster {
     pub(super) fn start_pod(&self, i: usize) -> Result<(), Error> {
@@ -65,7 +67,12 @@ impl Cluster {
             ..c.clone()
         };
         let mut cmd = self.command_for(pod, &hook)?;
-        let out = netns::run_with_timeout(&mut cmd, INIT_TIMEOUT)?;
+        let out = netns::run_with_timeout(&mut cmd, POST_START_TIMEOUT).map_err(|e| {
+            Error::Other(format!(
+                "postStart hook {command:?} of container {} in pod {}: {e}",
+                c.name, pod.name
+            ))
+        })?;
         if out.status.success() {
             return Ok(());
         }

@@ -46,7 +46,10 @@ impl Netns {
         let ns = Self {
             name: name.to_string(),
         };
-        ns.ip(&["link", "set", "lo", "up"])?;
+        if let Err(e) = ns.ip(&["link", "set", "lo", "up"]) {
+            Self::delete(name);
+            return Err(e);
+        }
         Ok(ns)
     }
 
