@@ -128,7 +128,9 @@ def markdown(doc, json_name, png_name):
         "(the machine is shared with other builds: expect noise)",
         f"- {f['network']}; {f['protocol']}; TLS {'on' if f['tls'] else 'off'}",
         f"- {'pinned (loadgen CPU 0, servers and proxies CPU 1)' if f['pinned'] else 'not pinned'}; "
-        f"proxy worker threads {f['proxy_worker_threads']}; {f['profile']} build",
+        f"proxy worker threads {f['proxy_worker_threads']}; {f['profile']} build, "
+        f"{f.get('proxy_link', 'dynamic')}ally linked proxy "
+        f"({f.get('proxy_binary_bytes', 0) / 1e6:.1f} MB)",
         "",
         f"## Latency at {fmt(f['rate'])} req/s (open loop, {f['connections']} connections, "
         f"{f['duration']} measured after {f['warmup']} warmup"
@@ -158,7 +160,7 @@ def markdown(doc, json_name, png_name):
         "## Proxy footprint",
         "",
         "| proxy | RSS idle | of which anon / file | RSS max under load | RSS at end of load "
-        "| anon after load | CPU ms per 1000 req |",
+        "| anon after the rounds | CPU ms per 1000 req |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, p in px.items():
@@ -206,15 +208,20 @@ def markdown(doc, json_name, png_name):
             "",
             "## Max throughput (closed loop)",
             "",
-            "| path | req/s | errors | p50 µs | p99 µs | client proxy CPU ms/1000 | server proxy CPU ms/1000 |",
+            "| path | req/s | errors | p50 µs | p99 µs | proxy CPU ms/1000 (client, server) "
+            "| proxy RSS max (client, server) |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for sc, r in mt.items():
-            cpu = {p["name"]: p["cpu_ms_per_1000_requests"] for p in r["processes"]}
+            ps = {p["name"]: p for p in r["processes"]}
+            cpu = ", ".join(
+                fmt(ps[n]["cpu_ms_per_1000_requests"], 1) for n in PROXIES if n in ps
+            )
+            rss = ", ".join(mib(ps[n]["rss_kib_max"]) for n in PROXIES if n in ps)
             lines.append(
                 f"| {sc} | {fmt(r['achieved_rate'])} | {r['errors']} | "
                 f"{fmt(r['latency_us']['p50'], 1)} | {fmt(r['latency_us']['p99'], 1)} | "
-                f"{fmt(cpu.get('client-proxy'), 1)} | {fmt(cpu.get('server-proxy'), 1)} |"
+                f"{cpu or 'n/a'} | {rss or 'n/a'} |"
             )
     lines += ["", "## Commands", ""]
     for k, v in doc["commands"].items():

@@ -13,6 +13,9 @@
 # CONNECTIONS (8), ROUNDS (1; each round runs direct then meshlet), PROXY_THREADS (1),
 # PIN (0; 1 pins loadgens to CPU 0 and servers and proxies to CPU 1), PROFILE
 # (release | dev), SKIP_BUILD (0), RESULTS (bench/results), LABEL (datapath),
+# RT (0; 1 runs loadgens, servers and proxies under SCHED_FIFO priority 10 so that other
+# work on a shared machine cannot delay them; refuses MAXTP, which would hog the CPUs),
+# PROXY_LINK (dynamic | static: glibc linked statically with -C target-feature=+crt-static),
 # MAXTP (0 = skip; e.g. 10s runs a closed-loop max-throughput pass of each path after
 # the rounds: it saturates the machine for that long).
 set -euo pipefail
@@ -29,6 +32,8 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 LABEL=${LABEL:-datapath}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-3}
 MAXTP=${MAXTP:-0}
+PROXY_LINK=${PROXY_LINK:-dynamic}
+RT=${RT:-0}
 PORT=8080
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -118,6 +123,23 @@ fi
 for b in meshlet-proxy meshlet-init meshlet-loadgen meshlet-bench-server; do
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing: build it (cargo build --profile $PROFILE -p ...) or unset SKIP_BUILD"
 done
+PROXY_BIN=$BIN/meshlet-proxy
+case $PROXY_LINK in
+dynamic) ;;
+static)
+    # An explicit --target keeps RUSTFLAGS off build scripts and puts the artifacts in
+    # their own directory, so the dynamic build above stays valid.
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    PROXY_BIN=$TARGET/$host/${BIN##*/}/meshlet-proxy
+    if [[ $SKIP_BUILD != 1 ]]; then
+        log "building a statically linked meshlet-proxy ($PROFILE, $host)"
+        (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" nice cargo build \
+            --profile "$PROFILE" -p meshlet-proxy --target "$host")
+    fi
+    [[ -x $PROXY_BIN ]] || die "$PROXY_BIN is missing: unset SKIP_BUILD to build it"
+    ;;
+*) die "PROXY_LINK must be dynamic or static, not '$PROXY_LINK'" ;;
+esac
 
 # --- pinning ----------------------------------------------------------------------------
 
@@ -126,6 +148,12 @@ SUT_CPU=()
 if [[ $PIN == 1 ]]; then
     LOAD_CPU=(taskset -c 0)
     SUT_CPU=(taskset -c 1)
+fi
+MAXTP_CPU=("${LOAD_CPU[@]}")
+if [[ $RT == 1 ]]; then
+    [[ $MAXTP == 0 ]] || die "RT=1 and MAXTP cannot be combined: a closed loop under SCHED_FIFO would starve the machine"
+    LOAD_CPU+=(chrt -f 10)
+    SUT_CPU+=(chrt -f 10)
 fi
 
 # --- namespaces ---------------------------------------------------------------------
@@ -211,7 +239,7 @@ start_proxy() {
         env MESHLET_CONFIG_PATH="$WORK/mesh.json" MESHLET_LOG=warn \
         MESHLET_WORKER_THREADS="$PROXY_THREADS" MESHLET_POD_IP="$3" \
         MESHLET_POD_NAME="bench-$2" MESHLET_POD_NAMESPACE=bench \
-        "$BIN/meshlet-proxy"
+        "$PROXY_BIN"
 }
 start_proxy "$NS_MC" client "$CLIENT_IP"
 PROXY_CLIENT=$STARTED_PID
@@ -265,9 +293,13 @@ for ((round = 1; round <= ROUNDS; round++)); do
             log "WARNING: $s round $round had errors: $(jq -r '.first_error' "$WORK/round-$round-$s.json")"
     done
 done
+RSS_AFTER_CLIENT=$(rss_kib "$PROXY_CLIENT")
+RSS_AFTER_SERVER=$(rss_kib "$PROXY_SERVER")
+SPLIT_AFTER_CLIENT=$(rss_split "$PROXY_CLIENT")
+SPLIT_AFTER_SERVER=$(rss_split "$PROXY_SERVER")
 
 if [[ $MAXTP != 0 ]]; then
-    MAXTP_CMD=("${LOAD_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --max-throughput --duration "$MAXTP"
+    MAXTP_CMD=("${MAXTP_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --max-throughput --duration "$MAXTP"
         --warmup 1s --connections "$CONNECTIONS")
     log "max throughput (closed loop, $MAXTP): direct"
     ip netns exec "$NS_DC" "${MAXTP_CMD[@]}" --watch "server=$SERVER_DIRECT" \
@@ -282,10 +314,6 @@ if [[ $MAXTP != 0 ]]; then
     [[ $out_delta -eq $sent ]] ||
         die "max-throughput requests did not all pass through the client proxy: sent $sent, counted $out_delta"
 fi
-RSS_AFTER_CLIENT=$(rss_kib "$PROXY_CLIENT")
-RSS_AFTER_SERVER=$(rss_kib "$PROXY_SERVER")
-SPLIT_AFTER_CLIENT=$(rss_split "$PROXY_CLIENT")
-SPLIT_AFTER_SERVER=$(rss_split "$PROXY_SERVER")
 
 # --- facts and report -----------------------------------------------------------------
 
@@ -299,7 +327,8 @@ jq -n \
     --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
     --arg rate "$RATE" --arg duration "$DURATION" --arg warmup "$WARMUP" \
     --arg conns "$CONNECTIONS" --arg rounds "$ROUNDS" --arg threads "$PROXY_THREADS" \
-    --arg pin "$PIN" --arg profile "$PROFILE" \
+    --arg pin "$PIN" --arg rt "$RT" --arg profile "$PROFILE" --arg link "$PROXY_LINK" \
+    --arg pbytes "$(stat -c %s "$PROXY_BIN")" \
     --arg loadgen "meshlet-loadgen $URL --rate $RATE --duration $DURATION --warmup $WARMUP --connections $CONNECTIONS --watch NAME=PID" \
     --arg server "meshlet-bench-server --listen 0.0.0.0:$PORT --body-size 100 --threads 1" \
     --arg proxy "setpriv --reuid 1337 --regid 1337 --clear-groups env MESHLET_CONFIG_PATH=mesh.json({}) MESHLET_LOG=warn MESHLET_WORKER_THREADS=$PROXY_THREADS MESHLET_POD_IP=<pod ip> meshlet-proxy" \
@@ -316,7 +345,9 @@ jq -n \
       settings: {rate: ($rate|tonumber), duration: $duration, warmup: $warmup,
                  connections: ($conns|tonumber), rounds: ($rounds|tonumber),
                  proxy_worker_threads: ($threads|tonumber), pinned: ($pin == "1"),
-                 profile: $profile, network: "two netns per pair joined by one veth (198.18.200.0/24)",
+                 realtime: ($rt == "1"),
+                 profile: $profile, proxy_link: $link, proxy_binary_bytes: ($pbytes|tonumber),
+                 network: "two netns per pair joined by one veth (198.18.200.0/24)",
                  protocol: "HTTP/1.1 keep-alive, GET, 100-byte response", tls: false},
       commands: {loadgen: $loadgen, server: $server, proxy: $proxy, init: $init},
       proxy_rss_kib: {client: {idle: $ric, after_load: $rac, idle_split: $sic, after_load_split: $sac},
