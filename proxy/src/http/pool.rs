@@ -127,6 +127,7 @@ where
     ) -> Result<H1Conn<B>, ProxyError> {
         let io = connect(dst, connect_timeout).await?;
         let (tx, conn) = http1::Builder::new()
+            .max_buf_size(super::server::MAX_BUF_BYTES)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ProxyError::Handshake { dst, source })?;

@@ -73,6 +73,10 @@ where
 /// Largest request head (request line plus headers) accepted; bigger ones get 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Cap of hyper's HTTP/1 read buffer (default ~400 KiB): large bodies stream through
+/// a bounded buffer instead of growing it per connection. Must hold a whole head.
+pub const MAX_BUF_BYTES: usize = MAX_HEADER_BYTES + 32 * 1024;
+
 /// Serves HTTP on `io` until the client closes or the drain finishes the connection.
 pub async fn serve<I, S>(
     io: I,
@@ -116,6 +120,7 @@ where
             // Transparency: the upstream's headers pass as they are.
             .auto_date_header(false)
             .max_header_size(MAX_HEADER_BYTES)
+            .max_buf_size(MAX_BUF_BYTES)
             .serve_connection(io, svc)
             .with_upgrades();
         tokio::pin!(conn);
