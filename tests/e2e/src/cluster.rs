@@ -752,7 +752,6 @@ impl Cluster {
 
     fn build_services(&mut self, services: &[Service]) -> Result<(), Error> {
         let mut next = 100u8;
-        let mut rules = Vec::new();
         for s in services {
             let name = s.metadata.name.clone().unwrap_or_default();
             let namespace = s
@@ -823,7 +822,6 @@ impl Cluster {
                     port_meta.push((port, p.name.clone(), p.app_protocol.clone()));
                 }
             }
-            rules.extend(ports.iter().cloned());
             self.services.push(ServiceRun {
                 name,
                 namespace,
@@ -834,6 +832,17 @@ impl Cluster {
                 pods: backends.iter().map(|p| p.name.clone()).collect(),
             });
         }
+        self.program_kube_proxy()
+    }
+
+    /// Writes the node's nat rules for every Service port and its current endpoints,
+    /// replacing what was there (as kube-proxy's full sync does).
+    fn program_kube_proxy(&self) -> Result<(), Error> {
+        let rules: Vec<kubeproxy::ServicePortRule> = self
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter().cloned())
+            .collect();
         let (v4, v6): (Vec<_>, Vec<_>) = rules.into_iter().partition(|r| r.cluster_ip.is_ipv4());
         self.restore(
             "iptables-restore",
@@ -1142,6 +1151,48 @@ impl Cluster {
     /// Log file paths, for reports.
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("logs")
+    }
+
+    /// Deletes a pod the way a rolling update does: its endpoints leave every Service
+    /// first, then its containers get SIGTERM (SIGKILL after `grace`), then its
+    /// namespace and veth go.
+    pub fn delete_pod(&mut self, prefix: &str, grace: Duration) -> Result<(), Error> {
+        let pod = self.pod(prefix)?.clone();
+        let ips: Vec<IpAddr> = std::iter::once(IpAddr::V4(pod.ip))
+            .chain(pod.ip6.map(IpAddr::V6))
+            .collect();
+        for s in &mut self.services {
+            s.pods.retain(|p| *p != pod.name);
+            for port in &mut s.ports {
+                port.endpoints.retain(|(ip, _)| !ips.contains(ip));
+            }
+        }
+        self.program_kube_proxy()?;
+        let mut mine: Vec<Proc> = {
+            let mut procs = self.lock();
+            let (mine, rest) = std::mem::take(&mut *procs)
+                .into_iter()
+                .partition(|p| p.pod == pod.name);
+            *procs = rest;
+            mine
+        };
+        for p in &mine {
+            let _ = nix::sys::signal::kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        for p in &mut mine {
+            while p.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        let ns = pod.netns.name().to_string();
+        kill_ns_pids(&ns);
+        Netns::delete(&ns);
+        self.netns.retain(|n| *n != ns);
+        self.pods.retain(|p| p.name != pod.name);
+        Ok(())
     }
 
     /// Kills every process and deletes every namespace (also done on drop).

@@ -58,6 +58,7 @@ const CASES: &[Case] = cases![
     unmeshed_client_reaches_meshed_service,
     kube_proxy_spreads_connections,
     meshed_client_requests_reach_every_backend,
+    backend_pod_deleted_requests_keep_working,
     mesh_config_reload_takes_effect,
     admin_endpoints_and_shutdown,
     dual_stack_ipv6_through_both_sidecars,
@@ -1196,5 +1197,66 @@ fn rewritten_app_probes_answer_from_the_node() -> Result<()> {
             body.trim()
         );
     }
+    Ok(())
+}
+
+/// A rolling update deletes the backend the client's proxy has a pooled connection
+/// to: its endpoint leaves the Service, it gets SIGTERM, its namespace goes. Every
+/// request after that must be answered by the other backend: none of them reached an
+/// app, so failing over to a new connection is always safe.
+fn backend_pod_deleted_requests_keep_working() -> Result<()> {
+    let mut c = hello()?;
+    let url = format!("http://{BACKEND}/rollout");
+    let mut last = String::new();
+    for _ in 0..5 {
+        last = json(&curl(&c, "client", &[&url])?)?["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+    }
+    ensure!(
+        last.starts_with("backend-v"),
+        "warm-up answered by {last:?}"
+    );
+    let survivor = if last.starts_with("backend-v1") {
+        "backend-v2-0"
+    } else {
+        "backend-v1-0"
+    };
+    c.delete_pod(&last, Duration::from_secs(5))?;
+    let mut failures = Vec::new();
+    for i in 0..10 {
+        let out = c.exec(
+            "client",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+            T,
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let answered = stdout
+            .rsplit_once('\n')
+            .and_then(|(body, code)| (code == "200").then_some(body))
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(body).ok())
+            .and_then(|v| v["name"].as_str().map(String::from));
+        if answered.as_deref() != Some(survivor) {
+            failures.push(format!(
+                "#{i}: {} {}",
+                stdout.replace('\n', " "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "after deleting {last}, {}/10 requests were not answered by {survivor}: {failures:#?}",
+        failures.len()
+    );
     Ok(())
 }
