@@ -39,6 +39,7 @@ pub struct Env;
 
 /// The proxy's process config.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Config {
     /// Where outbound (app to world) connections are redirected.
     pub outbound_addr: SocketAddr,

@@ -205,7 +205,16 @@ impl Proxy {
             tokio::spawn(admin::serve(l, admin.clone()));
         }
         ready.store(true, Ordering::Release);
-        tracing::info!(outbound = %addrs.outbound, inbound = %addrs.inbound, admin = %addrs.admin, "listening");
+        let snap = admin.mesh.load();
+        tracing::info!(
+            outbound = %addrs.outbound,
+            inbound = %addrs.inbound,
+            admin = %addrs.admin,
+            mesh_generation = snap.config.generation,
+            services = snap.config.services.len(),
+            opaque_ports = ?snap.opaque_ports(),
+            "listening"
+        );
         Ok(Running {
             addrs,
             signal,

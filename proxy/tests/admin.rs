@@ -33,7 +33,7 @@ async fn endpoints() {
     let (status, body) = proxy.admin_get("/config");
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(doc["process"]["pod_namespace"], "shop");
+    assert_eq!(doc["process"]["podNamespace"], "shop");
     assert_eq!(doc["mesh"]["generation"], 0);
     assert_eq!(doc["opaquePorts"][0], 25);
 }
