@@ -414,6 +414,8 @@ impl ClusterBuilder {
             mesh: MeshConfig::default(),
             mesh_path: PathBuf::new(),
             proxy_env: self.proxy_env,
+            dual_stack: false,
+            next_pod: 0,
         };
         let dual_stack = original.services.iter().any(|s| {
             let spec = s.spec.clone().unwrap_or_default();
@@ -554,6 +556,8 @@ pub struct ServiceRun {
     pub port_meta: Vec<(u16, Option<String>, Option<String>)>,
     /// Names of the pods behind it.
     pub pods: Vec<String>,
+    /// The Service spec (selector and ports), for endpoint syncs.
+    pub spec: k8s_openapi::api::core::v1::ServiceSpec,
 }
 
 struct Proc {
@@ -577,6 +581,8 @@ pub struct Cluster {
     mesh: MeshConfig,
     mesh_path: PathBuf,
     proxy_env: Vec<(String, String)>,
+    dual_stack: bool,
+    next_pod: usize,
 }
 
 impl Cluster {
@@ -648,11 +654,24 @@ impl Cluster {
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        self.dual_stack = dual_stack;
         if dual_stack {
             node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             no_dad(&node)?;
         }
-        for (i, pod) in pods.into_iter().enumerate() {
+        for pod in pods {
+            self.add_pod_network(pod)?;
+        }
+        Ok(())
+    }
+
+    /// The CNI ADD of one pod: namespace, veth, addresses, routes.
+    fn add_pod_network(&mut self, pod: Pod) -> Result<(), Error> {
+        let node = self.node.clone();
+        let dual_stack = self.dual_stack;
+        let i = self.next_pod;
+        self.next_pod += 1;
+        {
             let name = pod
                 .metadata
                 .name
@@ -770,15 +789,37 @@ impl Cluster {
                     Ipv4Addr::new(198, 19, 0, next)
                 }
             };
-            let selector = spec.selector.clone().unwrap_or_default();
+            self.services.push(ServiceRun {
+                name,
+                namespace,
+                cluster_ip,
+                cluster_ip6: v6,
+                spec,
+                ports: Vec::new(),
+                port_meta: Vec::new(),
+                pods: Vec::new(),
+            });
+        }
+        self.sync_endpoints(None)?;
+        self.program_kube_proxy()
+    }
+
+    /// The endpoints controller's work: each Service's endpoints from the pods that
+    /// run now, leaving out the one `terminating`.
+    fn sync_endpoints(&mut self, terminating: Option<&str>) -> Result<(), Error> {
+        let mut synced = Vec::new();
+        for s in &self.services {
+            let (namespace, name) = (&s.namespace, &s.name);
+            let selector = s.spec.selector.clone().unwrap_or_default();
             let backends: Vec<&PodRun> = self
                 .pods
                 .iter()
-                .filter(|p| p.namespace == namespace && manifest::selects(&selector, &p.labels()))
+                .filter(|p| Some(p.name.as_str()) != terminating)
+                .filter(|p| p.namespace == *namespace && manifest::selects(&selector, &p.labels()))
                 .collect();
             let mut ports = Vec::new();
             let mut port_meta = Vec::new();
-            for p in spec.ports.clone().unwrap_or_default() {
+            for p in s.spec.ports.clone().unwrap_or_default() {
                 let protocol = match p.protocol.as_deref() {
                     None | Some("TCP") => Protocol::Tcp,
                     Some("UDP") => Protocol::Udp,
@@ -799,14 +840,14 @@ impl Cluster {
                 ports.push(kubeproxy::ServicePortRule {
                     port_name: port_name.clone(),
                     protocol,
-                    cluster_ip: cluster_ip.into(),
+                    cluster_ip: s.cluster_ip.into(),
                     port,
                     endpoints: targets
                         .iter()
                         .map(|(b, tp)| (IpAddr::V4(b.ip), *tp))
                         .collect(),
                 });
-                if let Some(ip6) = v6 {
+                if let Some(ip6) = s.cluster_ip6 {
                     ports.push(kubeproxy::ServicePortRule {
                         port_name,
                         protocol,
@@ -822,17 +863,18 @@ impl Cluster {
                     port_meta.push((port, p.name.clone(), p.app_protocol.clone()));
                 }
             }
-            self.services.push(ServiceRun {
-                name,
-                namespace,
-                cluster_ip,
-                cluster_ip6: v6,
+            synced.push((
                 ports,
                 port_meta,
-                pods: backends.iter().map(|p| p.name.clone()).collect(),
-            });
+                backends.iter().map(|p| p.name.clone()).collect(),
+            ));
         }
-        self.program_kube_proxy()
+        for (s, (ports, port_meta, pods)) in self.services.iter_mut().zip(synced) {
+            s.ports = ports;
+            s.port_meta = port_meta;
+            s.pods = pods;
+        }
+        Ok(())
     }
 
     /// Writes the node's nat rules for every Service port and its current endpoints,
@@ -913,20 +955,28 @@ impl Cluster {
                 identities: identities.into_iter().collect(),
             });
         }
-        self.mesh = MeshConfig {
-            generation: 1,
+        let cfg = MeshConfig {
             services,
             ..Default::default()
         };
-        self.mesh
-            .validate()
+        self.store_mesh_config(cfg)
+    }
+
+    /// Validates `cfg`, gives it the next generation and replaces mesh.json atomically
+    /// (write, then rename), as a controller would; proxies pick it up on their next poll.
+    fn store_mesh_config(&mut self, mut cfg: MeshConfig) -> Result<(), Error> {
+        cfg.generation = self.mesh.generation + 1;
+        cfg.validate()
             .map_err(|e| Error::Other(format!("the harness built an invalid mesh config: {e}")))?;
-        let json = serde_json::to_string_pretty(&self.mesh)
+        let json = serde_json::to_string_pretty(&cfg)
             .map_err(|e| Error::Other(format!("serializing the mesh config: {e}")))?;
         self.mesh_path = self.dir.path().join("mesh.json");
-        fs::write(&self.mesh_path, json).map_err(io_err("writing mesh.json"))?;
-        fs::set_permissions(&self.mesh_path, fs::Permissions::from_mode(0o644))
-            .map_err(io_err("chmod mesh.json"))?;
+        let tmp = self.dir.path().join("mesh.json.tmp");
+        fs::write(&tmp, json).map_err(io_err("writing mesh.json.tmp"))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod mesh.json.tmp"))?;
+        fs::rename(&tmp, &self.mesh_path).map_err(io_err("renaming mesh.json.tmp"))?;
+        self.mesh = cfg;
         Ok(())
     }
 
@@ -1136,16 +1186,35 @@ impl Cluster {
     pub fn update_mesh_config(&mut self, f: impl FnOnce(&mut MeshConfig)) -> Result<(), Error> {
         let mut cfg = self.mesh.clone();
         f(&mut cfg);
-        cfg.generation = self.mesh.generation + 1;
-        let json = serde_json::to_string_pretty(&cfg)
-            .map_err(|e| Error::Other(format!("serializing the mesh config: {e}")))?;
-        let tmp = self.dir.path().join("mesh.json.tmp");
-        fs::write(&tmp, json).map_err(io_err("writing mesh.json.tmp"))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
-            .map_err(io_err("chmod mesh.json.tmp"))?;
-        fs::rename(&tmp, &self.mesh_path).map_err(io_err("renaming mesh.json.tmp"))?;
-        self.mesh = cfg;
-        Ok(())
+        self.store_mesh_config(cfg)
+    }
+
+    /// Adds one more pod of `workload` (like `kubectl scale`): a copy of an existing
+    /// pod's spec under a new name, wired, started, then added to its Services'
+    /// endpoints and to the mesh config. Returns the new pod's name.
+    pub fn scale_up(&mut self, workload: &str) -> Result<String, Error> {
+        let prefix = format!("{workload}-");
+        let template = self
+            .pods
+            .iter()
+            .find(|p| p.pod.metadata.generate_name.as_deref() == Some(prefix.as_str()))
+            .map(|p| p.pod.clone())
+            .ok_or_else(|| {
+                Error::Other(format!("no running pod of workload {workload} to copy"))
+            })?;
+        let name = (0..)
+            .map(|k| format!("{prefix}{k}"))
+            .find(|n| self.pods.iter().all(|p| p.name != *n))
+            .unwrap_or_default();
+        let mut pod = template;
+        pod.metadata.name = Some(name.clone());
+        self.add_pod_network(pod)?;
+        self.write_mesh_config()?;
+        self.start_pod(self.pods.len() - 1)?;
+        // Ready: only now does the pod become an endpoint.
+        self.sync_endpoints(None)?;
+        self.program_kube_proxy()?;
+        Ok(name)
     }
 
     /// Log file paths, for reports.
@@ -1158,15 +1227,7 @@ impl Cluster {
     /// namespace and veth go.
     pub fn delete_pod(&mut self, prefix: &str, grace: Duration) -> Result<(), Error> {
         let pod = self.pod(prefix)?.clone();
-        let ips: Vec<IpAddr> = std::iter::once(IpAddr::V4(pod.ip))
-            .chain(pod.ip6.map(IpAddr::V6))
-            .collect();
-        for s in &mut self.services {
-            s.pods.retain(|p| *p != pod.name);
-            for port in &mut s.ports {
-                port.endpoints.retain(|(ip, _)| !ips.contains(ip));
-            }
-        }
+        self.sync_endpoints(Some(&pod.name))?;
         self.program_kube_proxy()?;
         let mut mine: Vec<Proc> = {
             let mut procs = self.lock();
@@ -1192,7 +1253,7 @@ impl Cluster {
         Netns::delete(&ns);
         self.netns.retain(|n| *n != ns);
         self.pods.retain(|p| p.name != pod.name);
-        Ok(())
+        self.write_mesh_config()
     }
 
     /// Kills every process and deletes every namespace (also done on drop).

@@ -59,6 +59,7 @@ const CASES: &[Case] = cases![
     kube_proxy_spreads_connections,
     meshed_client_requests_reach_every_backend,
     backend_pod_deleted_requests_keep_working,
+    rolling_update_replaces_every_backend,
     mesh_config_reload_takes_effect,
     admin_endpoints_and_shutdown,
     dual_stack_ipv6_through_both_sidecars,
@@ -1258,5 +1259,41 @@ fn backend_pod_deleted_requests_keep_working() -> Result<()> {
         "after deleting {last}, {}/10 requests were not answered by {survivor}: {failures:#?}",
         failures.len()
     );
+    Ok(())
+}
+
+/// Scale a new backend pod up, then delete both old ones: the client keeps being
+/// answered, in the end only by the new pod, through its sidecar.
+fn rolling_update_replaces_every_backend() -> Result<()> {
+    let mut c = hello()?;
+    let url = format!("http://{BACKEND}/rolling");
+    curl(&c, "client", &[&url])?;
+    let gen = c.mesh_config().generation;
+    let new = c.scale_up("backend-v1")?;
+    ensure!(
+        c.mesh_config().generation > gen,
+        "the mesh config was not rewritten for {new}"
+    );
+    for old in ["backend-v1-0", "backend-v2-0"] {
+        c.delete_pod(old, Duration::from_secs(5))?;
+        curl(&c, "client", &[&url])
+            .with_context(|| format!("request right after deleting {old}"))?;
+    }
+    let before = metrics(&c, &new)?;
+    for _ in 0..10 {
+        let v = json(&curl(&c, "client", &[&url])?)?;
+        ensure!(
+            v["name"] == new.as_str(),
+            "answered by {} after the rollout, want {new}",
+            v["name"]
+        );
+    }
+    let n = delta(
+        &before,
+        &metrics(&c, &new)?,
+        REQUESTS,
+        &[("direction", "inbound")],
+    );
+    ensure!(n == 10.0, "{new}'s proxy counted {n} requests, want 10");
     Ok(())
 }

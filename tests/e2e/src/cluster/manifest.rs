@@ -141,11 +141,13 @@ impl Manifests {
             let replicas = scale.get(&w.name).copied().unwrap_or(w.replicas).max(0);
             for i in 0..replicas {
                 let mut meta = w.template.metadata.clone().unwrap_or_default();
-                meta.name = Some(if w.kind == "Pod" {
-                    w.name.clone()
+                if w.kind == "Pod" {
+                    meta.name = Some(w.name.clone());
                 } else {
-                    format!("{}-{i}", w.name)
-                });
+                    // As the ReplicaSet/StatefulSet controllers name their pods.
+                    meta.generate_name = Some(format!("{}-", w.name));
+                    meta.name = Some(format!("{}-{i}", w.name));
+                }
                 meta.namespace = Some(w.namespace.clone());
                 pods.push(Pod {
                     metadata: meta,
