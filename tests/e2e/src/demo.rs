@@ -154,7 +154,11 @@ fn injected_pod(c: &Cluster, pod: &str) -> Result<(), Error> {
             .env
             .iter()
             .flatten()
-            .filter_map(|e| e.value.as_ref().map(|v| format!("{}={v}", e.name)))
+            .filter_map(|e| {
+                e.value
+                    .as_ref()
+                    .map(|v| format!("{}={}", e.name, shorten(v)))
+            })
             .collect();
         let user = ic
             .security_context
@@ -171,10 +175,22 @@ fn injected_pod(c: &Cluster, pod: &str) -> Result<(), Error> {
     }
     println!("  redirect rules meshlet-init applied (iptables-save -t nat, inside the pod):");
     let rules = c.iptables_save(&p.name)?;
-    for l in rules.lines().filter(|l| l.contains("MESHLET")).take(16) {
+    for l in rules
+        .lines()
+        .filter(|l| l.starts_with("-A") && l.contains("MESHLET"))
+        .take(20)
+    {
         println!("    {l}");
     }
     Ok(())
+}
+
+fn shorten(v: &str) -> String {
+    if v.chars().count() > 40 {
+        format!("{}...", v.chars().take(37).collect::<String>())
+    } else {
+        v.to_string()
+    }
 }
 
 fn curl(c: &Cluster, args: &[&str]) -> Result<String, Error> {
