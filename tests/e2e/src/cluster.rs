@@ -1372,6 +1372,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cluster_ips_stay_in_the_test_ranges() {
+        use k8s_openapi::api::core::v1::ServiceSpec;
+        let spec = |ips: &[&str]| ServiceSpec {
+            cluster_ips: Some(ips.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        assert_eq!(
+            cluster_ips("ns", "s", &spec(&["198.19.0.10", "fd00:6d65:7368:c1::10"])).unwrap(),
+            (
+                Some(Ipv4Addr::new(198, 19, 0, 10)),
+                Some("fd00:6d65:7368:c1::10".parse().unwrap())
+            )
+        );
+        assert_eq!(cluster_ips("ns", "s", &spec(&[])).unwrap(), (None, None));
+        let e = cluster_ips("ns", "s", &spec(&["10.96.0.1"])).unwrap_err();
+        assert!(e.to_string().contains("198.19.0.0/16"), "{e}");
+        assert!(cluster_ips("ns", "s", &spec(&["2001:db8::1"])).is_err());
+    }
+
+    #[test]
     fn parses_responses() {
         assert_eq!(
             parse_http_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
