@@ -80,10 +80,18 @@ pub fn run(manifests: &Path) -> Result<(), Error> {
         .collect();
     if !proxies.is_empty() {
         let max = proxies.iter().map(|r| r.memory_bytes).max().unwrap_or(0);
+        let bin = &c.binaries().proxy;
+        let bin = std::fs::canonicalize(bin).unwrap_or_else(|_| bin.clone());
+        let profile = if bin.components().any(|c| c.as_os_str() == "release") {
+            "release build"
+        } else {
+            "debug build: `MLE2E_BIN_DIR` can point at release binaries"
+        };
         println!(
-            "{} meshlet-proxy sidecars; largest RSS {:.1} MiB (debug build unless built with --release).",
+            "{} meshlet-proxy sidecars; largest RSS {:.1} MiB ({}, {profile}).",
             proxies.len(),
-            max as f64 / (1024.0 * 1024.0)
+            max as f64 / (1024.0 * 1024.0),
+            bin.display()
         );
     }
 
