@@ -127,7 +127,20 @@ def markdown(doc, json_name, png_name):
         f"- load average when the run started: {m['loadavg_at_start']} "
         "(the machine is shared with other builds: expect noise)",
         f"- {f['network']}; {f['protocol']}; TLS {'on' if f['tls'] else 'off'}",
-        f"- {'pinned (loadgen CPU 0, servers and proxies CPU 1)' if f['pinned'] else 'not pinned'}; "
+        "- "
+        + (
+            "pinned, one core per pod (loadgen and client proxy on CPU 0, server and "
+            "server proxy on CPU 1)"
+            if f["pinned"]
+            else "not pinned"
+        )
+        + "; "
+        + (
+            "SCHED_FIFO 10 for loadgens, servers and proxies during the fixed-rate rounds"
+            if f.get("realtime")
+            else "normal scheduling"
+        )
+        + "; "
         f"proxy worker threads {f['proxy_worker_threads']}; {f['profile']} build, "
         f"{f.get('proxy_link', 'dynamic')}ally linked proxy "
         f"({f.get('proxy_binary_bytes', 0) / 1e6:.1f} MB)",
@@ -208,6 +221,10 @@ def markdown(doc, json_name, png_name):
             "",
             "## Max throughput (closed loop)",
             "",
+            "Normal scheduling, same pinning, one pass each after the rounds. "
+            "The loadgen shares the client core, so this is the throughput of the whole "
+            "setup on this machine, not of one proxy.",
+            "",
             "| path | req/s | errors | p50 µs | p99 µs | proxy CPU ms/1000 (client, server) "
             "| proxy RSS max (client, server) |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -261,7 +278,10 @@ def main():
     ap.add_argument("--results", required=True)
     ap.add_argument("--label", default="datapath")
     a = ap.parse_args()
-    with open(os.path.join(a.work, "facts.json")) as f:
+    facts_path = os.path.join(a.work, "facts.json")
+    if not os.path.exists(facts_path):
+        sys.exit(f"report.py: {facts_path} is missing: run bench/run.sh, which writes it")
+    with open(facts_path) as f:
         facts = json.load(f)
     rounds = load_rounds(a.work)
     doc = dict(facts)

@@ -9,31 +9,34 @@
 # Addresses are in the benchmark range 198.18.0.0/15. Nothing touches the root
 # namespace's addresses, routes or iptables.
 #
-# Knobs (environment): RATE (req/s, 1000), DURATION (30s), WARMUP (5s),
-# CONNECTIONS (8), ROUNDS (1; each round runs direct then meshlet), PROXY_THREADS (1),
-# PIN (0; 1 pins loadgens to CPU 0 and servers and proxies to CPU 1), PROFILE
-# (release | dev), SKIP_BUILD (0), RESULTS (bench/results), LABEL (datapath),
-# RT (0; 1 runs loadgens, servers and proxies under SCHED_FIFO priority 10 so that other
-# work on a shared machine cannot delay them; refuses MAXTP, which would hog the CPUs),
-# PROXY_LINK (dynamic | static: glibc linked statically with -C target-feature=+crt-static),
-# MAXTP (0 = skip; e.g. 10s runs a closed-loop max-throughput pass of each path after
-# the rounds: it saturates the machine for that long).
+# Knobs (environment):
+#   RATE (1000 req/s), DURATION (30s), WARMUP (5s), CONNECTIONS (8),
+#   ROUNDS (3; each round runs direct then meshlet; the report takes medians),
+#   PIN (1: each pod on its own core: loadgen and client proxy on CPU 0, server and
+#        server proxy on CPU 1; 0: let the scheduler place everything),
+#   RT (1: loadgens, servers and proxies run under SCHED_FIFO priority 10 during the
+#       fixed-rate rounds, so other work on a shared machine cannot delay them; 0: normal),
+#   MAXTP (0 = skip; e.g. 10s adds a closed-loop max-throughput pass of each path under
+#          normal scheduling after the rounds: it saturates the machine for that long),
+#   PROXY_THREADS (1), PROXY_LINK (dynamic | static: glibc linked in with
+#   -C target-feature=+crt-static), PROFILE (release | dev), SKIP_BUILD (0),
+#   RESULTS (bench/results), LABEL (datapath), IDLE_SETTLE_S (3).
 set -euo pipefail
 
 RATE=${RATE:-1000}
 DURATION=${DURATION:-30s}
 WARMUP=${WARMUP:-5s}
 CONNECTIONS=${CONNECTIONS:-8}
-ROUNDS=${ROUNDS:-1}
+ROUNDS=${ROUNDS:-3}
 PROXY_THREADS=${PROXY_THREADS:-1}
-PIN=${PIN:-0}
+PIN=${PIN:-1}
 PROFILE=${PROFILE:-release}
 SKIP_BUILD=${SKIP_BUILD:-0}
 LABEL=${LABEL:-datapath}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-3}
 MAXTP=${MAXTP:-0}
 PROXY_LINK=${PROXY_LINK:-dynamic}
-RT=${RT:-0}
+RT=${RT:-1}
 PORT=8080
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -143,17 +146,17 @@ esac
 
 # --- pinning ----------------------------------------------------------------------------
 
-LOAD_CPU=()
-SUT_CPU=()
+CLIENT_CPU=()
+SERVER_CPU=()
 if [[ $PIN == 1 ]]; then
-    LOAD_CPU=(taskset -c 0)
-    SUT_CPU=(taskset -c 1)
+    CLIENT_CPU=(taskset -c 0)
+    SERVER_CPU=(taskset -c 1)
 fi
-MAXTP_CPU=("${LOAD_CPU[@]}")
+MAXTP_CPU=("${CLIENT_CPU[@]}")
 if [[ $RT == 1 ]]; then
-    [[ $MAXTP == 0 ]] || die "RT=1 and MAXTP cannot be combined: a closed loop under SCHED_FIFO would starve the machine"
-    LOAD_CPU+=(chrt -f 10)
-    SUT_CPU+=(chrt -f 10)
+    command -v chrt >/dev/null || die "'chrt' is missing: apt-get install -y util-linux"
+    CLIENT_CPU+=(chrt -f 10)
+    SERVER_CPU+=(chrt -f 10)
 fi
 
 # --- namespaces ---------------------------------------------------------------------
@@ -218,7 +221,7 @@ requests_total() {
 
 # --- servers (one per pair, identical) ----------------------------------------------
 
-SERVER_CMD=("${SUT_CPU[@]}" "$BIN/meshlet-bench-server" --listen "0.0.0.0:$PORT" --body-size 100 --threads 1)
+SERVER_CMD=("${SERVER_CPU[@]}" "$BIN/meshlet-bench-server" --listen "0.0.0.0:$PORT" --body-size 100 --threads 1)
 start "$NS_DS" server-direct "${SERVER_CMD[@]}"
 SERVER_DIRECT=$STARTED_PID
 start "$NS_MS" server-meshlet "${SERVER_CMD[@]}"
@@ -233,17 +236,19 @@ INIT_CMD=("$BIN/meshlet-init" apply)
 ip netns exec "$NS_MC" "${INIT_CMD[@]}" >"$WORK/init-client.log" 2>&1 || die "meshlet-init failed in $NS_MC"
 ip netns exec "$NS_MS" "${INIT_CMD[@]}" >"$WORK/init-server.log" 2>&1 || die "meshlet-init failed in $NS_MS"
 
-# start_proxy NS NAME POD_IP
+# start_proxy NS NAME POD_IP CPU-PREFIX...
 start_proxy() {
-    start "$1" "proxy-$2" "${SUT_CPU[@]}" setpriv --reuid 1337 --regid 1337 --clear-groups \
+    local ns=$1 name=$2 ip=$3
+    shift 3
+    start "$ns" "proxy-$name" "$@" setpriv --reuid 1337 --regid 1337 --clear-groups \
         env MESHLET_CONFIG_PATH="$WORK/mesh.json" MESHLET_LOG=warn \
-        MESHLET_WORKER_THREADS="$PROXY_THREADS" MESHLET_POD_IP="$3" \
-        MESHLET_POD_NAME="bench-$2" MESHLET_POD_NAMESPACE=bench \
+        MESHLET_WORKER_THREADS="$PROXY_THREADS" MESHLET_POD_IP="$ip" \
+        MESHLET_POD_NAME="bench-$name" MESHLET_POD_NAMESPACE=bench \
         "$PROXY_BIN"
 }
-start_proxy "$NS_MC" client "$CLIENT_IP"
+start_proxy "$NS_MC" client "$CLIENT_IP" "${CLIENT_CPU[@]}"
 PROXY_CLIENT=$STARTED_PID
-start_proxy "$NS_MS" server "$SERVER_IP"
+start_proxy "$NS_MS" server "$SERVER_IP" "${SERVER_CPU[@]}"
 PROXY_SERVER=$STARTED_PID
 wait_http "$NS_MC" http://127.0.0.1:15020/ready "client proxy"
 wait_http "$NS_MS" http://127.0.0.1:15020/ready "server proxy"
@@ -262,7 +267,7 @@ log "idle RSS: client proxy ${RSS_IDLE_CLIENT} KiB, server proxy ${RSS_IDLE_SERV
 
 # --- rounds ---------------------------------------------------------------------------
 
-LOADGEN=("${LOAD_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --rate "$RATE" --duration "$DURATION"
+LOADGEN=("${CLIENT_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --rate "$RATE" --duration "$DURATION"
     --warmup "$WARMUP" --connections "$CONNECTIONS")
 COUNTS="[]"
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -299,6 +304,12 @@ SPLIT_AFTER_CLIENT=$(rss_split "$PROXY_CLIENT")
 SPLIT_AFTER_SERVER=$(rss_split "$PROXY_SERVER")
 
 if [[ $MAXTP != 0 ]]; then
+    if [[ $RT == 1 ]]; then
+        # A closed loop under SCHED_FIFO would starve everything else on the machine.
+        for pid in "$SERVER_DIRECT" "$SERVER_MESHLET" "$PROXY_CLIENT" "$PROXY_SERVER"; do
+            chrt -a -o -p 0 "$pid" >/dev/null || die "cannot return PID $pid to normal scheduling"
+        done
+    fi
     MAXTP_CMD=("${MAXTP_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --max-throughput --duration "$MAXTP"
         --warmup 1s --connections "$CONNECTIONS")
     log "max throughput (closed loop, $MAXTP): direct"
