@@ -47,6 +47,9 @@ use crate::{
     metrics::{Direction, Metrics},
 };
 
+/// How often histogram samples are folded into buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// How long the admin server outlives the drain.
 const ADMIN_GRACE: Duration = Duration::from_millis(50);
 
@@ -193,6 +196,7 @@ impl Proxy {
                 mesh::POLL_INTERVAL,
             ));
         }
+        tokio::spawn(metrics.clone().upkeep_every(METRICS_UPKEEP));
         let ready = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(admin::Admin {
             ready: ready.clone(),

@@ -250,6 +250,23 @@ impl Metrics {
         }
     }
 
+    /// Folds recorded histogram samples into their buckets. Samples queue up until
+    /// this runs (or a scrape renders), so it must run periodically or memory grows
+    /// with traffic when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Runs [`Metrics::upkeep`] every `every`, until the task is dropped.
+    pub async fn upkeep_every(self: Arc<Self>, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.upkeep();
+        }
+    }
+
     /// Prometheus text of every metric, plus process CPU and memory.
     pub fn render(&self) -> String {
         let mut out = self.handle.render();
@@ -508,6 +525,21 @@ mod tests {
         );
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
         assert!(text.contains("process_cpu_seconds_total "), "{text}");
+    }
+
+    #[test]
+    fn upkeep_keeps_histogram_counts() {
+        let m = Metrics::new();
+        let reqs = m.connection(Direction::Inbound, "a/b".into()).requests();
+        for _ in 0..1000 {
+            reqs.record(http::StatusCode::OK, std::time::Duration::from_micros(700));
+        }
+        m.upkeep();
+        reqs.record(http::StatusCode::OK, std::time::Duration::from_micros(700));
+        m.upkeep();
+        let text = m.render();
+        let line = r#"meshlet_request_duration_seconds_count{direction="inbound",service="a/b",tls="false"} 1001"#;
+        assert!(text.lines().any(|l| l == line), "{text}");
     }
 
     #[test]

@@ -147,6 +147,12 @@ impl Netns {
     }
 
     fn proxy_bin(&self, bin: &str) -> Proxy {
+        self.proxy_as(bin, 1337, &[])
+    }
+
+    /// Starts `bin` as `uid` with extra env `vars`; waits for its admin `/ready`.
+    fn proxy_as(&self, bin: &str, uid: u32, vars: &[(&str, &str)]) -> Proxy {
+        let uid = uid.to_string();
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -154,21 +160,27 @@ impl Netns {
                 &self.name,
                 "setpriv",
                 "--reuid",
-                "1337",
+                &uid,
                 "--regid",
-                "1337",
+                &uid,
                 "--clear-groups",
                 bin,
             ])
             .env("MESHLET_POD_IP", POD_IP)
             .env("MESHLET_DRAIN_TIMEOUT", "2s")
             .env("MESHLET_LOG", "warn")
+            .envs(vars.iter().copied())
             .spawn()
             .expect("spawn meshlet-proxy");
         let p = Proxy { child };
+        let admin = vars
+            .iter()
+            .find(|(k, _)| *k == "MESHLET_ADMIN_ADDR")
+            .map_or("127.0.0.1:15020", |(_, v)| v);
+        let admin: SocketAddr = admin.replace("0.0.0.0", "127.0.0.1").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while self
-            .request("127.0.0.1:15020".parse().unwrap(), "/ready")
+            .request(admin, "/ready")
             .map(|r| !r.starts_with("HTTP/1.1 200"))
             .unwrap_or(true)
         {
@@ -271,16 +283,80 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Resident memory idle and under 1000 req/s, and h2load's latency through the
-/// sidecar vs direct. A measurement, not a regression test: run it with
-/// `MESHLET_PROXY_BIN=target/release/meshlet-proxy cargo test -p meshlet-proxy --test netns -- --ignored --nocapture`
-/// (needs `h2load`: apt-get install -y nghttp2-client).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    meshlet_proxy::metrics::cpu_seconds(&stat).unwrap_or(0.0)
+}
+
+/// Latency percentiles (µs) of `conns` keep-alive HTTP/1.1 connections to `addr`, each
+/// sending one request every `conns` ms (so 1000 req/s in total) for `secs`.
+fn latency(ns: &Netns, addr: SocketAddr, conns: usize, secs: u64) -> (u64, u64, u64, usize) {
+    let path = format!("/var/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        setns(File::open(&path).unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut tasks = Vec::new();
+            for _ in 0..conns {
+                tasks.push(tokio::spawn(async move {
+                    let mut tx = meshlet_proxy::test_util::h1_client::<
+                        http_body_util::Empty<bytes::Bytes>,
+                    >(addr)
+                    .await;
+                    let mut tick = tokio::time::interval(Duration::from_millis(conns as u64));
+                    let end = Instant::now() + Duration::from_secs(secs);
+                    let mut samples = Vec::new();
+                    while Instant::now() < end {
+                        tick.tick().await;
+                        let start = Instant::now();
+                        tx.ready().await.unwrap();
+                        let req = http::Request::get("/")
+                            .header("host", "web.shop")
+                            .body(Default::default())
+                            .unwrap();
+                        let rsp = tx.send_request(req).await.unwrap();
+                        assert!(rsp.status().is_success());
+                        meshlet_proxy::test_util::body_bytes(rsp.into_body()).await;
+                        samples.push(start.elapsed().as_micros() as u64);
+                    }
+                    samples
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all.sort_unstable();
+            let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+            (pct(0.5), pct(0.99), pct(0.999), all.len())
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// Resident memory idle and at 1000 req/s, and the latency a client + server sidecar
+/// pair adds. A measurement, not a regression test: run it with
+/// `MESHLET_PROXY_BIN=/abs/path/target/release/meshlet-proxy cargo test -p meshlet-proxy --test netns -- --ignored --nocapture`.
+///
+/// One namespace plays both pods: the app's connect to the ClusterIP goes to the
+/// client sidecar (UID 1337, 15001), whose connect is redirected to the server
+/// sidecar (UID 1338, inbound 25006), whose connect is DNATed to the app.
 #[test]
 #[ignore]
 fn measure_rss_and_latency() {
     let bin = std::env::var("MESHLET_PROXY_BIN").unwrap_or_else(|_| BIN.to_string());
     let ns = Netns::new("measure");
-    ns.redirect();
+    for rule in [
+        format!("iptables -t nat -A OUTPUT -p tcp -d {CLUSTER_IP} --dport 80 -m owner --uid-owner 1337 -j REDIRECT --to-ports 25006"),
+        format!("iptables -t nat -A OUTPUT -p tcp -d {CLUSTER_IP} --dport 80 -m owner --uid-owner 1338 -j DNAT --to-destination {POD_IP}:8080"),
+        format!("iptables -t nat -A OUTPUT -p tcp -d {CLUSTER_IP} --dport 80 -j REDIRECT --to-ports 15001"),
+    ] {
+        ns.sh(&rule);
+    }
     let app: SocketAddr = format!("{POD_IP}:8080").parse().unwrap();
     let path = format!("/var/run/netns/{}", ns.name);
     std::thread::spawn(move || {
@@ -295,48 +371,65 @@ fn measure_rss_and_latency() {
         });
     });
     std::thread::sleep(Duration::from_millis(200));
-    let proxy = ns.proxy_bin(&bin);
-    let pid = proxy.child.id();
+    let client = ns.proxy_as(&bin, 1337, &[]);
+    let server = ns.proxy_as(
+        &bin,
+        1338,
+        &[
+            ("MESHLET_OUTBOUND_ADDR", "127.0.0.1:25001"),
+            ("MESHLET_INBOUND_ADDR", "0.0.0.0:25006"),
+            ("MESHLET_ADMIN_ADDR", "127.0.0.1:25020"),
+        ],
+    );
     std::thread::sleep(Duration::from_millis(500));
-    let idle = rss_kib(pid);
+    let idle = (rss_kib(client.child.id()), rss_kib(server.child.id()));
 
-    let h2load = |url: &str| {
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", &ns.name, "h2load", "--h1", "-c", "10", "--rps", "100", "-D",
-                "10", url,
-            ])
-            .output()
-            .expect("h2load (apt-get install -y nghttp2-client)");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .filter(|l| {
-                l.starts_with("finished")
-                    || l.starts_with("requests:")
-                    || l.starts_with("time for request")
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let mut peak = 0;
-    let sampler = {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
-        let h = std::thread::spawn(move || {
-            let mut peak = 0;
-            while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
-                std::thread::sleep(Duration::from_millis(100));
+    let pids = [client.child.id(), server.child.id()];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            for p in pids {
+                peak = peak.max(rss_kib(p));
             }
-            peak
-        });
-        (stop, h)
-    };
-    let through = h2load(&format!("http://{CLUSTER_IP}/"));
-    sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    peak = peak.max(sampler.1.join().unwrap());
-    let direct = h2load(&format!("http://{POD_IP}:8080/"));
-    eprintln!("binary: {bin}\nidle RSS: {idle} KiB\npeak RSS at 1000 req/s: {peak} KiB");
-    eprintln!("through the sidecar:\n{through}\ndirect:\n{direct}");
-    assert_eq!(proxy.terminate(), Some(0));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        peak
+    });
+    let direct = latency(&ns, app, 10, 10);
+    let cpu_before = (cpu_secs(pids[0]), cpu_secs(pids[1]));
+    let through = latency(&ns, format!("{CLUSTER_IP}:80").parse().unwrap(), 10, 10);
+    let cpu = (
+        cpu_secs(pids[0]) - cpu_before.0,
+        cpu_secs(pids[1]) - cpu_before.1,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    eprintln!("binary: {bin}");
+    eprintln!(
+        "idle RSS: client {} KiB, server {} KiB; peak at 1000 req/s: {peak} KiB",
+        idle.0, idle.1
+    );
+    eprintln!(
+        "direct       p50 {}us p99 {}us p99.9 {}us ({} requests)",
+        direct.0, direct.1, direct.2, direct.3
+    );
+    eprintln!(
+        "sidecar pair p50 {}us p99 {}us p99.9 {}us ({} requests)",
+        through.0, through.1, through.2, through.3
+    );
+    eprintln!(
+        "added: p50 {}us p99 {}us",
+        through.0.saturating_sub(direct.0),
+        through.1.saturating_sub(direct.1)
+    );
+    let per_k = |c: f64| c * 1000.0 / through.3 as f64;
+    eprintln!(
+        "CPU-seconds per 1000 requests: client sidecar {:.3}, server sidecar {:.3}",
+        per_k(cpu.0),
+        per_k(cpu.1)
+    );
+    assert_eq!(client.terminate(), Some(0));
+    assert_eq!(server.terminate(), Some(0));
 }

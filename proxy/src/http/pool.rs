@@ -112,6 +112,10 @@ where
         connect_timeout: Duration,
     ) -> Result<H1Conn<B>, ProxyError> {
         while let Some(mut tx) = self.pop_h1(dst) {
+            // Usually ready already: skip arming a timer per request.
+            if tx.is_ready() {
+                return Ok(H1Conn { tx, reused: true });
+            }
             if let Ok(Ok(())) = tokio::time::timeout(READY_TIMEOUT, tx.ready()).await {
                 return Ok(H1Conn { tx, reused: true });
             }
