@@ -76,6 +76,7 @@ fn main() -> ExitCode {
             println!("{name}: test");
         }
         println!("suite_leaves_nothing_behind: test");
+        println!("root_namespace_untouched: test");
         return ExitCode::SUCCESS;
     }
     // Flags libtest would take (--nocapture, --test-threads=N, ...) are accepted and
@@ -97,11 +98,12 @@ fn main() -> ExitCode {
     let started = Instant::now();
     println!(
         "\nrunning {} tests (netns mini-cluster, pid {})",
-        selected.len() + 1,
+        selected.len() + 2,
         std::process::id()
     );
     let mut failed = Vec::new();
     let prereq = cluster::check_prereqs().and_then(|()| cluster::Binaries::locate().map(drop));
+    let root_before = root_namespace_snapshot();
     for (name, f) in &selected {
         let t = Instant::now();
         let result = match &prereq {
@@ -136,7 +138,17 @@ fn main() -> ExitCode {
         println!("test suite_leaves_nothing_behind ... FAILED\n    namespaces left: {ns:?}, processes left: {pids:?}");
         failed.push("suite_leaves_nothing_behind".into());
     }
-    let total = selected.len() + 1;
+    // NETWORK SAFETY: the host's own namespace shows nothing of ours afterwards.
+    let root_after = root_namespace_snapshot();
+    if root_before == root_after {
+        println!("test root_namespace_untouched ... ok");
+    } else {
+        println!(
+            "test root_namespace_untouched ... FAILED\n    before: {root_before:#?}\n    after: {root_after:#?}"
+        );
+        failed.push("root_namespace_untouched".into());
+    }
+    let total = selected.len() + 2;
     println!(
         "\ntest result: {}. {} passed; {} failed; finished in {:.1}s",
         if failed.is_empty() { "ok" } else { "FAILED" },
@@ -153,6 +165,54 @@ fn main() -> ExitCode {
 }
 
 // === helpers ===
+
+/// What of the host's root namespace this suite could touch, read-only: forwarding
+/// sysctls, and routes, addresses and nat rules that mention the test ranges or our
+/// chains.
+fn root_namespace_snapshot() -> Vec<String> {
+    let ours = |l: &&str| {
+        [
+            "198.18.",
+            "198.19.",
+            "fd00:6d65:7368",
+            "MESHLET",
+            "KUBE-",
+            "169.254.1.1",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
+    };
+    let mut out = Vec::new();
+    for f in [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        out.push(format!(
+            "{f}={}",
+            std::fs::read_to_string(f).unwrap_or_default().trim()
+        ));
+    }
+    for argv in [
+        &["ip", "-4", "route", "show", "table", "all"][..],
+        &["ip", "-6", "route", "show", "table", "all"],
+        &["ip", "addr"],
+        &["iptables-save", "-t", "nat"],
+        &["ip6tables-save", "-t", "nat"],
+    ] {
+        let text = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .env("PATH", cluster::netns::search_path())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.extend(
+            text.lines()
+                .filter(ours)
+                .map(|l| format!("{}: {l}", argv.join(" "))),
+        );
+    }
+    out
+}
 
 fn sample() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../samples/hello.yaml")
