@@ -1263,6 +1263,16 @@ impl Cluster {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
+        // Container logs die with the temp dir unless asked for (CI artifacts).
+        if let Some(keep) = std::env::var_os("MLE2E_LOGS") {
+            let dest = PathBuf::from(keep).join(&self.prefix);
+            if fs::create_dir_all(&dest).is_ok() {
+                for e in fs::read_dir(self.log_dir()).into_iter().flatten().flatten() {
+                    let _ = fs::copy(e.path(), dest.join(e.file_name()));
+                }
+                let _ = fs::copy(&self.mesh_path, dest.join("mesh.json"));
+            }
+        }
         for ns in self.netns.drain(..).rev() {
             kill_ns_pids(&ns);
             Netns::delete(&ns);
