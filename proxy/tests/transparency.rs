@@ -233,22 +233,33 @@ async fn upgrade_forwards_101_then_splices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_first_banner_on_opaque_port_has_no_detection_delay() {
     let banner = test_util::banner_server(b"220 smtp.shop ESMTP ready\r\n").await;
-    let server = TestProxy::start(&[("MESHLET_OPAQUE_PORTS", &banner.port().to_string())]);
+    // A long detect timeout makes the difference unmistakable on a busy machine.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mesh.json");
+    std::fs::write(&cfg, r#"{"timeouts": {"detect": "5s"}}"#).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let server = TestProxy::start(&[
+        ("MESHLET_CONFIG_PATH", cfg),
+        ("MESHLET_OPAQUE_PORTS", &banner.port().to_string()),
+    ]);
     server.orig_dst.set(Direction::Inbound, banner);
-    let client = TestProxy::start(&[("MESHLET_OPAQUE_PORTS", &server.inbound.port().to_string())]);
+    let client = TestProxy::start(&[
+        ("MESHLET_CONFIG_PATH", cfg),
+        ("MESHLET_OPAQUE_PORTS", &server.inbound.port().to_string()),
+    ]);
     client.orig_dst.set(Direction::Outbound, server.inbound);
 
     let start = Instant::now();
     let mut s = TcpStream::connect(client.outbound).await.unwrap();
     let mut got = vec![0u8; 27];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
         .await
         .expect("banner in time")
         .unwrap();
     let took = start.elapsed();
     assert_eq!(got, b"220 smtp.shop ESMTP ready\r\n");
-    // Detection would wait for the 1s detect timeout before connecting.
-    assert!(took < Duration::from_millis(500), "banner took {took:?}");
+    // Detection would wait for the 5s detect timeout before connecting.
+    assert!(took < Duration::from_secs(2), "banner took {took:?}");
     s.write_all(b"EHLO me\r\n").await.unwrap();
     let mut echo = vec![0u8; 9];
     s.read_exact(&mut echo).await.unwrap();
@@ -388,5 +399,40 @@ async fn http10_client() {
     assert!(
         out.starts_with("HTTP/1.0 200") && out.ends_with("abc"),
         "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_on_other_port_becomes_opaque_after_detect_timeout() {
+    let banner = test_util::banner_server(b"+OK pop3 ready\r\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mesh.json");
+    std::fs::write(
+        &cfg,
+        r#"{"timeouts": {"detect": "300ms"}, "opaquePorts": [1]}"#,
+    )
+    .unwrap();
+    let proxy = TestProxy::start(&[("MESHLET_CONFIG_PATH", cfg.to_str().unwrap())]);
+    proxy.orig_dst.set(Direction::Outbound, banner);
+    let start = Instant::now();
+    let mut s = TcpStream::connect(proxy.outbound).await.unwrap();
+    let mut got = vec![0u8; 16];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+        .await
+        .expect("banner after the detect timeout")
+        .unwrap();
+    assert_eq!(got, b"+OK pop3 ready\r\n");
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "detection waited first"
+    );
+    let m = proxy.metrics();
+    assert_eq!(
+        test_util::metric_value(
+            &m,
+            r#"meshlet_timeouts_total{direction="outbound",kind="detect"}"#
+        ),
+        Some(1.0),
+        "{m}"
     );
 }
