@@ -65,6 +65,8 @@ pub struct Config {
     pub pod_namespace: Option<String>,
     /// The pod's service account (downward API).
     pub service_account: Option<String>,
+    /// The app's original httpGet probes, served under `/app-health/...`.
+    pub app_probes: meshlet_api::probes::AppProbes,
 }
 
 /// An environment variable with a value the proxy cannot use.
@@ -183,6 +185,17 @@ impl Config {
             ),
         };
 
+        let app_probes = match value(env, env::PROXY_APP_PROBES) {
+            None => Default::default(),
+            Some(v) => meshlet_api::probes::parse(&v).map_err(|e| {
+                invalid(
+                    env::PROXY_APP_PROBES,
+                    &v,
+                    &format!("{e}; it must be the JSON object the injector writes"),
+                )
+            })?,
+        };
+
         Ok(Self {
             outbound_addr,
             inbound_addr,
@@ -196,6 +209,7 @@ impl Config {
             pod_name: value(env, env::POD_NAME),
             pod_namespace: value(env, env::POD_NAMESPACE),
             service_account: value(env, env::SERVICE_ACCOUNT),
+            app_probes,
         })
     }
 }
