@@ -5,6 +5,7 @@
     chart_assert.py values  CHART
     chart_assert.py args    RENDERED.yaml OUTDIR PORT
     chart_assert.py mutate  CHART RESPONSE.json VALUES.yaml UID [--kube-version X.Y.Z]
+    chart_assert.py golden  RENDERED.yaml GOLDEN.yaml
 
 `render` checks the objects that `helm template` produced against the merged
 values (chart defaults + the value set), so every expectation follows from the
@@ -16,6 +17,9 @@ container's args (NUL-separated), with the listen address moved to
 exactly as the chart would start it. `mutate` checks the injector's
 AdmissionReview response to a plain pod: the sidecar it added carries the
 chart's images, resources, pull policy, log level, TLS mode and sidecar mode.
+`golden` compares a render with a committed golden file after masking what is
+generated per render (keys, certificates, caBundle); UPDATE_GOLDEN=1 rewrites
+the golden file instead (review the diff).
 
 Prints one line per failed check and exits 1 if any failed.
 """
@@ -525,6 +529,38 @@ def cmd_mutate(chart_dir, response, values_file, uid, kube_version):
     check(where["meshlet-init"][1].get("image") == init_image, "init image does not follow proxyInit.image")
 
 
+GENERATED = "<generated per render>"
+
+
+def masked(text):
+    """The render with per-render randomness replaced, so goldens are stable."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^(\s*)(ca\.crt|tls\.crt|tls\.key|caBundle): \S+$", line)
+        out.append(f"{m.group(1)}{m.group(2)}: {GENERATED}" if m else line.rstrip())
+    return "\n".join(out).strip() + "\n"
+
+
+def cmd_golden(rendered, golden):
+    with open(rendered) as f:
+        got = masked(f.read())
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        with open(golden, "w") as f:
+            f.write(got)
+        print(f"rewrote {golden}")
+        return
+    if not os.path.exists(golden):
+        check(False, f"{golden} is missing; create it with UPDATE_GOLDEN=1 scripts/test-chart.sh and review it")
+        return
+    with open(golden) as f:
+        want = f.read()
+    if got != want:
+        import difflib
+        diff = difflib.unified_diff(want.splitlines(), got.splitlines(), "golden", "rendered", lineterm="", n=2)
+        check(False, "render differs from the golden file (UPDATE_GOLDEN=1 rewrites it; review the diff):\n"
+              + "\n".join(list(diff)[:60]))
+
+
 def main(argv):
     if len(argv) >= 5 and argv[1] == "render":
         kube = "1.33.0"
@@ -538,6 +574,8 @@ def main(argv):
         if "--kube-version" in argv:
             kube = argv[argv.index("--kube-version") + 1]
         cmd_mutate(argv[2], argv[3], argv[4], argv[5], kube)
+    elif len(argv) == 4 and argv[1] == "golden":
+        cmd_golden(argv[2], argv[3])
     elif len(argv) == 5 and argv[1] == "args":
         cmd_args(argv[2], argv[3], argv[4])
     else:

@@ -8,6 +8,8 @@
 #   - bad value sets must be refused, by the schema or by _validate.tpl, with
 #     the expected message
 #   - NOTES.txt carries the three user steps
+#   - golden files of each ci/ render (charts/meshlet/golden/, generated
+#     certificates masked); UPDATE_GOLDEN=1 rewrites them
 # Installs what it needs through scripts/tools.sh (Helm 4 built from
 # tools/helm, a venv with kubernetes-validate). Ends with
 # "chart: N passed, M failed" and exits non-zero when M > 0.
@@ -125,6 +127,10 @@ for f in "$CHART"/ci/*.yaml "$WORK/user-tls-values.yaml" "$WORK/old-cluster-valu
     continue
   fi
   check "assertions on $name" "$PY" "$ROOT/scripts/chart_assert.py" render "$CHART" "$out" "$f" --kube-version "$kube"
+  if [[ $f == "$CHART"/ci/* ]]; then
+    check "golden render of $name (UPDATE_GOLDEN=1 rewrites)" \
+      "$PY" "$ROOT/scripts/chart_assert.py" golden "$out" "$CHART/golden/$name.yaml"
+  fi
   [[ $name == old-cluster-values ]] && continue
   for k in "${KUBE_VERSIONS[@]}"; do
     # Render for the version it is validated against (nativeSidecar=auto and
