@@ -12,7 +12,8 @@
 # State dir: $MESHLET_KUBE_DIR, default <repo>/target/kube-cluster. Ports are
 # picked free at `up` (override with MESHLET_KUBE_API_PORT, MESHLET_KUBE_ETCD_PORT,
 # MESHLET_KUBE_ETCD_PEER_PORT) and written to <state>/cluster.env, which the node
-# agent reads. No scheduler and no kubelet run: pods stay Pending until the node
+# agent reads. MESHLET_KUBE_APISERVER_ARGS adds kube-apiserver flags (split on
+# spaces), e.g. feature gates. No scheduler and no kubelet run: pods stay Pending until the node
 # agent binds and runs them. All traffic stays on 127.0.0.1.
 #
 # How the API server reaches webhooks, aggregated APIs (metrics.k8s.io) and
@@ -208,7 +209,8 @@ EOF
 start() {
   local name="$1" mem="$2"
   shift 2
-  GOMEMLIMIT="$mem" setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+  # 9>&-: the lock must not outlive this script in the children.
+  GOMEMLIMIT="$mem" setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$STATE/$name.pid"
 }
 
@@ -297,6 +299,7 @@ on_up_exit() {
 cmd_up() {
   local t0 t
   t0="$(now)"
+  KUBE_BIN="$(kube_bin)"
   if [[ -d $STATE ]]; then
     if all_alive && kctl get --raw /readyz >/dev/null 2>&1; then
       # shellcheck disable=SC1091
@@ -311,7 +314,6 @@ cmd_up() {
   [[ $(id -u) == 0 ]] || die "run as root (the node agent that joins this cluster needs root for network namespaces)"
   command -v openssl >/dev/null || die "openssl is missing; install it with: apt-get install -y openssl"
   command -v ss >/dev/null || die "ss is missing; install it with: apt-get install -y iproute2"
-  KUBE_BIN="$(kube_bin)"
 
   mkdir -p "$STATE"
   touch "$STATE/$MARKER"
@@ -379,7 +381,8 @@ EOF
   log "etcd healthy on 127.0.0.1:$ETCD_PORT ($(since "$t") s)"
 
   t="$(now)"
-  local pki="$STATE/pki"
+  local pki="$STATE/pki" extra=()
+  read -ra extra <<<"${MESHLET_KUBE_APISERVER_ARGS:-}"
   start kube-apiserver 256MiB "$KUBE_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --secure-port "$API_PORT" --advertise-address 127.0.0.1 \
@@ -400,7 +403,8 @@ EOF
     --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
     --kubelet-preferred-address-types InternalIP,Hostname \
     --egress-selector-config-file "$STATE/egress-selector.yaml" \
-    --max-requests-inflight 200 --max-mutating-requests-inflight 100 --profiling=false
+    --max-requests-inflight 200 --max-mutating-requests-inflight 100 --profiling=false \
+    "${extra[@]}"
   wait_for kube-apiserver "kube-apiserver /readyz on $API_URL" kctl get --raw /readyz
   log "kube-apiserver ready on $API_URL ($(since "$t") s after start)"
 
@@ -432,6 +436,8 @@ cmd_down() {
   fi
   stop_all
   remove_state
+  # Under the lock we hold; a waiter that already opened it still gets it.
+  rm -f "$STATE.lock"
   log "cluster down; removed $STATE"
 }
 
