@@ -10,6 +10,10 @@
 #   - NOTES.txt carries the three user steps
 #   - golden files of each ci/ render (charts/meshlet/golden/, generated
 #     certificates masked); UPDATE_GOLDEN=1 rewrites them
+#   - the real meshlet-injector (cargo build -p meshlet-injector, or
+#     MESHLET_INJECTOR_BIN) started with the rendered args and certificate:
+#     /readyz and /healthz over TLS for meshlet-injector.<ns>.svc, and one
+#     /mutate whose sidecar must follow the values
 # Installs what it needs through scripts/tools.sh (Helm 4 built from
 # tools/helm, a venv with kubernetes-validate). Ends with
 # "chart: N passed, M failed" and exits non-zero when M > 0.
