@@ -8,9 +8,11 @@ API server's "cluster" egress, with a mutating webhook behind it.
   with --egress-selector-config-file, transport uds). Every target is written to
   CONNECT_LOG, one a line, and served by the webhook below, whatever its address:
   the node agent would dial it inside the pod's network namespace instead.
-- The webhook (TLS with CERT/KEY, never on a TCP port) answers every
-  AdmissionReview with allowed=true and a JSONPatch that adds the pod label
-  meshlet-test/mutated=yes.
+- Behind it one TLS server (CERT/KEY, never on a TCP port) plays three parts:
+  a mutating webhook (POST: allowed=true plus a JSONPatch adding the pod label
+  meshlet-test/mutated=yes), an aggregated metrics.k8s.io/v1beta1 API (GET
+  /apis/metrics.k8s.io/v1beta1, logging X-Remote-User) and a kubelet's
+  /containerLogs/ endpoint.
 
 Standard library only; exits on SIGTERM.
 """
@@ -52,6 +54,34 @@ class Webhook(BaseHTTPRequestHandler):
         ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def do_GET(self):  # noqa: N802
+        # What the node agent will serve: the aggregated metrics API (reached through
+        # the front proxy, which names the user in X-Remote-User) and a kubelet's logs.
+        sys.stderr.write(f"get: {self.path} user={self.headers.get('X-Remote-User', '')}\n")
+        if self.path.startswith("/apis/metrics.k8s.io/v1beta1"):
+            kind = "application/json"
+            reply = json.dumps(
+                {
+                    "kind": "APIResourceList",
+                    "apiVersion": "v1",
+                    "groupVersion": "metrics.k8s.io/v1beta1",
+                    "resources": [
+                        {"name": "pods", "singularName": "", "namespaced": True, "kind": "PodMetrics", "verbs": ["get", "list"]},
+                    ],
+                }
+            ).encode()
+        elif self.path.startswith("/containerLogs/"):
+            kind = "text/plain"
+            reply = b"hello from the fake kubelet\n"
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
         self.wfile.write(reply)

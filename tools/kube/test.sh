@@ -10,7 +10,9 @@
 #     the service-account token volume; namespaces get kube-root-ca.crt
 #   - the Gateway API v1.6.3 standard CRDs install and accept an HTTPRoute
 #   - a webhook Service resolves to its EndpointSlice address and the API server
-#     reaches it through the egress socket (a fake node agent: egress_webhook.py)
+#     reaches it through the egress socket (a fake node agent: egress_webhook.py);
+#     so do an aggregated metrics.k8s.io APIService (with the front-proxy user)
+#     and a Node's kubelet port (kubectl logs of a pod bound with pods/binding)
 #   - helm install of charts/meshlet (when Helm can be had): with no injector pod,
 #     pods in a labelled namespace are refused naming the webhook; helm uninstall
 #     leaves no MutatingWebhookConfiguration
@@ -323,6 +325,97 @@ webhook_via_egress() {
 }
 check "a webhook Service resolves to its endpoint and is reached via the egress socket" webhook_via_egress
 kubectl delete mutatingwebhookconfiguration kube-test-hook >/dev/null
+
+# The aggregation layer: an APIService for metrics.k8s.io behind a Service whose
+# endpoint, again, only the egress socket can reach.
+kubectl -n "$HOOK_NS" apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: metrics}
+spec:
+  ports: [{name: https, port: 443, targetPort: 4443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: metrics-1
+  labels: {kubernetes.io/service-name: metrics}
+addressType: IPv4
+ports: [{name: https, port: 4443, protocol: TCP}]
+endpoints: [{addresses: [198.18.250.11], conditions: {ready: true}}]
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: v1beta1.metrics.k8s.io}
+spec:
+  group: metrics.k8s.io
+  version: v1beta1
+  service: {name: metrics, namespace: $HOOK_NS, port: 443}
+  insecureSkipTLSVerify: true
+  groupPriorityMinimum: 100
+  versionPriority: 100
+EOF
+aggregated_metrics() {
+  local i avail="" out
+  for ((i = 0; i < 100; i++)); do
+    avail="$(kubectl get apiservice v1beta1.metrics.k8s.io -o jsonpath='{.status.conditions[?(@.type=="Available")].status}')"
+    [[ $avail == True ]] && break
+    sleep 0.2
+  done
+  [[ $avail == True ]] || {
+    kubectl get apiservice v1beta1.metrics.k8s.io -o jsonpath='{.status.conditions}'
+    return 1
+  }
+  out="$(kubectl get --raw /apis/metrics.k8s.io/v1beta1)"
+  [[ $out == *PodMetrics* ]] || {
+    echo "discovery of metrics.k8s.io/v1beta1 said: $out"
+    return 1
+  }
+  grep -qx "198.18.250.11:4443" "$WORK/connects.log" || {
+    echo "no CONNECT to the metrics endpoint; connects: $(tr '\n' ' ' <"$WORK/connects.log")"
+    return 1
+  }
+  grep -qF "get: /apis/metrics.k8s.io/v1beta1 user=meshlet-admin" "$WORK/egress.log" || {
+    echo "the front proxy did not pass the user in X-Remote-User:"
+    cat "$WORK/egress.log"
+    return 1
+  }
+}
+check "metrics.k8s.io via the aggregation layer: Available, served through the egress socket" aggregated_metrics
+
+# A kubelet: a Node with an InternalIP and kubelet port, a pod bound to it (what
+# the node agent does), then `kubectl logs` reaches the node through the socket.
+kubelet_logs() {
+  local out
+  kubectl create -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Node
+metadata: {name: kube-test-node, labels: {kubernetes.io/hostname: kube-test-node}}
+EOF
+  kubectl patch node kube-test-node --subresource status --type merge -p \
+    '{"status":{"addresses":[{"type":"InternalIP","address":"198.18.250.12"}],"daemonEndpoints":{"kubeletEndpoint":{"Port":10250}}}}' >/dev/null
+  kubectl -n "$NS" run lp --image registry.invalid/app:1 --restart Never >/dev/null
+  kubectl create -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Binding
+metadata: {name: lp, namespace: $NS}
+target: {apiVersion: v1, kind: Node, name: kube-test-node}
+EOF
+  [[ "$(kubectl -n "$NS" get pod lp -o jsonpath='{.spec.nodeName}')" == kube-test-node ]] || {
+    echo "the Binding did not set spec.nodeName"
+    return 1
+  }
+  out="$(kubectl -n "$NS" logs lp 2>&1)"
+  [[ $out == "hello from the fake kubelet" ]] || {
+    echo "kubectl logs said: $out"
+    return 1
+  }
+  grep -qx "198.18.250.12:10250" "$WORK/connects.log" || {
+    echo "no CONNECT to the node's InternalIP:10250; connects: $(tr '\n' ' ' <"$WORK/connects.log")"
+    return 1
+  }
+}
+check "pods/binding to a Node, then kubectl logs reaches its kubelet port via the egress socket" kubelet_logs
 kill "$helper_pid" 2>/dev/null || true
 wait "$helper_pid" 2>/dev/null || true
 helper_pid=""
