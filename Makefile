@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build release test lint unit chart-test demo bench clean-netns help
+.PHONY: all deps build release test lint unit chart-test chart-install-test demo bench clean-netns help
 
 all: build
 
@@ -33,7 +33,10 @@ chart-test: deps ## helm lint/template, schema validation, Dockerfile and script
 	bash scripts/test-chart.sh
 	bash scripts/test-dockerfiles.sh
 
-test: lint unit chart-test ## everything CI runs
+chart-install-test: deps ## the chart against a real kube-apiserver (builds the control plane once)
+	bash scripts/test-chart-install.sh
+
+test: lint unit chart-test chart-install-test ## everything CI runs
 	@echo "make test: all suites passed"
 
 demo: build ## a mini-mesh of network namespaces on this machine (needs root)
