@@ -146,9 +146,29 @@ done
 inits="$(kubectl -n refusals get pod "$legacy" -o jsonpath='{.spec.initContainers}')"
 [[ -z "$inits" ]] || fail "opted-out pod was injected: $inits"
 
+# Offline output: `inject -f` prints what kubectl applies as is (server-side dry run in
+# unlabelled namespaces, so only the API server's own validation is involved).
+mkdir -p "$WORK/offline"
+for f in "$TESTDATA"/*.yaml "$CORPUS"/*.yaml "$CORPUS"/*.yml; do
+  [[ -e "$f" ]] || continue
+  case "$(basename "$f")" in error-* | emojivoto*) continue ;; esac
+  out="$WORK/offline/$(basename "$f")"
+  target/debug/meshlet-injector inject -f "$f" >"$out"
+  while read -r ns; do
+    kubectl create namespace "$ns" >/dev/null 2>&1 || true
+  done < <(awk '$1 == "namespace:" {print $2}' "$out" | sort -u)
+  kubectl create namespace offline >/dev/null 2>&1 || true
+  nsflag=(-n offline)
+  grep -q '^  namespace:' "$out" && nsflag=()
+  # create rather than apply: apply refuses generateName.
+  if ! res="$(kubectl "${nsflag[@]}" create --dry-run=server -f "$out" 2>&1)"; then
+    fail "kubectl refused the offline output of $(basename "$f"): $res"
+  fi
+done
+
 curl -s --cacert "$WORK/ca.crt" "https://127.0.0.1:$port/metrics" | grep '^meshlet_injector_reviews_total' >&2 || true
 if [[ "$failures" -gt 0 ]]; then
   log "$failures failure(s); injector log: $(tail -5 "$WORK/injector.log")"
   exit 1
 fi
-log "ok: $got pods injected by a real kube-apiserver, refusal, opt-out and dry run checked"
+log "ok: $got pods injected by a real kube-apiserver, refusal, opt-out, dry run and offline output checked"
