@@ -240,6 +240,37 @@ pub fn mutate(pod: &Pod, ctx: &Context, defaults: &Defaults) -> Result<Outcome, 
     Ok(Outcome::Inject(ops))
 }
 
+/// Things about an injected pod the user should know, returned as admission warnings
+/// (and printed by `inject`): the injection succeeds, but something will not work.
+pub fn warnings(pod: &Pod, defaults: &Defaults) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(spec) = pod.spec.as_ref() else {
+        return out;
+    };
+    let native = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ann::NATIVE_SIDECAR))
+        .map(|v| v.trim() == "true")
+        .unwrap_or(defaults.native_sidecar);
+    let app_inits: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    if !native && !app_inits.is_empty() {
+        // Their traffic is already redirected by meshlet-init but no proxy runs yet.
+        out.push(format!(
+            "meshlet: init containers {app_inits:?} run before the classic (non-native) proxy \
+             starts, so their TCP connections will fail; use meshlet.io/native-sidecar: \"true\" \
+             or exclude their ports with meshlet.io/exclude-outbound-ports"
+        ));
+    }
+    out
+}
+
 /// Refuses app containers the sidecar cannot coexist with.
 fn check_app_containers(spec: &PodSpec) -> Result<(), Denied> {
     let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);

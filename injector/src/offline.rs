@@ -198,6 +198,9 @@ pub fn inject_pod_json(
         source: Box::new(source),
     })?;
     if let Outcome::Inject(ops) = outcome {
+        for w in crate::mutate::warnings(&typed, defaults) {
+            tracing::warn!(kind, name, "{w}");
+        }
         json_patch::patch(pod, &ops).map_err(|e| Error::Patch {
             kind: kind.to_string(),
             name: name.to_string(),

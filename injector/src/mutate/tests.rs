@@ -224,3 +224,21 @@ fn system_namespaces_are_never_injected() {
         Outcome::Inject(_)
     ));
 }
+
+#[test]
+fn classic_sidecar_with_app_init_containers_warns() {
+    let mut p = pod(BASIC);
+    p.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+        name: "wait-for-db".into(),
+        ..Default::default()
+    }]);
+    let d = Defaults::default();
+    assert!(
+        warnings(&p, &d).is_empty(),
+        "native sidecars serve init containers"
+    );
+    p.metadata.annotations = Some([(ann::NATIVE_SIDECAR.to_string(), "false".to_string())].into());
+    let w = warnings(&p, &d);
+    assert_eq!(w.len(), 1);
+    assert!(w[0].contains("wait-for-db"), "{w:?}");
+}
