@@ -12,9 +12,10 @@
 # State dir: $MESHLET_KUBE_DIR, default <repo>/target/kube-cluster. Ports are
 # picked free at `up` (override with MESHLET_KUBE_API_PORT, MESHLET_KUBE_ETCD_PORT,
 # MESHLET_KUBE_ETCD_PEER_PORT) and written to <state>/cluster.env, which the node
-# agent reads. MESHLET_KUBE_APISERVER_ARGS adds kube-apiserver flags (split on
-# spaces), e.g. feature gates. No scheduler and no kubelet run: pods stay Pending until the node
-# agent binds and runs them. All traffic stays on 127.0.0.1.
+# agent reads. MESHLET_KUBE_GOGC sets the components' GOGC (default 50);
+# MESHLET_KUBE_APISERVER_ARGS adds kube-apiserver flags (split on spaces), e.g.
+# feature gates. No scheduler and no kubelet run: pods stay Pending until the
+# node agent binds and runs them. All traffic stays on 127.0.0.1.
 #
 # How the API server reaches webhooks, aggregated APIs (metrics.k8s.io) and
 # kubelets (pods/exec, logs) without leaving loopback: with
@@ -205,12 +206,15 @@ EOF
 # --- processes ---------------------------------------------------------------
 
 # start NAME MEMLIMIT CMD...: in its own session, so that it outlives this script and
-# a Ctrl-C in the caller's terminal; a soft Go heap limit keeps RSS modest.
+# a Ctrl-C in the caller's terminal. A soft Go heap limit and GOGC=50 keep RSS
+# modest: measured with the Gateway API CRDs loaded, kube-apiserver holds 294 MiB
+# instead of 332 MiB at GOGC=100 for the same CPU; GOGC=25 saves 25 MiB more
+# but costs 50 % more CPU and 2 s of start-up.
 start() {
   local name="$1" mem="$2"
   shift 2
   # 9>&-: the lock must not outlive this script in the children.
-  GOMEMLIMIT="$mem" setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null 9>&- &
+  GOMEMLIMIT="$mem" GOGC="${MESHLET_KUBE_GOGC:-50}" setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$STATE/$name.pid"
 }
 
@@ -258,7 +262,9 @@ wait_for() {
   shift 2
   deadline=$((SECONDS + READY_TIMEOUT_SECONDS))
   while ((SECONDS < deadline)); do
-    "$@" >/dev/null 2>&1 && return 0
+    # A subshell: a signal trapped while a function check runs with its output
+    # silenced would otherwise silence the cleanup's messages too.
+    ("$@") >/dev/null 2>&1 && return 0
     alive "$name" || {
       FAILED="$name"
       die "$name exited while waiting for $what"
@@ -285,6 +291,8 @@ on_up_exit() {
   ((UP_DONE == 1)) && return 0
   local c show=("${COMPONENTS[@]}")
   [[ -n $FAILED ]] && show=("$FAILED")
+  # Interrupted: the logs hold no error worth showing.
+  ((rc == 130 || rc == 143)) && show=()
   for c in "${show[@]}"; do
     if [[ -s $STATE/$c.log ]]; then
       log "last lines of $c's log ($STATE/$c.log):"
@@ -318,6 +326,9 @@ cmd_up() {
   mkdir -p "$STATE"
   touch "$STATE/$MARKER"
   trap on_up_exit EXIT
+  # Turn signals into an exit, so that the EXIT trap cleans up on Ctrl-C too.
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
 
   ETCD_PORT="$(pick_port MESHLET_KUBE_ETCD_PORT)"
   ETCD_PEER_PORT="$(pick_port MESHLET_KUBE_ETCD_PEER_PORT)"
@@ -424,7 +435,7 @@ EOF
   log "kube-controller-manager made default/default ($(since "$t") s)"
 
   UP_DONE=1
-  trap - EXIT
+  trap - EXIT INT TERM
   log "cluster up in $(since "$t0") s: $API_URL, state $STATE"
   log "use it with: eval \"\$(tools/kube/cluster.sh env)\""
 }

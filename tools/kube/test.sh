@@ -105,6 +105,9 @@ fi
 COLD_UP="$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
 passed=$((passed + 1))
 echo "ok   cold up in $COLD_UP s"
+rss() { awk '/^VmRSS:/ { printf "%d MiB", $2 / 1024 }' "/proc/$(<"$STATE/$1.pid")/status"; }
+IDLE_RSS=""
+for c in etcd kube-apiserver kube-controller-manager; do IDLE_RSS+=" $c $(rss "$c"),"; done
 eval "$("$CLUSTER" env)"
 [[ -n ${KUBECONFIG:-} ]] || {
   echo "kube: cluster.sh env printed no KUBECONFIG" >&2
@@ -463,10 +466,10 @@ fi
 
 # --- measurements
 echo "kube: cold up $COLD_UP s"
-for c in etcd kube-apiserver kube-controller-manager; do
-  pid="$(<"$STATE/$c.pid")"
-  echo "kube: $c RSS $(awk '/^VmRSS:/ { printf "%d MiB", $2 / 1024 }' "/proc/$pid/status")"
-done
+echo "kube: RSS right after up:${IDLE_RSS%,}"
+busy=""
+for c in etcd kube-apiserver kube-controller-manager; do busy+=" $c $(rss "$c"),"; done
+echo "kube: RSS after the cases above (CRDs, chart):${busy%,}"
 
 # --- down
 started="$(pids_of_state | tr '\n' ' ')"
