@@ -8,6 +8,8 @@
 #   tools/kube/cluster.sh down     stop every process it started, remove the state dir
 #   tools/kube/cluster.sh status   exit 0 when every component runs and /readyz is ok
 #   tools/kube/cluster.sh env      print `export KUBECONFIG=... PATH=...` for eval
+#   tools/kube/cluster.sh gateway-api [standard|experimental]
+#                                  install the Gateway API CRDs pinned in tools/gateway-api
 #
 # State dir: $MESHLET_KUBE_DIR, default <repo>/target/kube-cluster. Ports are
 # picked free at `up` (override with MESHLET_KUBE_API_PORT, MESHLET_KUBE_ETCD_PORT,
@@ -53,7 +55,7 @@ die() {
 
 usage() {
   cat >&2 <<EOF
-usage: tools/kube/cluster.sh up|down|status|env
+usage: tools/kube/cluster.sh up|down|status|env|gateway-api [standard|experimental]
   state dir: $STATE (set MESHLET_KUBE_DIR to change it)
 EOF
   exit 64
@@ -477,6 +479,25 @@ cmd_status() {
   return "$rc"
 }
 
+# The Gateway API CRDs of the release pinned in tools/gateway-api (the Go module
+# holds them; `go mod download` fetches it once into the module cache).
+cmd_gateway_api() {
+  local channel="${1:-standard}" dir
+  [[ $channel == standard || $channel == experimental ]] || die "channel must be standard or experimental, not '$channel'"
+  [[ -d $STATE ]] || die "no cluster in $STATE; run: tools/kube/cluster.sh up"
+  command -v go >/dev/null || die "go not found; install Go 1.26 (https://go.dev/dl) to fetch the Gateway API module"
+  dir="$(cd "$ROOT/tools/gateway-api" && GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download -json sigs.k8s.io/gateway-api |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  [[ -d $dir/config/crd/$channel ]] || die "go mod download of sigs.k8s.io/gateway-api gave no config/crd/$channel (dir '$dir')"
+  KUBE_BIN="$(kube_bin)"
+  # Server-side: the CRDs are too big for client-side apply's annotation.
+  kctl apply --server-side --force-conflicts -f "$dir/config/crd/$channel" >&2
+  local crds
+  mapfile -t crds < <(kctl get crd -o name | grep -F .gateway.networking.k8s.io)
+  kctl wait --for condition=Established --timeout 60s "${crds[@]}" >&2
+  log "Gateway API ${dir##*@} $channel CRDs established"
+}
+
 cmd_env() {
   local path hd
   path="$(kube_bin)"
@@ -499,5 +520,6 @@ case "${1:-}" in
   down) with_lock cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
+  gateway-api) cmd_gateway_api "${2:-standard}" ;;
   *) usage ;;
 esac

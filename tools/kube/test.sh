@@ -217,16 +217,13 @@ check "the namespace gets the kube-root-ca.crt ConfigMap" \
 
 # --- Gateway API CRDs
 gateway_crds() {
-  local dir
-  dir="$(cd "$ROOT/tools/gateway-api" && GOTOOLCHAIN=local go mod download -json sigs.k8s.io/gateway-api |
-    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-  [[ -d $dir/config/crd/standard ]] || {
-    echo "go mod download gave no config/crd/standard (dir '$dir')"
+  "$CLUSTER" gateway-api standard
+  kubectl get crd httproutes.gateway.networking.k8s.io >/dev/null
+  [[ "$(kubectl get crd httproutes.gateway.networking.k8s.io \
+    -o jsonpath='{.metadata.annotations.gateway\.networking\.k8s\.io/bundle-version}')" == v1.6.3 ]] || {
+    echo "the HTTPRoute CRD is not from Gateway API v1.6.3"
     return 1
   }
-  kubectl apply --server-side -f "$dir/config/crd/standard" >/dev/null
-  kubectl wait --for condition=Established --timeout 30s crd/httproutes.gateway.networking.k8s.io >/dev/null
-  kubectl get crd httproutes.gateway.networking.k8s.io >/dev/null
   kubectl -n "$NS" create service clusterip web --tcp 80:8080 >/dev/null
   # A GAMMA route: parentRef is a Service.
   kubectl -n "$NS" apply -f - >/dev/null <<EOF
@@ -242,7 +239,7 @@ spec:
 EOF
   [[ "$(kubectl -n "$NS" get httproute web -o jsonpath='{.spec.rules[0].timeouts.request}')" == 2s ]]
 }
-check "Gateway API v1.6.3 standard CRDs install; an HTTPRoute on a Service is accepted" gateway_crds
+check "cluster.sh gateway-api: v1.6.3 standard CRDs established; an HTTPRoute on a Service is accepted" gateway_crds
 cluster_ip() {
   local ip
   ip="$(kubectl -n "$NS" get service web -o jsonpath='{.spec.clusterIP}')"
