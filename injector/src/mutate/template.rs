@@ -267,6 +267,14 @@ pub(super) fn proxy_container(s: &Settings, app_probes: &AppProbes) -> Container
             ..Default::default()
         }]),
         readiness_probe: Some(readiness),
+        // A wedged proxy takes the pod's traffic down with it: let kubelet restart it.
+        liveness_probe: Some(Probe {
+            http_get: admin_get("/live"),
+            period_seconds: Some(10),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
         resources: Some(ResourceRequirements {
             requests: Some(s.requests.clone()).filter(|m| !m.is_empty()),
             limits: Some(s.limits.clone()).filter(|m| !m.is_empty()),
