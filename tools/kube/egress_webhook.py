@@ -34,6 +34,15 @@ class Webhook(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
+        if self.path.startswith(("/exec/", "/attach/", "/portForward/")):
+            # What a kubelet receives for pods/exec: log the upgrade request the
+            # node agent must answer, then refuse it (no streams here).
+            sys.stderr.write(
+                f"post: {self.path.split('?')[0]} upgrade={self.headers.get('Upgrade', '')} "
+                f"protocols={','.join(self.headers.get_all('X-Stream-Protocol-Version') or [])}\n"
+            )
+            self.send_error(400, "fake kubelet: no exec here")
+            return
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         review = json.loads(body)
         request = review.get("request", {})

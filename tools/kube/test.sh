@@ -12,7 +12,8 @@
 #   - a webhook Service resolves to its EndpointSlice address and the API server
 #     reaches it through the egress socket (a fake node agent: egress_webhook.py);
 #     so do an aggregated metrics.k8s.io APIService (with the front-proxy user)
-#     and a Node's kubelet port (kubectl logs of a pod bound with pods/binding)
+#     and a Node's kubelet port (kubectl logs of a pod bound with pods/binding;
+#     kubectl exec arrives as an SPDY/3.1 upgrade)
 #   - helm install of charts/meshlet (when Helm can be had): with no injector pod,
 #     pods in a labelled namespace are refused naming the webhook; helm uninstall
 #     leaves no MutatingWebhookConfiguration
@@ -416,6 +417,21 @@ EOF
   }
 }
 check "pods/binding to a Node, then kubectl logs reaches its kubelet port via the egress socket" kubelet_logs
+# kubectl speaks WebSocket to the API server, which asks the kubelet for SPDY/3.1
+# with the channel protocols: what the node agent's exec server must accept.
+exec_upgrade() {
+  local out
+  if out="$(kubectl -n "$NS" exec lp -- echo hi 2>&1)"; then
+    echo "exec succeeded against a fake kubelet that refuses it: $out"
+    return 1
+  fi
+  grep -qF "post: /exec/$NS/lp/lp upgrade=SPDY/3.1 protocols=v5.channel.k8s.io,v4.channel.k8s.io" "$WORK/egress.log" || {
+    echo "the kubelet did not get the SPDY exec upgrade; kubectl said: $out"
+    cat "$WORK/egress.log"
+    return 1
+  }
+}
+check "kubectl exec reaches the node as POST /exec/NS/POD/CONTAINER, Upgrade SPDY/3.1, v5.channel.k8s.io" exec_upgrade
 kill "$helper_pid" 2>/dev/null || true
 wait "$helper_pid" 2>/dev/null || true
 helper_pid=""
