@@ -35,7 +35,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 STATE="${MESHLET_KUBE_DIR:-$ROOT/target/kube-cluster}"
-STATE="${STATE%/}"
+# Absolute: the path is how `alive` recognises our processes by their command line.
+STATE="$(realpath -m "$STATE")"
 VERSION=v1.37.2
 SERVICE_CIDR=198.19.0.0/16
 # The first address of the Service range: the ClusterIP of default/kubernetes.
@@ -325,6 +326,8 @@ cmd_up() {
   command -v openssl >/dev/null || die "openssl is missing; install it with: apt-get install -y openssl"
   command -v ss >/dev/null || die "ss is missing; install it with: apt-get install -y iproute2"
 
+  # sun_path holds 108 bytes; the node agent could not bind a longer socket path.
+  ((${#STATE} + 12 <= 107)) || die "state dir path $STATE is too long for a unix socket in it; set a shorter MESHLET_KUBE_DIR"
   mkdir -p "$STATE"
   touch "$STATE/$MARKER"
   trap on_up_exit EXIT
