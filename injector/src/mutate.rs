@@ -27,6 +27,9 @@ pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
 /// Scrape path annotation.
 pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
 
+/// The container `kubectl logs/exec/attach` use when none is named.
+pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+
 /// Where the pod is being admitted; the namespace comes from the admission request
 /// because a pod being created often has none in its own metadata.
 #[derive(Clone, Debug, Default)]
@@ -202,6 +205,13 @@ pub fn mutate(pod: &Pod, ctx: &Context, defaults: &Defaults) -> Result<Outcome, 
         new_annotations.insert(PROMETHEUS_SCRAPE.to_string(), "true".to_string());
         new_annotations.insert(PROMETHEUS_PORT.to_string(), ports::ADMIN.to_string());
         new_annotations.insert(PROMETHEUS_PATH.to_string(), "/metrics".to_string());
+    }
+    // A classic proxy becomes containers[0], which `kubectl logs/exec` would pick by
+    // default; point them back at the app.
+    if !settings.native_sidecar && !annotations.contains_key(DEFAULT_CONTAINER) {
+        if let Some(app) = spec.containers.first() {
+            new_annotations.insert(DEFAULT_CONTAINER.to_string(), app.name.clone());
+        }
     }
     if pod.metadata.annotations.is_none() {
         ops.push(add(

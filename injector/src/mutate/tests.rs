@@ -95,6 +95,10 @@ fn classic_sidecar_is_first_container_and_probe_indices_stay_right() {
     assert_eq!(spec.init_containers.unwrap().len(), 1);
     assert_eq!(spec.containers[0].name, "meshlet-proxy");
     assert!(spec.containers[0].lifecycle.is_some());
+    assert_eq!(
+        out.metadata.annotations.as_ref().unwrap()[DEFAULT_CONTAINER],
+        "web"
+    );
     assert!(spec.containers[0].restart_policy.is_none());
     let web = &spec.containers[1];
     assert_eq!(
