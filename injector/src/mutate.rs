@@ -158,7 +158,13 @@ pub fn mutate(pod: &Pod, ctx: &Context, defaults: &Defaults) -> Result<Outcome, 
 
     let overrides = validate::overrides(annotations)?;
     check_app_containers(spec)?;
-    let settings = template::Settings::new(&overrides, defaults)?;
+    let mut settings = template::Settings::new(&overrides, defaults)?;
+    // The proxy must finish draining before kubelet's SIGKILL at the end of the grace
+    // period (30 s when unset, which is the proxy's own default too).
+    settings.drain_timeout = spec
+        .termination_grace_period_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map(|s| meshlet_api::Duration::from_secs(s).to_string());
 
     let mut ops = Vec::new();
 

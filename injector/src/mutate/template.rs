@@ -45,6 +45,8 @@ pub(super) struct Settings {
     pub native_sidecar: bool,
     pub tls_mode: String,
     pub mesh_config_path: Option<String>,
+    /// The pod's termination grace period, as the proxy's drain deadline.
+    pub drain_timeout: Option<String>,
     pub o: Overrides,
 }
 
@@ -90,6 +92,7 @@ impl Settings {
             native_sidecar: o.native_sidecar.unwrap_or(d.native_sidecar),
             tls_mode: o.tls_mode.clone().unwrap_or_else(|| d.tls_mode.clone()),
             mesh_config_path: d.mesh_config_path.clone(),
+            drain_timeout: None,
             o: o.clone(),
         })
     }
@@ -238,6 +241,9 @@ pub(super) fn proxy_container(s: &Settings, app_probes: &AppProbes) -> Container
     ];
     if let Some(p) = &s.mesh_config_path {
         env_vars.push(value_env(env::PROXY_CONFIG_PATH, p.clone()));
+    }
+    if let Some(d) = &s.drain_timeout {
+        env_vars.push(value_env(env::PROXY_DRAIN_TIMEOUT, d.clone()));
     }
     if let Some(p) = &s.o.opaque_ports {
         env_vars.push(value_env(env::PROXY_OPAQUE_PORTS, p.clone()));

@@ -246,3 +246,25 @@ fn classic_sidecar_with_app_init_containers_warns() {
     assert_eq!(w.len(), 1);
     assert!(w[0].contains("wait-for-db"), "{w:?}");
 }
+
+#[test]
+fn grace_period_becomes_the_drain_deadline() {
+    let drain = |grace: Option<i64>| {
+        let mut p = pod(BASIC);
+        p.spec.as_mut().unwrap().termination_grace_period_seconds = grace;
+        let out = apply(
+            &p,
+            &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()),
+        );
+        let proxy = out.spec.unwrap().init_containers.unwrap().remove(1);
+        proxy
+            .env
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "MESHLET_DRAIN_TIMEOUT")
+            .and_then(|e| e.value)
+    };
+    assert_eq!(drain(None), None);
+    assert_eq!(drain(Some(0)).as_deref(), Some("0s"));
+    assert_eq!(drain(Some(90)).as_deref(), Some("1m30s"));
+}
