@@ -247,7 +247,10 @@ async fn reload_moves_new_requests_and_keeps_the_one_in_flight() {
     for i in 0..40 {
         let (status, body) = get_h1(&mut tx, &format!("/r/{i}")).await;
         assert_eq!(status, 200);
-        assert!(!body.starts_with("a "), "request {i} went to the removed endpoint");
+        assert!(
+            !body.starts_with("a "),
+            "request {i} went to the removed endpoint"
+        );
     }
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(
