@@ -4,6 +4,18 @@
 //! objects; the proxy reads it from a file or a watch and swaps it atomically. It is
 //! validated whole: a document with one bad entry is refused and the previous one keeps
 //! serving.
+//!
+//! ```json
+//! {"generation": 7,
+//!  "services": [{"name": "web", "namespace": "shop", "clusterIPs": ["198.19.0.10"],
+//!                "ports": [{"port": 80, "name": "http"}], "meshed": true,
+//!                "identities": ["spiffe://cluster.local/ns/shop/sa/web"],
+//!                "endpoints": [{"ip": "198.18.0.2", "ports": {"80": 8080}, "ready": true,
+//!                               "podName": "web-0",
+//!                               "identity": "spiffe://cluster.local/ns/shop/sa/web"}]}],
+//!  "opaquePorts": [3306],
+//!  "timeouts": {"detect": "1s", "connect": "5s", "idle": "1h"}}
+//! ```
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
