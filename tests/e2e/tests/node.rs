@@ -230,7 +230,7 @@ fn story() -> Result<()> {
         log,
     };
     let prefix = format!("mlnode-{}-", agent.pid());
-    let r = steps(&k, &name, &prefix, &mut agent);
+    let r = steps(&k, &name, &prefix, &mut agent, &bins, work.path());
     if r.is_err() {
         eprintln!("--- meshlet-node log ---\n{}", agent.log());
         eprintln!(
@@ -244,7 +244,14 @@ fn story() -> Result<()> {
     Ok(())
 }
 
-fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()> {
+fn steps(
+    k: &Kubectl,
+    name: &str,
+    prefix: &str,
+    agent: &mut Agent,
+    bins: &cluster::Binaries,
+    work: &Path,
+) -> Result<()> {
     // (a) the Node registers, Ready, with its address and a Lease.
     let node = wait_for("the Node to be Ready", Duration::from_secs(30), || {
         let n = k.json(&["get", "node", name])?;
@@ -504,6 +511,11 @@ fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()>
         p50(&mut agent_ms)
     );
 
+    // The same app injected (`meshlet-injector inject -f`): meshlet-init programs
+    // the pod's iptables, meshlet-proxy runs as a native sidecar as 1337, and
+    // kubectl top tells app and proxy apart.
+    meshed(k, prefix, bins, work)?;
+
     // Everything down: no namespace, no container process.
     let mut pids = Vec::new();
     for ns in netns::list_with_prefix(prefix) {
@@ -523,6 +535,123 @@ fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()>
         .collect();
     ensure!(alive.is_empty(), "container processes left: {alive:?}");
     println!("ok   agent stopped: no namespace and no container process left");
+    Ok(())
+}
+
+fn meshed(k: &Kubectl, prefix: &str, bins: &cluster::Binaries, work: &Path) -> Result<()> {
+    ensure!(
+        bins.injector.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        bins.injector.display()
+    );
+    let t = Instant::now();
+    k.run(&["delete", "namespace", "hello", "--timeout=60s"])?;
+    ensure!(pods_ns_count(prefix, "hello.") == 0, "hello pods still run");
+    println!(
+        "ok   namespace hello deleted, its pods stopped, in {} ms",
+        t.elapsed().as_millis()
+    );
+    let out = Command::new(&bins.injector)
+        .args(["inject", "-f"])
+        .arg(root().join("samples/hello.yaml"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "meshlet-injector inject: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = work.join("hello-injected.yaml");
+    std::fs::write(&file, &out.stdout)?;
+    k.run(&["apply", "-f", &file.display().to_string()])?;
+    let pods = wait_for("6 injected pods Ready", Duration::from_secs(90), || {
+        let items = k.json(&["-n", "hello", "get", "pods"])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok((items.len() == 6 && items.iter().all(ready)).then_some(items))
+    })?;
+    let client = pods
+        .iter()
+        .find(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("client-")
+        })
+        .context("no client pod")?;
+    let inits = client["status"]["initContainerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        inits.len() == 2
+            && inits[0]["name"] == "meshlet-init"
+            && inits[0]["state"]["terminated"]["reason"] == "Completed"
+            && inits[1]["name"] == "meshlet-proxy"
+            && inits[1]["ready"] == true
+            && inits[1]["started"] == true,
+        "init container statuses: {inits:?}"
+    );
+    let cname = client["metadata"]["name"].as_str().unwrap_or("");
+    let ns = netns::Netns::existing(&format!("{prefix}hello.{cname}"));
+    let rules = ns
+        .exec(&["iptables-save", "-t", "nat"])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(
+        rules.contains("MESHLET_OUTPUT"),
+        "meshlet-init left no rules:\n{rules}"
+    );
+    let pid: i32 = inits[1]["containerID"]
+        .as_str()
+        .unwrap_or("")
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .parse()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("\t1337\t")),
+        "meshlet-proxy does not run as 1337"
+    );
+    let count = || -> Result<f64> {
+        let m = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://127.0.0.1:15020/metrics"])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(m.lines()
+            .filter(|l| {
+                l.starts_with("meshlet_requests_total{") && l.contains("direction=\"outbound\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    };
+    let before = count()?;
+    for _ in 0..5 {
+        let body = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://198.19.0.10/"])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(body.contains("backend-v"), "reply {body}");
+    }
+    let after = count()?;
+    ensure!(
+        after - before == 5.0,
+        "the client's sidecar counted {} of 5 requests",
+        after - before
+    );
+    println!("ok   injected pods Ready: meshlet-init rules, proxy as 1337, 5 requests through the client's sidecar");
+    let top = wait_for(
+        "kubectl top with meshlet-proxy rows",
+        Duration::from_secs(60),
+        || {
+            let out = k.run(&["-n", "hello", "top", "pod", "--containers"])?;
+            Ok(
+                (out.matches("meshlet-proxy").count() == 5 && out.lines().count() == 16)
+                    .then_some(out),
+            )
+        },
+    )?;
+    println!("ok   kubectl top pod --containers (injected):\n{top}");
     Ok(())
 }
 
