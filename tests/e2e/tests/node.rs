@@ -498,6 +498,37 @@ fn steps(
     );
     println!("ok   volumes: configmap file, projected token (aud meshlet, 900 s, bound to the pod), SA volume, env, uid");
 
+    // A container that ignores SIGTERM is killed when its grace period (2 s) ends.
+    wait_for(
+        "pod node-test/stubborn Ready",
+        Duration::from_secs(30),
+        || Ok(ready(&k.json(&["-n", "node-test", "get", "pod", "stubborn"])?).then_some(())),
+    )?;
+    let t = Instant::now();
+    k.run(&[
+        "-n",
+        "node-test",
+        "delete",
+        "pod",
+        "stubborn",
+        "--timeout=20s",
+    ])?;
+    let took = t.elapsed();
+    ensure!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "deleting a pod that ignores SIGTERM with grace 2 s took {took:?}"
+    );
+    ensure!(
+        agent.log().lines().any(|l| l.contains("pod stopped")
+            && l.contains("node-test/stubborn")
+            && l.contains("killed=1")),
+        "the agent did not SIGKILL the stubborn container"
+    );
+    println!(
+        "ok   a container ignoring SIGTERM was killed after its 2 s grace period ({} ms)",
+        took.as_millis()
+    );
+
     // Timings the agent measured: first sight of a pod -> all containers ready.
     let mut agent_ms: Vec<u128> = agent
         .log()
@@ -515,6 +546,18 @@ fn steps(
     // the pod's iptables, meshlet-proxy runs as a native sidecar as 1337, and
     // kubectl top tells app and proxy apart.
     meshed(k, prefix, bins, work)?;
+    let mut meshed_ms: Vec<u128> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("all containers ready"))
+        .skip(n)
+        .filter_map(|l| l.rsplit("ms=").next()?.trim().parse().ok())
+        .collect();
+    println!(
+        "     agent: injected pod seen -> all containers ready p50 {} ms over {} pods",
+        p50(&mut meshed_ms),
+        meshed_ms.len()
+    );
 
     // Everything down: no namespace, no container process.
     let mut pids = Vec::new();
