@@ -304,15 +304,20 @@ fn http1_through_both_sidecars() -> Result<()> {
     } else {
         2
     };
+    // Inbound, the Service comes from the mesh config's endpoints (pod IP, target port).
     let inb = delta(
         &before[idx],
         &after[idx],
         REQUESTS,
-        &[("direction", "inbound"), ("status_code", "200")],
+        &[
+            ("direction", "inbound"),
+            ("service", SVC_BACKEND),
+            ("status_code", "200"),
+        ],
     );
     ensure!(
         inb == 1.0,
-        "{answered}'s proxy counted {inb} inbound requests, want 1:\n{}",
+        "{answered}'s proxy counted {inb} inbound requests of {SVC_BACKEND}, want 1:\n{}",
         c.metrics_text(&answered)?
     );
     let other = 3 - idx;
