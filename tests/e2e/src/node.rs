@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub metrics_port: u16,
     /// Port of the kubelet endpoint (`kubectl logs`) on the node address.
     pub kubelet_port: u16,
+    /// How often projected tokens are renewed; `None`: at 80% of their lifetime, as
+    /// the kubelet does (tests shorten it to see a rotation).
+    pub token_refresh: Option<std::time::Duration>,
 }
 
 /// Pods this node runs, by uid.

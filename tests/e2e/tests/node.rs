@@ -217,6 +217,7 @@ fn story() -> Result<()> {
         .arg("--cluster-env")
         .arg(cp.state.join("cluster.env"))
         .args(["--name", &name, "--subnet", &SUBNET.to_string()])
+        .args(["--token-refresh-seconds", "2"])
         .arg("--state-dir")
         .arg(work.path().join("state"))
         .env("MESHLET_NODE_LOG", "info")
@@ -473,6 +474,12 @@ fn steps(
         claims["kubernetes.io"]["pod"]["name"] == "volumes",
         "token not bound to the pod: {claims}"
     );
+    // Renewed (every 2 s here), atomically, and still readable in the container.
+    let fresh = wait_for("a renewed token", Duration::from_secs(10), || {
+        let t = in_ctr("/var/run/secrets/meshlet/tokens/token")?;
+        Ok((t != tok && t.split('.').count() == 3).then_some(t))
+    })?;
+    ensure!(!fresh.is_empty(), "empty renewed token");
     ensure!(
         in_ctr("/var/run/secrets/kubernetes.io/serviceaccount/namespace")? == "node-test",
         "SA volume"
@@ -496,7 +503,7 @@ fn steps(
             && !Path::new("/var/run/secrets/meshlet").exists(),
         "volume mounts leaked into the host's mount namespace"
     );
-    println!("ok   volumes: configmap file, projected token (aud meshlet, 900 s, bound to the pod), SA volume, env, uid");
+    println!("ok   volumes: configmap file, projected token (aud meshlet, 900 s, bound to the pod, renewed), SA volume, env, uid");
 
     // A container that ignores SIGTERM is killed when its grace period (2 s) ends.
     wait_for(

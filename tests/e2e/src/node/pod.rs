@@ -243,9 +243,9 @@ pub async fn start(agent: Agent, pod: Pod, shared: Arc<PodShared>) {
     };
     let prepared = loop {
         let r = async {
-            let v = prep::volumes(&agent, &pod, ip, &dir).await?;
+            let (v, tokens) = prep::volumes(&agent, &pod, ip, &dir).await?;
             let c = prep::containers(&agent, &pod, ip, &v).await?;
-            Ok::<_, Error>((c, v))
+            Ok::<_, Error>((c, tokens))
         }
         .await;
         match r {
@@ -262,7 +262,15 @@ pub async fn start(agent: Agent, pod: Pod, shared: Arc<PodShared>) {
             }
         }
     };
-    let (containers, _) = prepared;
+    let (containers, tokens) = prepared;
+    let s2 = shared.clone();
+    tokio::spawn(prep::refresh_tokens(
+        agent.client.clone(),
+        pod.clone(),
+        tokens,
+        agent.cfg.token_refresh,
+        move || s2.gone(),
+    ));
     let w = Worker {
         agent: agent.clone(),
         shared: shared.clone(),
