@@ -191,6 +191,10 @@ async fn watch_pods(agent: Agent) -> Result<(), Error> {
             }
             watcher::Event::Delete(p) => {
                 let uid = p.metadata.uid.clone().unwrap_or_default();
+                binding.remove(&uid);
+                if !lock(&agent.pods).contains_key(&uid) {
+                    lock(&agent.first_seen).remove(&uid);
+                }
                 let shared = lock(&agent.pods).get(&uid).cloned();
                 if let Some(s) = shared {
                     // Deleted without waiting for us (force delete): stop at once.

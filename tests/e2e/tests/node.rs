@@ -531,6 +531,13 @@ fn steps(
             && l.contains("killed=1")),
         "the agent did not SIGKILL the stubborn container"
     );
+    ensure!(
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("preStop hook ran") && l.contains("node-test/stubborn")),
+        "the preStop hook did not run"
+    );
     println!(
         "ok   a container ignoring SIGTERM was killed after its 2 s grace period ({} ms)",
         took.as_millis()
