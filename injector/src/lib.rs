@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod compile;
 pub mod config;
 pub mod mutate;
 pub mod offline;

@@ -5,7 +5,7 @@ use std::io::Read;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use meshlet_injector::{offline, serve, DefaultsArgs};
+use meshlet_injector::{compile, offline, serve, DefaultsArgs};
 
 /// meshlet's control plane: the sidecar-injecting admission webhook and offline injection.
 #[derive(Parser, Debug)]
@@ -29,6 +29,15 @@ enum Command {
         output: Option<String>,
         #[command(flatten)]
         defaults: DefaultsArgs,
+    },
+    /// Compile the mesh config JSON (services, identities, HTTPRoutes) from manifest files.
+    Compile {
+        /// Directory of Kubernetes manifests (.yaml, .yml, .json).
+        #[arg(long = "from-files")]
+        from_files: std::path::PathBuf,
+        /// Write the JSON here instead of stdout.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
 }
 
@@ -55,6 +64,19 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Compile { from_files, out } => {
+            let compiled = compile::compile_dir(&from_files)?;
+            for p in &compiled.problems {
+                eprintln!("meshlet-injector: {p}");
+            }
+            let json = serde_json::to_string_pretty(&compiled.config)? + "\n";
+            match out {
+                Some(path) => std::fs::write(&path, json)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{json}"),
+            }
+            Ok(())
+        }
         Command::Serve(args) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,608 @@
+//! The mesh config compiler from manifest files (`meshlet-injector compile --from-files`):
+//! Services, the workloads behind them (for identities) and Gateway API HTTPRoutes whose
+//! parentRef is a Service (GAMMA), into one [`MeshConfig`] document.
+//!
+//! An HTTPRoute that cannot be applied is left out with a problem that carries the
+//! reason the Gateway API would put in its status (`BackendNotFound`, `UnsupportedValue`,
+//! `InvalidKind`, `NoMatchingParent`); every other route still applies, as a controller
+//! would keep serving the valid routes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use meshlet_api::{
+    config::{Service, ServicePort},
+    route::{
+        BackendRef, Filter, HeaderModifier, HttpRoute, PathMatch, PathMatchType, PathModifier,
+        RequestRedirect, Retry, RouteMatch, RouteRule, RouteTimeouts, UrlRewrite, ValueMatch,
+    },
+    MeshConfig, SpiffeId, DEFAULT_TRUST_DOMAIN, INJECT_LABEL,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Why the manifests could not be compiled at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// A file or directory could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is not YAML.
+    #[error("{path} is not valid YAML: {source}; fix the file or move it out of the directory")]
+    Yaml {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_yaml::Error,
+    },
+    /// The result breaks a rule of the mesh config (e.g. two Services on one ClusterIP).
+    #[error("the compiled mesh config is invalid: {0}")]
+    Invalid(#[from] meshlet_api::config::ConfigError),
+}
+
+/// A route left out, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `namespace/name` of the HTTPRoute.
+    pub route: String,
+    /// The Gateway API status reason.
+    pub reason: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HTTPRoute {} left out: {}: {}",
+            self.route, self.reason, self.message
+        )
+    }
+}
+
+/// The compiled document and the routes left out.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The mesh config, validated.
+    pub config: MeshConfig,
+    /// Routes that were left out.
+    pub problems: Vec<Problem>,
+}
+
+/// Reads every `.yaml`, `.yml` and `.json` file of `dir` (sorted by name) and compiles it.
+pub fn compile_dir(dir: &Path) -> Result<Compiled, CompileError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CompileError::Read { path, source }
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
+        .collect();
+    files.sort();
+    let mut objects = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).map_err(read_err(f))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).map_err(|source| CompileError::Yaml {
+                path: f.clone(),
+                source,
+            })?;
+            flatten(v, &mut objects);
+        }
+    }
+    compile(&objects)
+}
+
+fn flatten(v: Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Null => {}
+        Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+            if let Some(Value::Array(items)) = m.get("items") {
+                for i in items.clone() {
+                    flatten(i, out);
+                }
+            }
+        }
+        v => out.push(v),
+    }
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
+}
+
+fn labels(v: &Value, path: &[&str]) -> BTreeMap<String, String> {
+    path.iter()
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(|l| serde_json::from_value(l.clone()).ok())
+        .unwrap_or_default()
+}
+
+fn namespace_of(v: &Value) -> String {
+    s(v, &["metadata", "namespace"])
+        .unwrap_or("default")
+        .to_string()
+}
+
+/// A pod (or a workload's pod template): where it runs and who it is.
+struct PodInfo {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    service_account: String,
+    inject: Option<bool>,
+}
+
+/// Compiles parsed Kubernetes objects.
+pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
+    let mut injected_namespaces = BTreeSet::new();
+    let mut pods = Vec::new();
+    let mut services = Vec::new();
+    let mut routes = Vec::new();
+    for o in objects {
+        let kind = s(o, &["kind"]).unwrap_or_default();
+        let api = s(o, &["apiVersion"]).unwrap_or_default();
+        let template: &[&str] = match kind {
+            "Namespace" => {
+                if labels(o, &["metadata", "labels"])
+                    .get(INJECT_LABEL)
+                    .map(String::as_str)
+                    == Some("enabled")
+                {
+                    injected_namespaces.insert(s(o, &["metadata", "name"]).unwrap_or_default());
+                }
+                continue;
+            }
+            "Service" if api == "v1" => {
+                services.push(o);
+                continue;
+            }
+            "HTTPRoute" if api.starts_with("gateway.networking.k8s.io/") => {
+                routes.push(o);
+                continue;
+            }
+            "Pod" => &[],
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+                &["spec", "template"]
+            }
+            "CronJob" => &["spec", "jobTemplate", "spec", "template"],
+            _ => continue,
+        };
+        let Some(pod) = template.iter().try_fold(o, |v, k| v.get(k)) else {
+            continue;
+        };
+        let pod_labels = labels(pod, &["metadata", "labels"]);
+        pods.push(PodInfo {
+            namespace: namespace_of(o),
+            inject: pod_labels.get(INJECT_LABEL).map(|v| v == "enabled"),
+            labels: pod_labels,
+            service_account: s(pod, &["spec", "serviceAccountName"])
+                .or(s(pod, &["spec", "serviceAccount"]))
+                .unwrap_or("default")
+                .to_string(),
+        });
+    }
+
+    let mut out: Vec<Service> = services
+        .iter()
+        .map(|o| service(o, &pods, &injected_namespaces))
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    let mut problems = Vec::new();
+    let mut parsed: Vec<(HttpRoute, Parents)> = Vec::new();
+    for o in routes {
+        match route(o, &out) {
+            Ok(r) => parsed.push(r),
+            Err(p) => problems.push(p),
+        }
+    }
+    for (r, parents) in parsed {
+        for (ns, name, port) in parents {
+            if let Some(svc) = out.iter_mut().find(|s| s.namespace == ns && s.name == name) {
+                svc.routes.push(HttpRoute { port, ..r.clone() });
+            }
+        }
+    }
+    for svc in &mut out {
+        svc.routes
+            .sort_by(|a, b| (&a.namespace, &a.name, a.port).cmp(&(&b.namespace, &b.name, b.port)));
+    }
+    let config = MeshConfig {
+        generation: 1,
+        services: out,
+        ..MeshConfig::default()
+    };
+    config.validate()?;
+    Ok(Compiled { config, problems })
+}
+
+fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
+    let namespace = namespace_of(o);
+    let spec = o.get("spec").cloned().unwrap_or_default();
+    let mut cluster_ips: Vec<IpAddr> = spec
+        .get("clusterIPs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|ip| ip.as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if cluster_ips.is_empty() {
+        // "None" (headless) and unset do not parse, which is what we want.
+        cluster_ips.extend(s(&spec, &["clusterIP"]).and_then(|ip| ip.parse::<IpAddr>().ok()));
+    }
+    let ports = spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| {
+                    Some(ServicePort {
+                        port: u16::try_from(p.get("port")?.as_u64()?).ok()?,
+                        name: s(p, &["name"]).map(str::to_string),
+                        app_protocol: s(p, &["appProtocol"]).map(str::to_string),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let selector = labels(&spec, &["selector"]);
+    let mut identities = BTreeSet::new();
+    if !selector.is_empty() {
+        for p in pods.iter().filter(|p| {
+            p.namespace == namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        }) {
+            let meshed = p
+                .inject
+                .unwrap_or_else(|| injected.contains(p.namespace.as_str()));
+            if meshed {
+                let id = format!(
+                    "spiffe://{DEFAULT_TRUST_DOMAIN}/ns/{}/sa/{}",
+                    p.namespace, p.service_account
+                );
+                identities.extend(id.parse::<SpiffeId>().ok());
+            }
+        }
+    }
+    Service {
+        name: s(o, &["metadata", "name"]).unwrap_or_default().to_string(),
+        namespace,
+        cluster_ips,
+        ports,
+        meshed: !identities.is_empty(),
+        identities: identities.into_iter().collect(),
+        endpoints: Vec::new(),
+        routes: Vec::new(),
+    }
+}
+
+// The HTTPRoute subset meshlet reads; unknown fields are ignored as the API server's
+// pruning would, unknown enum values are refused below.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct K8sRoute {
+    #[serde(default)]
+    parent_refs: Vec<K8sParentRef>,
+    #[serde(default)]
+    rules: Vec<K8sRule>,
+}
+
+#[derive(Deserialize)]
+struct K8sParentRef {
+    group: Option<String>,
+    kind: Option<String>,
+    name: String,
+    namespace: Option<String>,
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct K8sRule {
+    name: Option<String>,
+    #[serde(default)]
+    matches: Vec<K8sMatch>,
+    #[serde(default)]
+    filters: Vec<K8sFilter>,
+    #[serde(default)]
+    backend_refs: Vec<K8sBackendRef>,
+    timeouts: Option<RouteTimeouts>,
+    retry: Option<Retry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct K8sMatch {
+    path: Option<K8sPath>,
+    #[serde(default)]
+    headers: Vec<ValueMatch>,
+    #[serde(default)]
+    query_params: Vec<ValueMatch>,
+    method: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct K8sPath {
+    #[serde(rename = "type")]
+    kind: Option<PathMatchType>,
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct K8sFilter {
+    #[serde(rename = "type")]
+    kind: String,
+    request_header_modifier: Option<HeaderModifier>,
+    response_header_modifier: Option<HeaderModifier>,
+    #[serde(rename = "urlRewrite")]
+    url_rewrite: Option<K8sUrlRewrite>,
+    request_redirect: Option<K8sRedirect>,
+}
+
+#[derive(Deserialize)]
+struct K8sUrlRewrite {
+    hostname: Option<String>,
+    path: Option<K8sPathModifier>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct K8sRedirect {
+    scheme: Option<String>,
+    hostname: Option<String>,
+    path: Option<K8sPathModifier>,
+    port: Option<u16>,
+    status_code: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct K8sPathModifier {
+    #[serde(rename = "type")]
+    kind: String,
+    replace_full_path: Option<String>,
+    replace_prefix_match: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct K8sBackendRef {
+    group: Option<String>,
+    kind: Option<String>,
+    name: String,
+    namespace: Option<String>,
+    port: Option<u16>,
+    weight: Option<u32>,
+    #[serde(default)]
+    filters: Vec<K8sFilter>,
+}
+
+/// The Services (namespace, name, parentRef port) a route attaches to.
+type Parents = Vec<(String, String, Option<u16>)>;
+
+fn is_core_service(group: &Option<String>, kind: &Option<String>) -> bool {
+    matches!(group.as_deref(), None | Some("" | "core"))
+        && matches!(kind.as_deref(), None | Some("Service"))
+}
+
+/// One HTTPRoute, compiled, with the Services it attaches to.
+fn route(o: &Value, services: &[Service]) -> Result<(HttpRoute, Parents), Problem> {
+    let namespace = namespace_of(o);
+    let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
+    let id = format!("{namespace}/{name}");
+    let problem = |reason, message: String| Problem {
+        route: id.clone(),
+        reason,
+        message,
+    };
+    let spec: K8sRoute = serde_json::from_value(o.get("spec").cloned().unwrap_or_default())
+        .map_err(|e| problem("UnsupportedValue", format!("spec: {e}")))?;
+    let find = |ns: &str, n: &str| services.iter().find(|s| s.namespace == ns && s.name == n);
+
+    let mut parents = Vec::new();
+    for p in &spec.parent_refs {
+        // Gateway parents are not the mesh's business; skip them quietly.
+        if !matches!(p.kind.as_deref(), Some("Service")) || !is_core_service(&p.group, &p.kind) {
+            continue;
+        }
+        let ns = p.namespace.clone().unwrap_or_else(|| namespace.clone());
+        let Some(svc) = find(&ns, &p.name) else {
+            return Err(problem(
+                "NoMatchingParent",
+                format!("parentRef Service {ns}/{} does not exist", p.name),
+            ));
+        };
+        if let Some(port) = p
+            .port
+            .filter(|port| !svc.ports.iter().any(|sp| sp.port == *port))
+        {
+            return Err(problem(
+                "NoMatchingParent",
+                format!("parentRef Service {ns}/{} has no port {port}", p.name),
+            ));
+        }
+        parents.push((ns, p.name.clone(), p.port));
+    }
+    // Without a Service parent (a Gateway's route) it attaches to nothing here.
+
+    let mut rules = Vec::new();
+    for (ri, r) in spec.rules.iter().enumerate() {
+        let at = format!("rules[{ri}]");
+        let rule_filters = filters(&r.filters, &format!("{at}.filters"))
+            .map_err(|m| problem("UnsupportedValue", m))?;
+        let mut backend_refs = Vec::new();
+        for (bi, b) in r.backend_refs.iter().enumerate() {
+            let bat = format!("{at}.backendRefs[{bi}]");
+            if !is_core_service(&b.group, &b.kind) {
+                return Err(problem(
+                    "InvalidKind",
+                    format!("{bat}: only Service backends are supported"),
+                ));
+            }
+            let ns = b.namespace.clone().unwrap_or_else(|| namespace.clone());
+            let Some(svc) = find(&ns, &b.name) else {
+                return Err(problem(
+                    "BackendNotFound",
+                    format!("{bat}: Service {ns}/{} does not exist", b.name),
+                ));
+            };
+            let Some(port) = b.port else {
+                return Err(problem(
+                    "UnsupportedValue",
+                    format!("{bat}: port is required for a Service backend"),
+                ));
+            };
+            if !svc.ports.iter().any(|p| p.port == port) {
+                return Err(problem(
+                    "BackendNotFound",
+                    format!("{bat}: Service {ns}/{} has no port {port}", b.name),
+                ));
+            }
+            backend_refs.push(BackendRef {
+                name: b.name.clone(),
+                namespace: ns,
+                port,
+                weight: b.weight.unwrap_or(1),
+                filters: filters(&b.filters, &format!("{bat}.filters"))
+                    .map_err(|m| problem("UnsupportedValue", m))?,
+            });
+        }
+        let matches = if r.matches.is_empty() {
+            vec![RouteMatch {
+                path: Some(prefix_slash()),
+                ..RouteMatch::default()
+            }]
+        } else {
+            r.matches
+                .iter()
+                .map(|m| RouteMatch {
+                    path: Some(match &m.path {
+                        None => prefix_slash(),
+                        Some(p) => PathMatch {
+                            kind: p.kind.unwrap_or(PathMatchType::PathPrefix),
+                            value: p.value.clone().unwrap_or_else(|| "/".into()),
+                        },
+                    }),
+                    headers: m.headers.clone(),
+                    query_params: m.query_params.clone(),
+                    method: m.method.clone(),
+                })
+                .collect()
+        };
+        rules.push(RouteRule {
+            name: r.name.clone(),
+            matches,
+            filters: rule_filters,
+            backend_refs,
+            timeouts: r.timeouts.clone(),
+            retry: r.retry.clone(),
+        });
+    }
+    let compiled = HttpRoute {
+        name,
+        namespace: namespace.clone(),
+        creation_timestamp: s(o, &["metadata", "creationTimestamp"]).map(str::to_string),
+        port: None,
+        rules,
+    };
+    compiled
+        .validate()
+        .map_err(|e| problem("UnsupportedValue", format!("{}: {}", e.field, e.reason)))?;
+    Ok((compiled, parents))
+}
+
+fn prefix_slash() -> PathMatch {
+    PathMatch {
+        kind: PathMatchType::PathPrefix,
+        value: "/".into(),
+    }
+}
+
+fn filters(fs: &[K8sFilter], at: &str) -> Result<Vec<Filter>, String> {
+    let missing =
+        |i: usize, field: &str| format!("{at}[{i}]: type {field} needs its {field} field");
+    fs.iter()
+        .enumerate()
+        .map(|(i, f)| {
+            Ok(match f.kind.as_str() {
+                "RequestHeaderModifier" => Filter::RequestHeaderModifier(
+                    f.request_header_modifier
+                        .clone()
+                        .ok_or_else(|| missing(i, "requestHeaderModifier"))?,
+                ),
+                "ResponseHeaderModifier" => Filter::ResponseHeaderModifier(
+                    f.response_header_modifier
+                        .clone()
+                        .ok_or_else(|| missing(i, "responseHeaderModifier"))?,
+                ),
+                "URLRewrite" => {
+                    let u = f.url_rewrite.as_ref().ok_or_else(|| missing(i, "urlRewrite"))?;
+                    Filter::UrlRewrite(UrlRewrite {
+                        hostname: u.hostname.clone(),
+                        path: u
+                            .path
+                            .as_ref()
+                            .map(|p| path_modifier(p, &format!("{at}[{i}].urlRewrite.path")))
+                            .transpose()?,
+                    })
+                }
+                "RequestRedirect" => {
+                    let r = f
+                        .request_redirect
+                        .as_ref()
+                        .ok_or_else(|| missing(i, "requestRedirect"))?;
+                    Filter::RequestRedirect(RequestRedirect {
+                        scheme: r.scheme.clone(),
+                        hostname: r.hostname.clone(),
+                        path: r
+                            .path
+                            .as_ref()
+                            .map(|p| path_modifier(p, &format!("{at}[{i}].requestRedirect.path")))
+                            .transpose()?,
+                        port: r.port,
+                        status_code: r.status_code.unwrap_or(302),
+                    })
+                }
+                other => {
+                    return Err(format!(
+                        "{at}[{i}]: filter type {other} is not supported by meshlet; use \
+                         RequestHeaderModifier, ResponseHeaderModifier, URLRewrite or RequestRedirect"
+                    ))
+                }
+            })
+        })
+        .collect()
+}
+
+fn path_modifier(p: &K8sPathModifier, at: &str) -> Result<PathModifier, String> {
+    match (
+        p.kind.as_str(),
+        &p.replace_full_path,
+        &p.replace_prefix_match,
+    ) {
+        ("ReplaceFullPath", Some(v), _) => Ok(PathModifier::ReplaceFullPath(v.clone())),
+        ("ReplacePrefixMatch", _, Some(v)) => Ok(PathModifier::ReplacePrefixMatch(v.clone())),
+        (k, _, _) => Err(format!(
+            "{at}: type {k:?} needs replaceFullPath or replacePrefixMatch to match it"
+        )),
+    }
+}

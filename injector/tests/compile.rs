@@ -1,0 +1,147 @@
+//! `meshlet-injector compile --from-files`: manifests in, mesh config JSON out, against
+//! golden files (`UPDATE_GOLDEN=1` rewrites them).
+
+use std::path::Path;
+
+use meshlet_api::{route::Filter, MeshConfig};
+use meshlet_injector::compile::compile_dir;
+
+fn golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/testdata/compile-golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e}; run with UPDATE_GOLDEN=1",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs; review and rerun with UPDATE_GOLDEN=1",
+        path.display()
+    );
+}
+
+fn compiled() -> meshlet_injector::compile::Compiled {
+    compile_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/compile")).unwrap()
+}
+
+#[test]
+fn compiles_manifests_to_the_golden_mesh_config() {
+    let c = compiled();
+    let json = serde_json::to_string_pretty(&c.config).unwrap() + "\n";
+    golden("mesh.json", &json);
+    let problems: String = c.problems.iter().map(|p| format!("{p}\n")).collect();
+    golden("problems.txt", &problems);
+    // The output is a valid document the proxy accepts.
+    assert_eq!(MeshConfig::from_json(json.as_bytes()).unwrap(), c.config);
+}
+
+#[test]
+fn invalid_routes_are_reported_with_gateway_api_reasons_and_left_out() {
+    let c = compiled();
+    let reasons: Vec<(&str, &str)> = c
+        .problems
+        .iter()
+        .map(|p| (p.route.as_str(), p.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("bookinfo/bad-regex", "UnsupportedValue"),
+            ("bookinfo/missing-backend", "BackendNotFound"),
+            ("bookinfo/mirror", "UnsupportedValue"),
+        ]
+    );
+    assert!(
+        c.problems[0]
+            .message
+            .contains("rules[0].matches[0].path.value"),
+        "{}",
+        c.problems[0]
+    );
+    let reviews = c
+        .config
+        .services
+        .iter()
+        .find(|s| s.name == "reviews")
+        .unwrap();
+    let names: Vec<&str> = reviews.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["reviews", "reviews-redirect"],
+        "valid routes still apply"
+    );
+}
+
+#[test]
+fn services_get_identities_routes_and_defaults() {
+    let c = compiled();
+    let svc = |n: &str| c.config.services.iter().find(|s| s.name == n).unwrap();
+    let reviews = svc("reviews");
+    assert!(reviews.meshed);
+    let ids: Vec<String> = reviews.identities.iter().map(|i| i.to_string()).collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews",
+            "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews-v2"
+        ]
+    );
+    assert_eq!(reviews.cluster_ips.len(), 2);
+    let db = svc("db");
+    assert!(!db.meshed && db.identities.is_empty() && db.cluster_ips.is_empty());
+
+    let canary = &reviews.routes[0];
+    assert_eq!(canary.port, Some(9080));
+    assert_eq!(
+        canary.rules[0].matches[0].path.as_ref().unwrap().value,
+        "/",
+        "defaulted path"
+    );
+    let split = &canary.rules[1];
+    let weights: Vec<(&str, u32)> = split
+        .backend_refs
+        .iter()
+        .map(|b| (b.name.as_str(), b.weight))
+        .collect();
+    assert_eq!(weights, [("reviews-v1", 80), ("reviews-v2", 20)]);
+    assert_eq!(
+        split.backend_refs[0].namespace, "bookinfo",
+        "namespace defaults to the route's"
+    );
+
+    let rewrite = &svc("reviews-v1").routes[0];
+    assert!(matches!(rewrite.rules[0].filters[0], Filter::UrlRewrite(_)));
+    assert!(matches!(
+        rewrite.rules[0].backend_refs[0].filters[0],
+        Filter::ResponseHeaderModifier(_)
+    ));
+}
+
+#[test]
+fn cli_writes_the_file_and_reports_problems_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mesh.json");
+    let res = std::process::Command::new(env!("CARGO_BIN_EXE_meshlet-injector"))
+        .args(["compile", "--from-files"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/compile"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{res:?}");
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("HTTPRoute bookinfo/missing-backend left out: BackendNotFound"),
+        "{stderr}"
+    );
+    let cfg = MeshConfig::from_json(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(cfg, compiled().config);
+}
