@@ -450,6 +450,7 @@ mod tests {
                 local: None,
                 mesh: Arc::new(Snapshot::new(cfg, opaque)),
                 metrics: Some(metrics.connection(Direction::Outbound, "unknown".into())),
+                tls: Default::default(),
             }
         }
 

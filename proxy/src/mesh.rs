@@ -15,7 +15,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use meshlet_api::{config::ConfigError as DocError, MeshConfig};
+use meshlet_api::{config::ConfigError as DocError, MeshConfig, SpiffeId};
 use metrics::SharedString;
 
 use crate::metrics::{Metrics, UNKNOWN_SERVICE};
@@ -50,6 +50,7 @@ pub struct Snapshot {
     /// The document.
     pub config: MeshConfig,
     services: HashMap<SocketAddr, SharedString>,
+    meshed: HashMap<SocketAddr, Arc<[SpiffeId]>>,
     opaque: Vec<u16>,
 }
 
@@ -66,10 +67,18 @@ impl Snapshot {
     /// the document's opaque list.
     pub fn new(config: MeshConfig, opaque_override: Option<&[u16]>) -> Self {
         let mut services = HashMap::new();
+        let mut meshed = HashMap::new();
+        let mut ids: HashMap<usize, Arc<[SpiffeId]>> = HashMap::new();
         for (addr, r) in config.index() {
             let svc = &config.services[r.index];
             let label: Arc<str> = format!("{}/{}", svc.namespace, svc.name).into();
             services.insert(addr, SharedString::from(label));
+            if svc.meshed {
+                let ids = ids
+                    .entry(r.index)
+                    .or_insert_with(|| svc.identities.as_slice().into());
+                meshed.insert(addr, ids.clone());
+            }
         }
         let mut opaque = match opaque_override {
             Some(o) => o.to_vec(),
@@ -80,6 +89,7 @@ impl Snapshot {
         Self {
             config,
             services,
+            meshed,
             opaque,
         }
     }
@@ -90,6 +100,12 @@ impl Snapshot {
             .get(&dst)
             .cloned()
             .unwrap_or_else(|| SharedString::const_str(UNKNOWN_SERVICE))
+    }
+
+    /// The identities a meshed destination's pods present; `None` when the
+    /// destination is not a meshed service (plaintext).
+    pub fn mesh_identities(&self, dst: SocketAddr) -> Option<&Arc<[SpiffeId]>> {
+        self.meshed.get(&dst)
     }
 
     /// Whether connections to `port` skip protocol detection.

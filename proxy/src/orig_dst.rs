@@ -118,6 +118,7 @@ where
             local: stream.local_addr().ok(),
             mesh: self.mesh.load(),
             metrics: None,
+            tls: Default::default(),
         };
         Box::pin(self.inner.call((target, stream)))
     }

@@ -9,12 +9,13 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -23,7 +24,7 @@ use super::{
     headers,
     pool::{Checkin, Pool, PooledBody},
 };
-use crate::{detect::Protocol, drain, errors::ProxyError, tcp};
+use crate::{detect::Protocol, drain, errors::ProxyError, tcp, tls::ClientTls};
 
 /// Sends of a request that never left on a pooled connection before a fresh one.
 const MAX_ATTEMPTS: usize = 3;
@@ -42,6 +43,8 @@ pub struct Forward {
     // Upgraded connections outlive the HTTP connection that started them; holding a
     // drain watch keeps shutdown waiting for them too.
     drain: drain::Watch,
+    tls: Option<Arc<ClientTls>>,
+    client_id: Option<HeaderValue>,
 }
 
 // === impl Forward ===
@@ -63,7 +66,22 @@ impl Forward {
             connect_timeout,
             idle_timeout,
             drain,
+            tls: None,
+            client_id: None,
         }
+    }
+
+    /// Mesh settings of the connection: `tls` originates mTLS upstream (outbound to a
+    /// meshed destination); `client_id` is the verified identity of an inbound mTLS
+    /// client, passed to the app as `meshlet-client-id`.
+    pub fn with_mesh(
+        mut self,
+        tls: Option<Arc<ClientTls>>,
+        client_id: Option<HeaderValue>,
+    ) -> Self {
+        self.tls = tls;
+        self.client_id = client_id;
+        self
     }
 
     async fn forward(self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
@@ -75,6 +93,8 @@ impl Forward {
         let connect = http1 && req.method() == Method::CONNECT;
         let downstream = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        // Only this proxy may say who the client is: whatever arrived is dropped.
+        headers::set_client_id(req.headers_mut(), self.client_id.clone());
 
         let (mut rsp, checkin) = if self.protocol == Protocol::H2 {
             (self.send_h2(req).await?, None)
@@ -109,7 +129,9 @@ impl Forward {
         }
 
         headers::strip_hop_by_hop(rsp.headers_mut(), false);
-        let checkin = checkin.map(|tx| Checkin::new(self.pool.clone(), dst, tx));
+        headers::set_client_id(rsp.headers_mut(), None);
+        let checkin =
+            checkin.map(|tx| Checkin::with_tls(self.pool.clone(), dst, self.tls.as_deref(), tx));
         Ok(rsp.map(|b| Either::Left(PooledBody::new(b, checkin))))
     }
 
@@ -126,7 +148,10 @@ impl Forward {
         let dst = self.dst;
         let mut req = req;
         for _ in 0..MAX_ATTEMPTS {
-            let mut conn = self.pool.checkout_h1(dst, self.connect_timeout).await?;
+            let mut conn = self
+                .pool
+                .checkout_h1(dst, self.tls.as_deref(), self.connect_timeout)
+                .await?;
             match conn.tx.try_send_request(req).await {
                 Ok(rsp) => return Ok((rsp, conn.tx)),
                 Err(mut e) => match e.take_message() {
@@ -145,7 +170,7 @@ impl Forward {
         // The last reused connection was stale too: a fresh one decides.
         let mut conn = self
             .pool
-            .checkout_fresh_h1(dst, self.connect_timeout)
+            .checkout_fresh_h1(dst, self.tls.as_deref(), self.connect_timeout)
             .await?;
         match conn.tx.try_send_request(req).await {
             Ok(rsp) => Ok((rsp, conn.tx)),
@@ -162,7 +187,10 @@ impl Forward {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (mut tx, reused) = self.pool.checkout_h2(dst, self.connect_timeout).await?;
+            let (mut tx, reused) = self
+                .pool
+                .checkout_h2(dst, self.tls.as_deref(), self.connect_timeout)
+                .await?;
             match tx.try_send_request(req).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(mut e) => match e.take_message() {

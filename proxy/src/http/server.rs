@@ -18,7 +18,7 @@ use super::{Body, Forward, ObserveLayer, Pool};
 use crate::{
     detect::Protocol,
     drain,
-    target::{BoxError, BoxFuture, Target},
+    target::{BoxError, BoxFuture, Target, TlsStatus},
 };
 
 /// The HTTP service of the connection stack: builds the per-connection HTTP stack
@@ -50,6 +50,14 @@ where
 
     fn call(&mut self, (target, protocol, io): (Target, Protocol, I)) -> Self::Future {
         let drain = self.drain.clone();
+        let client_id = target
+            .tls
+            .peer()
+            .and_then(|id| http::HeaderValue::from_str(id).ok());
+        let tls = match &target.tls {
+            TlsStatus::Outbound(t) => Some(t.clone()),
+            _ => None,
+        };
         let fwd = Forward::new(
             target.dst,
             protocol,
@@ -57,7 +65,8 @@ where
             target.mesh.connect_timeout(),
             target.mesh.idle_timeout(),
             drain.clone(),
-        );
+        )
+        .with_mesh(tls, client_id);
         let svc = tower::ServiceBuilder::new()
             .layer(ObserveLayer::new(
                 target.metrics.as_ref().map(|m| Arc::new(m.requests())),
