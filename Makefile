@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build release test lint unit chart-test demo bench clean-netns help
+.PHONY: all deps build release test lint unit chart-test chart-install-test kube-up kube-down kube-test demo bench clean-netns help
 
 all: build
 
@@ -33,8 +33,21 @@ chart-test: deps ## helm lint/template, schema validation, Dockerfile and script
 	bash scripts/test-chart.sh
 	bash scripts/test-dockerfiles.sh
 
-test: lint unit chart-test ## everything CI runs
+chart-install-test: deps ## the chart against a real kube-apiserver (builds the control plane once)
+	bash scripts/test-chart-install.sh
+
+test: lint unit chart-test chart-install-test kube-test ## everything CI runs
 	@echo "make test: all suites passed"
+
+kube-up: ## start a real kube-apiserver, controller-manager and etcd on loopback (built once from source)
+	bash tools/kube/cluster.sh up
+	@bash tools/kube/cluster.sh env
+
+kube-down: ## stop that control plane and remove its state
+	bash tools/kube/cluster.sh down
+
+kube-test: deps ## the control plane itself: TokenReview, CRDs, webhooks and aggregation reach the node
+	bash tools/kube/test.sh
 
 demo: build ## a mini-mesh of network namespaces on this machine (needs root)
 	target/debug/meshlet-minimesh demo

@@ -367,4 +367,9 @@ jq -n \
     }' >"$WORK/facts.json"
 
 mkdir -p "$RESULTS"
-python3 "$ROOT/bench/report.py" --work "$WORK" --results "$RESULTS" --label "$LABEL"
+# The project venv, when it has matplotlib, adds a plot; plain python3 writes the rest.
+PY=python3
+if [[ -x $ROOT/.venv/bin/python3 ]] && "$ROOT/.venv/bin/python3" -c 'import matplotlib' 2>/dev/null; then
+    PY=$ROOT/.venv/bin/python3
+fi
+"$PY" "$ROOT/bench/report.py" --work "$WORK" --results "$RESULTS" --label "$LABEL"

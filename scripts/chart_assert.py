@@ -3,11 +3,23 @@
 
     chart_assert.py render  CHART RENDERED.yaml VALUES.yaml [--kube-version X.Y.Z]
     chart_assert.py values  CHART
+    chart_assert.py args    RENDERED.yaml OUTDIR PORT
+    chart_assert.py mutate  CHART RESPONSE.json VALUES.yaml UID [--kube-version X.Y.Z]
+    chart_assert.py golden  RENDERED.yaml GOLDEN.yaml
 
 `render` checks the objects that `helm template` produced against the merged
 values (chart defaults + the value set), so every expectation follows from the
 values rather than being hard-coded. `values` checks that values.yaml and
 values.schema.json describe the same keys and that every key has a `# --` doc.
+`args` writes the webhook Secret's files to OUTDIR and prints the injector
+container's args (NUL-separated), with the listen address moved to
+127.0.0.1:PORT and the TLS paths into OUTDIR, so the real binary can be started
+exactly as the chart would start it. `mutate` checks the injector's
+AdmissionReview response to a plain pod: the sidecar it added carries the
+chart's images, resources, pull policy, log level, TLS mode and sidecar mode.
+`golden` compares a render with a committed golden file after masking what is
+generated per render (keys, certificates, caBundle); UPDATE_GOLDEN=1 rewrites
+the golden file instead (review the diff).
 
 Prints one line per failed check and exits 1 if any failed.
 """
@@ -296,9 +308,9 @@ def check_deployment(kinds, values, chart, kube_version):
         "proxy-memory": str(req.get("memory", "")),
         "proxy-cpu-limit": str(lim.get("cpu", "")),
         "proxy-memory-limit": str(lim.get("memory", "")),
-        "log-level": pv["logLevel"],
+        "proxy-log-level": pv["logLevel"],
         "native-sidecar": str(native).lower(),
-        "tls-mode": pv["tlsMode"],
+        "proxy-tls-mode": pv["tlsMode"],
     }
     for k, want in want_flags.items():
         check(flags.get(k) == want, f"--{k}={flags.get(k)!r}, want {want!r} from the values")
@@ -451,6 +463,104 @@ def cmd_values(chart_dir):
             check(f"| `{'.'.join(path)}` |" in readme, f"README.md's values table lacks `{'.'.join(path)}`")
 
 
+def cmd_args(rendered, outdir, port):
+    with open(rendered) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = objects_by_kind(docs)
+    secret = one(kinds, "Secret", TLS_SECRET)
+    for k, v in secret.get("data", {}).items():
+        with open(os.path.join(outdir, k), "wb") as f:
+            f.write(base64.b64decode(v))
+    c = one(kinds, "Deployment", INJECTOR)["spec"]["template"]["spec"]["containers"][0]
+    out = []
+    for a in c["args"]:
+        if a.startswith("--addr="):
+            a = f"--addr=127.0.0.1:{port}"
+        elif a.startswith("--tls-cert="):
+            a = "--tls-cert=" + os.path.join(outdir, "tls.crt")
+        elif a.startswith("--tls-key="):
+            a = "--tls-key=" + os.path.join(outdir, "tls.key")
+        out.append(a)
+    sys.stdout.write("\0".join(out) + "\0")
+
+
+def cmd_mutate(chart_dir, response, values_file, uid, kube_version):
+    with open(os.path.join(chart_dir, "Chart.yaml")) as f:
+        chart = yaml.safe_load(f)
+    with open(os.path.join(chart_dir, "values.yaml")) as f:
+        values = yaml.safe_load(f)
+    with open(values_file) as f:
+        values = merge(values, yaml.safe_load(f) or {})
+    with open(response) as f:
+        resp = json.load(f).get("response", {})
+    check(resp.get("uid") == uid, f"response uid {resp.get('uid')} != request uid {uid}")
+    check(resp.get("allowed") is True, f"pod refused: {resp.get('status')}")
+    check(resp.get("patchType") == "JSONPatch", "response carries no JSONPatch")
+    try:
+        patch = json.loads(base64.b64decode(resp.get("patch", "")))
+    except ValueError as e:
+        check(False, f"patch is not base64 JSON: {e}")
+        return
+    where = {}
+    for op in patch:
+        if op.get("op") == "add" and op.get("path") in ("/spec/initContainers", "/spec/containers"):
+            for c in op["value"]:
+                where[c["name"]] = (op["path"].rsplit("/", 1)[1], c)
+        elif op.get("op") == "add" and re.match(r"^/spec/(initContainers|containers)/\d+$|^/spec/(initContainers|containers)/-$", op.get("path", "")):
+            where[op["value"]["name"]] = (op["path"].split("/")[2], op["value"])
+    pv = values["proxy"]
+    native = pv["nativeSidecar"]
+    if native == "auto":
+        native = semver_ge(kube_version, (1, 29, 0))
+    if not check("meshlet-proxy" in where and "meshlet-init" in where, f"patch adds no meshlet-proxy/meshlet-init: {sorted(where)}"):
+        return
+    list_name, proxy = where["meshlet-proxy"]
+    check(list_name == ("initContainers" if native else "containers"),
+          f"meshlet-proxy added to {list_name}, but nativeSidecar resolves to {native}")
+    check(proxy.get("image") == image(pv["image"], chart), f"proxy image {proxy.get('image')} does not follow proxy.image")
+    check(proxy.get("imagePullPolicy") == pv["image"]["pullPolicy"], "proxy imagePullPolicy does not follow the value")
+    check(proxy.get("resources") == resources(pv["resources"]),
+          f"proxy resources {proxy.get('resources')} != values {resources(pv['resources'])}")
+    env = {e["name"]: e.get("value") for e in proxy.get("env", [])}
+    check(env.get("MESHLET_LOG") == pv["logLevel"], f"MESHLET_LOG={env.get('MESHLET_LOG')} != proxy.logLevel")
+    check(env.get("MESHLET_TLS_MODE") == pv["tlsMode"], f"MESHLET_TLS_MODE={env.get('MESHLET_TLS_MODE')} != proxy.tlsMode")
+    pi = values["proxyInit"]["image"]
+    init_image = f"{pi['repository'] or pv['image']['repository']}:{pi['tag'] or pv['image']['tag'] or chart['appVersion']}"
+    check(where["meshlet-init"][1].get("image") == init_image, "init image does not follow proxyInit.image")
+
+
+GENERATED = "<generated per render>"
+
+
+def masked(text):
+    """The render with per-render randomness replaced, so goldens are stable."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^(\s*)(ca\.crt|tls\.crt|tls\.key|caBundle): \S+$", line)
+        out.append(f"{m.group(1)}{m.group(2)}: {GENERATED}" if m else line.rstrip())
+    return "\n".join(out).strip() + "\n"
+
+
+def cmd_golden(rendered, golden):
+    with open(rendered) as f:
+        got = masked(f.read())
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        with open(golden, "w") as f:
+            f.write(got)
+        print(f"rewrote {golden}")
+        return
+    if not os.path.exists(golden):
+        check(False, f"{golden} is missing; create it with UPDATE_GOLDEN=1 scripts/test-chart.sh and review it")
+        return
+    with open(golden) as f:
+        want = f.read()
+    if got != want:
+        import difflib
+        diff = difflib.unified_diff(want.splitlines(), got.splitlines(), "golden", "rendered", lineterm="", n=2)
+        check(False, "render differs from the golden file (UPDATE_GOLDEN=1 rewrites it; review the diff):\n"
+              + "\n".join(list(diff)[:60]))
+
+
 def main(argv):
     if len(argv) >= 5 and argv[1] == "render":
         kube = "1.33.0"
@@ -459,6 +569,15 @@ def main(argv):
         cmd_render(argv[2], argv[3], argv[4], kube)
     elif len(argv) == 3 and argv[1] == "values":
         cmd_values(argv[2])
+    elif len(argv) >= 6 and argv[1] == "mutate":
+        kube = "1.33.0"
+        if "--kube-version" in argv:
+            kube = argv[argv.index("--kube-version") + 1]
+        cmd_mutate(argv[2], argv[3], argv[4], argv[5], kube)
+    elif len(argv) == 4 and argv[1] == "golden":
+        cmd_golden(argv[2], argv[3])
+    elif len(argv) == 5 and argv[1] == "args":
+        cmd_args(argv[2], argv[3], argv[4])
     else:
         print(__doc__, file=sys.stderr)
         return 64

@@ -14,6 +14,10 @@ declare -A want=(
   [setpriv]=util-linux
   [shellcheck]=shellcheck
   [tcpdump]=tcpdump
+  [jq]=jq
+  [openssl]=openssl
+  [ss]=iproute2
+  [chrt]=util-linux
 )
 
 missing=()

@@ -132,7 +132,7 @@ def check_dockerfile(root, name, spec, members):
         built_pkgs |= set(re.findall(r"-p\s+(\S+)", r))
     for pkg in built_pkgs:
         check(f"{name}: -p {pkg} is a workspace package", pkg in members, "unknown package")
-    release_bins = set(re.findall(r"target/release/([A-Za-z0-9_-]+)", " ".join(runs)))
+    release_bins = set(re.findall(r"target/(?:\S+/)?release/([A-Za-z0-9_-]+)", " ".join(runs)))
     final_copies = [r for k, r in final["ins"] if k == "COPY"]
     shipped = set()
     for r in final_copies:

@@ -8,6 +8,12 @@
 #   - bad value sets must be refused, by the schema or by _validate.tpl, with
 #     the expected message
 #   - NOTES.txt carries the three user steps
+#   - golden files of each ci/ render (charts/meshlet/golden/, generated
+#     certificates masked); UPDATE_GOLDEN=1 rewrites them
+#   - the real meshlet-injector (cargo build -p meshlet-injector, or
+#     MESHLET_INJECTOR_BIN) started with the rendered args and certificate:
+#     /readyz and /healthz over TLS for meshlet-injector.<ns>.svc, and one
+#     /mutate whose sidecar must follow the values
 # Installs what it needs through scripts/tools.sh (Helm 4 built from
 # tools/helm, a venv with kubernetes-validate). Ends with
 # "chart: N passed, M failed" and exits non-zero when M > 0.
@@ -30,7 +36,15 @@ command -v openssl >/dev/null || {
 }
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/meshlet-chart.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+INJ_PID=""
+cleanup() {
+  if [[ -n $INJ_PID ]]; then
+    kill "$INJ_PID" 2>/dev/null || true
+    wait "$INJ_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
 
 passed=0
 failed=0
@@ -117,6 +131,10 @@ for f in "$CHART"/ci/*.yaml "$WORK/user-tls-values.yaml" "$WORK/old-cluster-valu
     continue
   fi
   check "assertions on $name" "$PY" "$ROOT/scripts/chart_assert.py" render "$CHART" "$out" "$f" --kube-version "$kube"
+  if [[ $f == "$CHART"/ci/* ]]; then
+    check "golden render of $name (UPDATE_GOLDEN=1 rewrites)" \
+      "$PY" "$ROOT/scripts/chart_assert.py" golden "$out" "$CHART/golden/$name.yaml"
+  fi
   [[ $name == old-cluster-values ]] && continue
   for k in "${KUBE_VERSIONS[@]}"; do
     # Render for the version it is validated against (nativeSidecar=auto and
@@ -164,6 +182,67 @@ check "_validate refuses a ClusterIssuer without a name" \
   expect_refused "issuerRef.kind=ClusterIssuer needs webhook.certManager.issuerRef.name" \
   --set webhook.certManager.enabled=true --set webhook.certManager.issuerRef.kind=ClusterIssuer
 check "replicas=1 renders once the PDB is off" render "$WORK/single.yaml" --set injector.replicas=1 --set injector.podDisruptionBudget.enabled=false
+
+# --- the real meshlet-injector, started with the args and the certificate the
+# chart renders: the flags exist, the certificate serves the Service's DNS name
+# and verifies against the Secret's CA (= caBundle), the probe paths answer, and
+# a pod gets the sidecar the values describe.
+INJECTOR_BIN="${MESHLET_INJECTOR_BIN:-$ROOT/target/debug/meshlet-injector}"
+injector_built() {
+  [[ -n ${MESHLET_INJECTOR_BIN:-} ]] || (cd "$ROOT" && cargo build -q -p meshlet-injector)
+  [[ -x $INJECTOR_BIN ]]
+}
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+injector_serves() { # injector_serves RENDERED VALUES KUBE_VERSION
+  local dir port host=meshlet-injector.$NS.svc uid args=() ok=0
+  dir="$(mktemp -d "$WORK/inj.XXXXXX")"
+  port="$(free_port)"
+  mapfile -d '' args < <("$PY" "$ROOT/scripts/chart_assert.py" args "$1" "$dir" "$port")
+  "$INJECTOR_BIN" "${args[@]}" >"$dir/log" 2>&1 &
+  INJ_PID=$!
+  local curl_tls=(curl -sS --fail -m 5 --cacert "$dir/ca.crt" --resolve "$host:$port:127.0.0.1")
+  for _ in $(seq 1 100); do
+    if "${curl_tls[@]}" -o /dev/null "https://$host:$port/readyz" 2>/dev/null; then
+      ok=1
+      break
+    fi
+    kill -0 "$INJ_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [[ $ok == 1 ]] && "${curl_tls[@]}" -o /dev/null "https://$host:$port/healthz"; then
+    uid="$("$PY" -c 'import uuid; print(uuid.uuid4())')"
+    printf '%s' '{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"'"$uid"'",
+      "kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},
+      "namespace":"demo","operation":"CREATE","userInfo":{"username":"test"},
+      "object":{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web","namespace":"demo"},
+      "spec":{"containers":[{"name":"app","image":"registry.invalid/app:1","ports":[{"containerPort":8080}]}]}}}}' \
+      >"$dir/review.json"
+    if "${curl_tls[@]}" -H 'content-type: application/json' --data-binary "@$dir/review.json" \
+      -o "$dir/response.json" "https://$host:$port/mutate"; then
+      "$PY" "$ROOT/scripts/chart_assert.py" mutate "$CHART" "$dir/response.json" "$2" "$uid" --kube-version "$3" || ok=0
+    else
+      ok=0
+    fi
+  else
+    echo "meshlet-injector did not serve /readyz and /healthz over TLS for $host; its output:"
+    ok=0
+  fi
+  kill "$INJ_PID" 2>/dev/null || true
+  wait "$INJ_PID" 2>/dev/null || true
+  INJ_PID=""
+  [[ $ok == 1 ]] || {
+    sed 's/^/  injector: /' "$dir/log"
+    return 1
+  }
+}
+if check "meshlet-injector builds (cargo build -p meshlet-injector)" injector_built; then
+  check "meshlet-injector runs with the chart's args: default values" \
+    injector_serves "$WORK/default-values.1.33.0.yaml" "$CHART/ci/default-values.yaml" 1.33.0
+  check "meshlet-injector runs with the chart's args: custom values" \
+    injector_serves "$WORK/custom-values.1.33.0.yaml" "$CHART/ci/custom-values.yaml" 1.33.0
+  check "meshlet-injector runs with the chart's args: kube 1.28 (no native sidecar)" \
+    injector_serves "$WORK/old-cluster-values.rendered.yaml" "$WORK/old-cluster-values.yaml" 1.28.0
+fi
 
 # --- NOTES.txt: the three user steps (install --dry-run=client needs no cluster)
 notes() {

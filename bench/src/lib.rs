@@ -1,5 +1,6 @@
 //! meshlet's benchmark tools: an open-loop HTTP/1.1 load generator that samples the
-//! memory and CPU of the processes under test, and a minimal upstream server.
+//! memory and CPU of the processes under test, a minimal upstream server, and an
+//! HTTPS admission-webhook load generator.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -7,3 +8,4 @@ pub mod histogram;
 pub mod loadgen;
 pub mod procstat;
 pub mod server;
+pub mod webhook;

@@ -27,6 +27,9 @@ pub const PROMETHEUS_PORT: &str = "prometheus.io/port";
 /// Scrape path annotation.
 pub const PROMETHEUS_PATH: &str = "prometheus.io/path";
 
+/// The container `kubectl logs/exec/attach` use when none is named.
+pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+
 /// Where the pod is being admitted; the namespace comes from the admission request
 /// because a pod being created often has none in its own metadata.
 #[derive(Clone, Debug, Default)]
@@ -155,7 +158,13 @@ pub fn mutate(pod: &Pod, ctx: &Context, defaults: &Defaults) -> Result<Outcome, 
 
     let overrides = validate::overrides(annotations)?;
     check_app_containers(spec)?;
-    let settings = template::Settings::new(&overrides, defaults)?;
+    let mut settings = template::Settings::new(&overrides, defaults)?;
+    // The proxy must finish draining before kubelet's SIGKILL at the end of the grace
+    // period (30 s when unset, which is the proxy's own default too).
+    settings.drain_timeout = spec
+        .termination_grace_period_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map(|s| meshlet_api::Duration::from_secs(s).to_string());
 
     let mut ops = Vec::new();
 
@@ -203,6 +212,13 @@ pub fn mutate(pod: &Pod, ctx: &Context, defaults: &Defaults) -> Result<Outcome, 
         new_annotations.insert(PROMETHEUS_PORT.to_string(), ports::ADMIN.to_string());
         new_annotations.insert(PROMETHEUS_PATH.to_string(), "/metrics".to_string());
     }
+    // A classic proxy becomes containers[0], which `kubectl logs/exec` would pick by
+    // default; point them back at the app.
+    if !settings.native_sidecar && !annotations.contains_key(DEFAULT_CONTAINER) {
+        if let Some(app) = spec.containers.first() {
+            new_annotations.insert(DEFAULT_CONTAINER.to_string(), app.name.clone());
+        }
+    }
     if pod.metadata.annotations.is_none() {
         ops.push(add(
             &["metadata", "annotations"],
@@ -238,6 +254,37 @@ pub fn mutate(pod: &Pod, ctx: &Context, defaults: &Defaults) -> Result<Outcome, 
         ops.push(add(&["spec", "containers", "0"], to_value(&proxy)));
     }
     Ok(Outcome::Inject(ops))
+}
+
+/// Things about an injected pod the user should know, returned as admission warnings
+/// (and printed by `inject`): the injection succeeds, but something will not work.
+pub fn warnings(pod: &Pod, defaults: &Defaults) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(spec) = pod.spec.as_ref() else {
+        return out;
+    };
+    let native = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ann::NATIVE_SIDECAR))
+        .map(|v| v.trim() == "true")
+        .unwrap_or(defaults.native_sidecar);
+    let app_inits: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    if !native && !app_inits.is_empty() {
+        // Their traffic is already redirected by meshlet-init but no proxy runs yet.
+        out.push(format!(
+            "meshlet: init containers {app_inits:?} run before the classic (non-native) proxy \
+             starts, so their TCP connections will fail; use meshlet.io/native-sidecar: \"true\" \
+             or exclude their ports with meshlet.io/exclude-outbound-ports"
+        ));
+    }
+    out
 }
 
 /// Refuses app containers the sidecar cannot coexist with.

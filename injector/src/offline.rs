@@ -132,10 +132,8 @@ pub fn inject_object(obj: &mut Value, defaults: &Defaults) -> Result<(), Error> 
         _ => return Ok(()),
     };
     let ctx = Context { namespace };
-    let err_ctx = |kind: &str, name: &str| (kind.to_string(), name.to_string());
-    let (k, n) = err_ctx(&kind, &name);
     match template_path {
-        None => inject_pod_json(obj, &ctx, defaults, &k, &n),
+        None => inject_pod_json(obj, &ctx, defaults, &kind, &name),
         Some(path) => {
             let Some(template) = obj.pointer_mut(path) else {
                 return Ok(());
@@ -156,7 +154,7 @@ pub fn inject_object(obj: &mut Value, defaults: &Defaults) -> Result<(), Error> 
             );
             let mut pod = Value::Object(pod);
             let before = pod.clone();
-            inject_pod_json(&mut pod, &ctx, defaults, &k, &n)?;
+            inject_pod_json(&mut pod, &ctx, defaults, &kind, &name)?;
             if pod == before {
                 // Unchanged: leave the template byte-for-byte alone (no added `metadata: {}`).
                 return Ok(());
@@ -198,6 +196,9 @@ pub fn inject_pod_json(
         source: Box::new(source),
     })?;
     if let Outcome::Inject(ops) = outcome {
+        for w in crate::mutate::warnings(&typed, defaults) {
+            tracing::warn!(kind, name, "{w}");
+        }
         json_patch::patch(pod, &ops).map_err(|e| Error::Patch {
             kind: kind.to_string(),
             name: name.to_string(),

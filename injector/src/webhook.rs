@@ -189,8 +189,12 @@ pub fn review(
     match mutate(&pod, &ctx, defaults) {
         Ok(Outcome::Inject(ops)) => {
             let n = ops.len();
+            let warnings = crate::mutate::warnings(&pod, defaults);
             match res.clone().with_patch(json_patch::Patch(ops)) {
-                Ok(res) => {
+                Ok(mut res) => {
+                    if !warnings.is_empty() {
+                        res.warnings = Some(warnings);
+                    }
                     tracing::info!(ns = ns_str, pod = %name, ops = n, dry_run = req.dry_run, "injected");
                     (StatusCode::OK, res.into_review(), ReviewResult::Injected)
                 }

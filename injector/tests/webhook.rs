@@ -326,6 +326,18 @@ async fn odd_requests_get_clean_answers() {
     assert_eq!(res["response"]["allowed"], true);
     assert!(res["response"].get("patch").is_none());
 
+    // Classic sidecar with an app init container: injected, with a warning for the user.
+    let mut classic = fixture();
+    classic["request"]["object"]["metadata"]["annotations"]["meshlet.io/native-sidecar"] =
+        json!("false");
+    classic["request"]["object"]["spec"]["initContainers"] =
+        json!([{"name": "wait-for-db", "image": "busybox"}]);
+    let (_, res) = post_review(&mut conn, &classic).await;
+    assert_eq!(res["response"]["allowed"], true);
+    assert!(patch_of(&res).is_some());
+    let warning = res["response"]["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.contains("wait-for-db"), "{res}");
+
     // A Pod CREATE without an object.
     let mut empty = fixture();
     empty["request"]["object"] = Value::Null;

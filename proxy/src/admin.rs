@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 
 use crate::{config::Config, drain, mesh::Mesh, metrics::Metrics, tls::Identity};
 
+mod probes;
+
 /// What the admin endpoints report on.
 pub struct Admin {
     /// Set once listeners are bound and config is loaded; cleared when draining.
@@ -46,9 +48,17 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let rsp = admin.route(&req);
-                async move { Ok::<_, Infallible>(rsp) }
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move {
+                    let path = req.uri().path();
+                    let rsp = if path.starts_with(APP_HEALTH_PREFIX) {
+                        admin.app_health(req.method(), path).await
+                    } else {
+                        admin.route(&req)
+                    };
+                    Ok::<_, Infallible>(rsp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -57,9 +67,43 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     }
 }
 
+/// Where the rewritten app probes are served.
+pub const APP_HEALTH_PREFIX: &str = "/app-health/";
+
 // === impl Admin ===
 
 impl Admin {
+    /// Runs the app's original probe behind `path` and answers like the app would
+    /// have: 200 when the app answered 200..399, else 503 saying what it got.
+    pub async fn app_health(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        if method != Method::GET && method != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        }
+        let Some(probe) = self.config.app_probes.get(path) else {
+            return owned_text(
+                StatusCode::NOT_FOUND,
+                format!("no app probe is registered at {path} (MESHLET_APP_PROBES)\n"),
+            );
+        };
+        let target = self
+            .config
+            .pod_ip
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+        match probes::run(probe, target).await {
+            Ok(status) if (200..400).contains(&status) => {
+                owned_text(StatusCode::OK, format!("app answered {status}\n"))
+            }
+            Ok(status) => owned_text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("app answered {status}\n"),
+            ),
+            Err(error) => owned_text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("app probe failed: {error}\n"),
+            ),
+        }
+    }
+
     /// Answers one request.
     pub fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         self.route_parts(req.method(), req.uri().path())
@@ -119,6 +163,16 @@ impl Admin {
             ),
         }
     }
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -71,6 +71,8 @@ pub struct Config {
     pub identity_dir: Option<PathBuf>,
     /// Whether inbound plaintext is accepted.
     pub tls_mode: TlsMode,
+    /// The app's original httpGet probes, served under `/app-health/...`.
+    pub app_probes: meshlet_api::probes::AppProbes,
 }
 
 /// An environment variable with a value the proxy cannot use.
@@ -211,6 +213,17 @@ impl Config {
             ));
         }
 
+        let app_probes = match value(env, env::PROXY_APP_PROBES) {
+            None => Default::default(),
+            Some(v) => meshlet_api::probes::parse(&v).map_err(|e| {
+                invalid(
+                    env::PROXY_APP_PROBES,
+                    &v,
+                    &format!("{e}; it must be the JSON object the injector writes"),
+                )
+            })?,
+        };
+
         Ok(Self {
             outbound_addr,
             inbound_addr,
@@ -226,6 +239,7 @@ impl Config {
             service_account: value(env, env::SERVICE_ACCOUNT),
             identity_dir,
             tls_mode,
+            app_probes,
         })
     }
 }

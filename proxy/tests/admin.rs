@@ -251,3 +251,39 @@ async fn drain_sends_h2_goaway_after_in_flight_streams() {
         .unwrap();
     assert!(clean);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_health_runs_the_original_probes() {
+    let app = test_util::http_server(false).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let probes = format!(
+        r#"{{"/app-health/web/readyz":{{"httpGet":{{"path":"/echo","port":{p},"scheme":"HTTP","httpHeaders":[{{"name":"X-Probe","value":"1"}}]}},"timeoutSeconds":2}},
+            "/app-health/web/livez":{{"httpGet":{{"path":"/status/500","port":{p},"scheme":"HTTP"}},"timeoutSeconds":2}},
+            "/app-health/web/startupz":{{"httpGet":{{"path":"/","port":{d},"scheme":"HTTP"}},"timeoutSeconds":1}}}}"#,
+        p = app.addr.port(),
+        d = dead.port()
+    );
+    let proxy = TestProxy::start(&[
+        ("MESHLET_POD_IP", "127.0.0.1"),
+        ("MESHLET_APP_PROBES", &probes),
+    ]);
+    let admin = proxy.admin;
+    let get =
+        |path: &'static str| tokio::task::spawn_blocking(move || admin_request(admin, "GET", path));
+    let (status, body) = get("/app-health/web/readyz").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "app answered 200\n"));
+    let (status, body) = get("/app-health/web/livez").await.unwrap();
+    assert_eq!((status, body.as_str()), (503, "app answered 500\n"));
+    let (status, body) = get("/app-health/web/startupz").await.unwrap();
+    assert_eq!(status, 503);
+    assert!(
+        body.starts_with("app probe failed: connect to 127.0.0.1:"),
+        "{body}"
+    );
+    let (status, _) = get("/app-health/other/readyz").await.unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(app.connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

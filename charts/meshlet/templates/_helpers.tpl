@@ -119,7 +119,7 @@ limits:
 
 {{/*
 Arguments of `meshlet-injector serve`. The injection defaults are flags of the
-injector (config.rs DefaultsArgs: an empty value omits the field), so that it
+injector (injector/src/config.rs DefaultsArgs; an empty value omits the field; scripts/test-chart.sh starts the real binary with these args), so that it
 needs no API access to learn them; the same values are in the meshlet-config
 ConfigMap for the settings the injector does not take as flags yet.
 */}}
@@ -138,9 +138,9 @@ ConfigMap for the settings the injector does not take as flags yet.
 - --proxy-memory={{ $req.memory | default "" }}
 - --proxy-cpu-limit={{ $lim.cpu | default "" }}
 - --proxy-memory-limit={{ $lim.memory | default "" }}
-- --log-level={{ .Values.proxy.logLevel }}
+- --proxy-log-level={{ .Values.proxy.logLevel }}
 - --native-sidecar={{ include "meshlet.proxy.nativeSidecar" . }}
-- --tls-mode={{ .Values.proxy.tlsMode }}
+- --proxy-tls-mode={{ .Values.proxy.tlsMode }}
 {{- end }}
 
 {{/*

@@ -45,6 +45,8 @@ pub(super) struct Settings {
     pub native_sidecar: bool,
     pub tls_mode: String,
     pub mesh_config_path: Option<String>,
+    /// The pod's termination grace period, as the proxy's drain deadline.
+    pub drain_timeout: Option<String>,
     pub o: Overrides,
 }
 
@@ -90,6 +92,7 @@ impl Settings {
             native_sidecar: o.native_sidecar.unwrap_or(d.native_sidecar),
             tls_mode: o.tls_mode.clone().unwrap_or_else(|| d.tls_mode.clone()),
             mesh_config_path: d.mesh_config_path.clone(),
+            drain_timeout: None,
             o: o.clone(),
         })
     }
@@ -239,6 +242,9 @@ pub(super) fn proxy_container(s: &Settings, app_probes: &AppProbes) -> Container
     if let Some(p) = &s.mesh_config_path {
         env_vars.push(value_env(env::PROXY_CONFIG_PATH, p.clone()));
     }
+    if let Some(d) = &s.drain_timeout {
+        env_vars.push(value_env(env::PROXY_DRAIN_TIMEOUT, d.clone()));
+    }
     if let Some(p) = &s.o.opaque_ports {
         env_vars.push(value_env(env::PROXY_OPAQUE_PORTS, p.clone()));
     }
@@ -267,6 +273,14 @@ pub(super) fn proxy_container(s: &Settings, app_probes: &AppProbes) -> Container
             ..Default::default()
         }]),
         readiness_probe: Some(readiness),
+        // A wedged proxy takes the pod's traffic down with it: let kubelet restart it.
+        liveness_probe: Some(Probe {
+            http_get: admin_get("/live"),
+            period_seconds: Some(10),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
         resources: Some(ResourceRequirements {
             requests: Some(s.requests.clone()).filter(|m| !m.is_empty()),
             limits: Some(s.limits.clone()).filter(|m| !m.is_empty()),

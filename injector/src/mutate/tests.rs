@@ -95,6 +95,10 @@ fn classic_sidecar_is_first_container_and_probe_indices_stay_right() {
     assert_eq!(spec.init_containers.unwrap().len(), 1);
     assert_eq!(spec.containers[0].name, "meshlet-proxy");
     assert!(spec.containers[0].lifecycle.is_some());
+    assert_eq!(
+        out.metadata.annotations.as_ref().unwrap()[DEFAULT_CONTAINER],
+        "web"
+    );
     assert!(spec.containers[0].restart_policy.is_none());
     let web = &spec.containers[1];
     assert_eq!(
@@ -223,4 +227,44 @@ fn system_namespaces_are_never_injected() {
         mutate(&pod(BASIC), &ctx, &d).unwrap(),
         Outcome::Inject(_)
     ));
+}
+
+#[test]
+fn classic_sidecar_with_app_init_containers_warns() {
+    let mut p = pod(BASIC);
+    p.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+        name: "wait-for-db".into(),
+        ..Default::default()
+    }]);
+    let d = Defaults::default();
+    assert!(
+        warnings(&p, &d).is_empty(),
+        "native sidecars serve init containers"
+    );
+    p.metadata.annotations = Some([(ann::NATIVE_SIDECAR.to_string(), "false".to_string())].into());
+    let w = warnings(&p, &d);
+    assert_eq!(w.len(), 1);
+    assert!(w[0].contains("wait-for-db"), "{w:?}");
+}
+
+#[test]
+fn grace_period_becomes_the_drain_deadline() {
+    let drain = |grace: Option<i64>| {
+        let mut p = pod(BASIC);
+        p.spec.as_mut().unwrap().termination_grace_period_seconds = grace;
+        let out = apply(
+            &p,
+            &ops(mutate(&p, &Context::default(), &Defaults::default()).unwrap()),
+        );
+        let proxy = out.spec.unwrap().init_containers.unwrap().remove(1);
+        proxy
+            .env
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "MESHLET_DRAIN_TIMEOUT")
+            .and_then(|e| e.value)
+    };
+    assert_eq!(drain(None), None);
+    assert_eq!(drain(Some(0)).as_deref(), Some("0s"));
+    assert_eq!(drain(Some(90)).as_deref(), Some("1m30s"));
 }

@@ -32,6 +32,10 @@ fn reads_every_variable() {
         ("MESHLET_POD_NAME", "web-0"),
         ("MESHLET_POD_NAMESPACE", "shop"),
         ("MESHLET_SERVICE_ACCOUNT", "web"),
+        (
+            "MESHLET_APP_PROBES",
+            r#"{"/app-health/web/livez":{"httpGet":{"path":"/healthz","port":8080,"scheme":"HTTP"},"timeoutSeconds":1}}"#,
+        ),
     ])
     .unwrap();
     assert_eq!(c.inbound_addr, "[::1]:2".parse().unwrap());
@@ -42,6 +46,7 @@ fn reads_every_variable() {
     assert_eq!(c.pod_ip, Some("198.18.0.5".parse().unwrap()));
     assert_eq!(c.pod_namespace.as_deref(), Some("shop"));
     assert_eq!(c.service_account.as_deref(), Some("web"));
+    assert_eq!(c.app_probes["/app-health/web/livez"].http_get.port, 8080);
 }
 
 #[test]
@@ -67,6 +72,11 @@ fn errors_name_the_variable_and_value() {
         ("MESHLET_WORKER_THREADS", "0", "whole number"),
         ("MESHLET_WORKER_THREADS", "two", "whole number"),
         ("MESHLET_POD_IP", "pod", "IPv4 or IPv6"),
+        (
+            "MESHLET_APP_PROBES",
+            "{\"/app-health/web/livez\": 1}",
+            "JSON object the injector writes",
+        ),
     ];
     for (name, value, reason) in cases {
         let e = parse(&[(name, value)]).unwrap_err();

@@ -44,8 +44,8 @@ use k8s_openapi::{
 use meshlet_api::{config, MeshConfig, SpiffeId};
 use nix::{sys::signal::Signal, unistd::Pid};
 
+pub use self::{kubelet::listening, metrics::Metrics, netns::Netns, sidecar::InjectPath};
 use self::{kubeproxy::Protocol, manifest::Manifests};
-pub use self::{metrics::Metrics, netns::Netns, sidecar::InjectPath};
 
 /// Prefix of every namespace this crate creates; followed by the pid.
 pub const NS_PREFIX: &str = "mle2e";
@@ -690,63 +690,8 @@ impl Cluster {
                 no_dad(&ns)?;
             }
             let veth = format!("vp{i}");
-            node.ip(&[
-                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns_name,
-            ])?;
-            let ip_s = ip.to_string();
-            let gw = GATEWAY.to_string();
-            ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-            ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
-            node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &veth])?;
-            node.ip(&["link", "set", &veth, "up"])?;
-            node.ip(&[
-                "route",
-                "add",
-                &format!("{ip_s}/32"),
-                "dev",
-                &veth,
-                "scope",
-                "link",
-            ])?;
-            let ip6 = if dual_stack {
-                let ip6 = Ipv6Addr::new(
-                    POD_NET6[0],
-                    POD_NET6[1],
-                    POD_NET6[2],
-                    self.n as u16,
-                    0,
-                    0,
-                    0,
-                    (i + 2) as u16,
-                );
-                let ip6_s = ip6.to_string();
-                let gw6 = GATEWAY6.to_string();
-                ns.ip(&[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{ip6_s}/128"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ])?;
-                ns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
-                node.ip(&[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{gw6}/64"),
-                    "dev",
-                    &veth,
-                    "nodad",
-                ])?;
-                node.ip(&["-6", "route", "add", &format!("{ip6_s}/128"), "dev", &veth])?;
-                Some(ip6)
-            } else {
-                None
-            };
+            let ip6 = ip6_of(dual_stack, self.n, i);
+            netns::wire_pod(&node, &ns, &veth, ip, ip6)?;
             let service_account = pod
                 .spec
                 .as_ref()
@@ -1287,7 +1232,12 @@ impl Drop for Cluster {
 }
 
 /// An HTTP/1.0 request from inside `ns`; returns status and body.
-fn http_in(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), Error> {
+pub fn http_in(
+    ns: &Netns,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), Error> {
     let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
     let raw = ns
         .enter(move || -> std::io::Result<Vec<u8>> {
@@ -1304,6 +1254,22 @@ fn http_in(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> Result<(u1
         )))?;
     parse_http_response(&raw)
         .ok_or_else(|| Error::Other(format!("{method} {addr}{path}: not an HTTP response")))
+}
+
+/// The IPv6 address of pod `i` of cluster `n`, in a dual-stack cluster.
+fn ip6_of(dual_stack: bool, n: u32, i: usize) -> Option<Ipv6Addr> {
+    dual_stack.then(|| {
+        Ipv6Addr::new(
+            POD_NET6[0],
+            POD_NET6[1],
+            POD_NET6[2],
+            n as u16,
+            0,
+            0,
+            0,
+            (i + 2) as u16,
+        )
+    })
 }
 
 /// Makes addresses usable at once: DAD would hold new IPv6 addresses "tentative" for a

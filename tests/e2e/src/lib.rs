@@ -9,4 +9,5 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod node;
 pub mod testapp;

@@ -338,8 +338,9 @@ impl Cluster {
     }
 }
 
-/// Whether `/proc/net/{tcp,udp}` shows a socket on `port` in state `state`.
-fn listening(table: &str, port: u16, state: &str) -> bool {
+/// Whether `/proc/net/{tcp,udp}` shows a socket on `port` in state `state`
+/// (`0A` listening TCP, `07` bound UDP).
+pub fn listening(table: &str, port: u16, state: &str) -> bool {
     let want = format!(":{port:04X}");
     table.lines().skip(1).any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();

@@ -5,6 +5,7 @@
 
 use std::{
     fs::File,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -12,7 +13,7 @@ use std::{
 
 use nix::sched::CloneFlags;
 
-use super::Error;
+use super::{Error, GATEWAY, GATEWAY6};
 
 /// Directories where `ip`, `iptables` and friends live on Debian-like systems; added
 /// to every command's PATH so a user PATH without the sbin directories still works.
@@ -138,6 +139,64 @@ impl Netns {
             .map(|s| s.success())
             .unwrap_or(false)
     }
+}
+
+/// The CNI ADD of the ptp plugin: a veth `veth` in `node` whose peer is `eth0` in
+/// `pod`, the pod's /32 (and /128) on `eth0`, a default route via the link-local
+/// gateway on the node end, and a host route per pod address in the node.
+pub fn wire_pod(
+    node: &Netns,
+    pod: &Netns,
+    veth: &str,
+    ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
+) -> Result<(), Error> {
+    let ns_name = pod.name();
+    node.ip(&[
+        "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns_name,
+    ])?;
+    let ip_s = ip.to_string();
+    let gw = GATEWAY.to_string();
+    pod.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+    pod.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+    node.ip(&["addr", "add", &format!("{gw}/32"), "dev", veth])?;
+    node.ip(&["link", "set", veth, "up"])?;
+    node.ip(&[
+        "route",
+        "add",
+        &format!("{ip_s}/32"),
+        "dev",
+        veth,
+        "scope",
+        "link",
+    ])?;
+    if let Some(ip6) = ip6 {
+        let ip6_s = ip6.to_string();
+        let gw6 = GATEWAY6.to_string();
+        pod.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6_s}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        pod.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
+            "dev",
+            veth,
+            "nodad",
+        ])?;
+        node.ip(&["-6", "route", "add", &format!("{ip6_s}/128"), "dev", veth])?;
+    }
+    Ok(())
 }
 
 /// Names of all namespaces whose name starts with `prefix`.

@@ -1,0 +1,453 @@
+//! The node agent against a real control plane: `tools/kube/cluster.sh up`, then
+//! `meshlet-node` joins it, `kubectl apply -f samples/hello.yaml` (no injector runs,
+//! so pods are plain), and the story is checked with the real kubectl: Node Ready
+//! with a Lease, pods bound, Running and Ready with pod IPs, a request from one pod
+//! to a ClusterIP through the agent's kube-proxy rules, `kubectl top pod
+//! --containers`, `kubectl logs`, `kubectl delete pod` within the grace period, and
+//! at the end no namespace and no container process left.
+//!
+//! Needs root, iproute2/iptables/curl and the control-plane binaries
+//! (`bash tools/kube/build.sh`); when they are missing it FAILS saying so.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use meshlet_e2e::cluster::{self, netns};
+use serde_json::Value;
+
+const SUBNET: u8 = 78;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The folder `tools/kube/build.sh` puts the binaries in (same hash as the script).
+fn kube_bin_dir() -> Result<PathBuf> {
+    let here = root().join("tools/kube");
+    let mut cat = Command::new("bash");
+    cat.arg("-c")
+        .arg("cat go.mod go.sum | sha256sum | cut -c1-12")
+        .current_dir(&here);
+    let hash = String::from_utf8(cat.output()?.stdout)?.trim().to_string();
+    let dir = root().join(format!("target/tools/kube-{hash}"));
+    for b in [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "etcd",
+        "kubectl",
+    ] {
+        ensure!(
+            dir.join(b).is_file(),
+            "{} is missing: build the control plane first with `bash tools/kube/build.sh` (needs Go 1.26, ~6 min cold)",
+            dir.join(b).display()
+        );
+    }
+    Ok(dir)
+}
+
+/// `tools/kube/cluster.sh up` in a state dir of our own; `down` on drop.
+struct ControlPlane {
+    state: PathBuf,
+}
+
+impl ControlPlane {
+    fn up() -> Result<Self> {
+        let state = root().join(format!("target/kube-node-test-{}", std::process::id()));
+        let me = Self { state };
+        let out = me.script("up")?;
+        ensure!(
+            out.status.success(),
+            "`tools/kube/cluster.sh up` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(me)
+    }
+
+    fn script(&self, cmd: &str) -> Result<std::process::Output> {
+        Command::new("bash")
+            .arg(root().join("tools/kube/cluster.sh"))
+            .arg(cmd)
+            .env("MESHLET_KUBE_DIR", &self.state)
+            .stdin(Stdio::null())
+            .output()
+            .context("running tools/kube/cluster.sh")
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.script("down");
+    }
+}
+
+/// The agent process; SIGTERM (then SIGKILL) on drop.
+struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait up to 20 s; the exit status.
+    fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("meshlet-node ignored SIGTERM for 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+struct Kubectl {
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let mut c = Command::new(&self.bin);
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        let out = netns::run_with_timeout(&mut c, Duration::from_secs(60))?;
+        ensure!(
+            out.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.run(&a)?)?)
+    }
+}
+
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+fn p50(v: &mut [u128]) -> u128 {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn story() -> Result<()> {
+    cluster::check_prereqs().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let kube = kube_bin_dir()?;
+    let bins = cluster::Binaries::locate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let node_bin = bins.dir.join("meshlet-node");
+    ensure!(
+        node_bin.is_file(),
+        "{} is missing: run `cargo build -p meshlet-e2e --bins` first",
+        node_bin.display()
+    );
+    let t_all = Instant::now();
+
+    let t = Instant::now();
+    let cp = ControlPlane::up()?;
+    println!("control plane up in {:.1} s", t.elapsed().as_secs_f64());
+    let k = Kubectl {
+        bin: kube.join("kubectl"),
+        kubeconfig: cp.state.join("kubeconfig"),
+    };
+    let name = format!("node-test-{}", std::process::id());
+    let work = tempfile::Builder::new().prefix("mlnode-test-").tempdir()?;
+    let log = work.path().join("agent.log");
+    let child = Command::new(&node_bin)
+        .arg("--cluster-env")
+        .arg(cp.state.join("cluster.env"))
+        .args(["--name", &name, "--subnet", &SUBNET.to_string()])
+        .arg("--state-dir")
+        .arg(work.path().join("state"))
+        .env("MESHLET_NODE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(work.path().join("agent.err"))?)
+        .spawn()
+        .context("starting meshlet-node")?;
+    let mut agent = Agent {
+        child: Some(child),
+        log,
+    };
+    let prefix = format!("mlnode-{}-", agent.pid());
+    let r = steps(&k, &name, &prefix, &mut agent);
+    if r.is_err() {
+        eprintln!("--- meshlet-node log ---\n{}", agent.log());
+        eprintln!(
+            "--- stderr ---\n{}",
+            std::fs::read_to_string(work.path().join("agent.err")).unwrap_or_default()
+        );
+    }
+    r?;
+    drop(cp);
+    println!("whole story in {:.1} s", t_all.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()> {
+    // (a) the Node registers, Ready, with its address and a Lease.
+    let node = wait_for("the Node to be Ready", Duration::from_secs(30), || {
+        let n = k.json(&["get", "node", name])?;
+        Ok(n["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            .then_some(n))
+    })?;
+    let ip = node["status"]["addresses"][0]["address"]
+        .as_str()
+        .unwrap_or("");
+    ensure!(ip == format!("198.18.{SUBNET}.1"), "node InternalIP {ip}");
+    ensure!(
+        node["status"]["capacity"]["cpu"].as_str().is_some(),
+        "no cpu capacity: {node}"
+    );
+    let lease = k.json(&["-n", "kube-node-lease", "get", "lease", name])?;
+    ensure!(lease["spec"]["holderIdentity"] == name, "lease: {lease}");
+    println!("ok   node {name} Ready at {ip}, lease held");
+
+    // (b, c) the sample app: bound, running, ready, with pod IPs.
+    let t0 = Instant::now();
+    k.run(&[
+        "apply",
+        "-f",
+        &root().join("samples/hello.yaml").display().to_string(),
+    ])?;
+    let mut ready_at: BTreeMap<String, u128> = BTreeMap::new();
+    let pods = wait_for(
+        "6 pods Ready in namespace hello",
+        Duration::from_secs(90),
+        || {
+            let list = k.json(&["-n", "hello", "get", "pods"])?;
+            let items = list["items"].as_array().cloned().unwrap_or_default();
+            for p in &items {
+                if ready(p) {
+                    let n = p["metadata"]["name"].as_str().unwrap_or("").to_string();
+                    ready_at.entry(n).or_insert(t0.elapsed().as_millis());
+                }
+            }
+            Ok((items.len() == 6 && items.iter().all(ready)).then_some(items))
+        },
+    )?;
+    let mut ips = Vec::new();
+    for p in &pods {
+        let pn = p["metadata"]["name"].as_str().unwrap_or("");
+        ensure!(p["spec"]["nodeName"] == name, "{pn} not bound to {name}");
+        ensure!(p["status"]["phase"] == "Running", "{pn}: {}", p["status"]);
+        let ip = p["status"]["podIP"].as_str().unwrap_or("");
+        ensure!(
+            ip.starts_with(&format!("198.18.{SUBNET}.")) && p["status"]["podIPs"][0]["ip"] == ip,
+            "{pn}: podIP {ip:?}"
+        );
+        ips.push(ip.to_string());
+        for c in p["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            ensure!(
+                c["ready"] == true && c["started"] == true && c["state"]["running"].is_object(),
+                "{pn}: container status {c}"
+            );
+        }
+    }
+    ips.sort();
+    ips.dedup();
+    ensure!(ips.len() == 6, "pod IPs not unique: {ips:?}");
+    let mut apply_ms: Vec<u128> = ready_at.values().copied().collect();
+    println!(
+        "ok   6 pods Running and Ready; kubectl apply -> pod Ready p50 {} ms, max {} ms",
+        p50(&mut apply_ms),
+        apply_ms.iter().max().unwrap_or(&0)
+    );
+
+    // (e) from the client pod to the backend Service through the node's DNAT rules.
+    let client = pods
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .find(|n| n.starts_with("client-"))
+        .context("no client pod")?
+        .to_string();
+    let ns = netns::Netns::existing(&format!("{prefix}hello.{client}"));
+    let mut seen = BTreeMap::new();
+    for _ in 0..16 {
+        let body = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://198.19.0.10/"])
+            .map_err(|e| anyhow::anyhow!("curl from {client} to the backend ClusterIP: {e}"))?;
+        let v: Value = serde_json::from_str(&body).with_context(|| format!("reply {body:?}"))?;
+        let who = v["name"].as_str().unwrap_or("").to_string();
+        ensure!(who.starts_with("backend-v"), "answered by {who:?}");
+        *seen
+            .entry(who.split('-').take(2).collect::<Vec<_>>().join("-"))
+            .or_insert(0) += 1;
+    }
+    ensure!(seen.len() == 2, "16 requests reached only {seen:?}");
+    println!("ok   client -> 198.19.0.10:80 through kube-proxy rules: {seen:?}");
+
+    // (f) kubectl top through the aggregation layer.
+    let top = wait_for(
+        "kubectl top pod --containers",
+        Duration::from_secs(60),
+        || {
+            let out = k.run(&["-n", "hello", "top", "pod", "--containers"])?;
+            Ok((out.lines().count() == 11).then_some(out))
+        },
+    )?;
+    for want in ["backend-v1", "stats", "ws", "greeter", "MEMORY(bytes)"] {
+        ensure!(top.contains(want), "kubectl top misses {want}:\n{top}");
+    }
+    println!("ok   kubectl top pod --containers:\n{top}");
+    let logs = k.run(&["-n", "hello", "logs", &client])?;
+    ensure!(
+        logs.contains("listening on port 8080"),
+        "kubectl logs: {logs}"
+    );
+    println!("ok   kubectl logs {client}");
+
+    // (d) delete with a grace period: SIGTERM, containers gone, object removed.
+    let victim = pods
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .find(|n| n.starts_with("backend-v2-"))
+        .context("no backend-v2 pod")?
+        .to_string();
+    let t = Instant::now();
+    k.run(&[
+        "-n",
+        "hello",
+        "delete",
+        "pod",
+        &victim,
+        "--grace-period=5",
+        "--timeout=20s",
+    ])?;
+    let took = t.elapsed();
+    ensure!(
+        took < Duration::from_secs(8),
+        "delete took {took:?} (grace 5 s)"
+    );
+    ensure!(
+        !netns::list_with_prefix(prefix)
+            .iter()
+            .any(|n| n.ends_with(&victim)),
+        "namespace of {victim} still exists"
+    );
+    println!(
+        "ok   kubectl delete pod {victim} --grace-period=5 returned in {} ms",
+        took.as_millis()
+    );
+
+    // The Deployment replaces the pod; the new one runs too.
+    wait_for("the replacement pod Ready", Duration::from_secs(30), || {
+        let items = k.json(&["-n", "hello", "get", "pods"])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok((items.len() == 6 && items.iter().all(ready)).then_some(()))
+    })?;
+    println!("ok   the Deployment's replacement pod is Ready");
+
+    // Timings the agent measured: first sight of a pod -> all containers ready.
+    let mut agent_ms: Vec<u128> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("all containers ready"))
+        .filter_map(|l| l.rsplit("ms=").next()?.trim().parse().ok())
+        .collect();
+    let n = agent_ms.len();
+    println!(
+        "     agent: pod seen -> all containers ready p50 {} ms over {n} pods",
+        p50(&mut agent_ms)
+    );
+
+    // Everything down: no namespace, no container process.
+    let mut pids = Vec::new();
+    for ns in netns::list_with_prefix(prefix) {
+        pids.extend(netns::Netns::existing(&ns).pids());
+    }
+    ensure!(
+        pids.len() >= 10,
+        "expected container processes, found {pids:?}"
+    );
+    let st = agent.stop()?;
+    ensure!(st.success(), "meshlet-node exited {st}");
+    let left = netns::list_with_prefix(prefix);
+    ensure!(left.is_empty(), "namespaces left: {left:?}");
+    let alive: Vec<i32> = pids
+        .into_iter()
+        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    ensure!(alive.is_empty(), "container processes left: {alive:?}");
+    println!("ok   agent stopped: no namespace and no container process left");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match story() {
+        Ok(()) => {
+            println!("node: passed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("node: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
