@@ -285,7 +285,12 @@ fn chain_length() {
     let int1 = ca.intermediate();
     let int2 = int1.intermediate();
     let (via_one, _) = int1.leaf(WEB, |_| {});
-    check_server(&server(&ca, &[WEB]), &via_one, std::slice::from_ref(&int1.cert)).unwrap();
+    check_server(
+        &server(&ca, &[WEB]),
+        &via_one,
+        std::slice::from_ref(&int1.cert),
+    )
+    .unwrap();
 
     let (via_two, _) = int2.leaf(WEB, |_| {});
     let chain = [int2.cert.clone(), int1.cert.clone()];
