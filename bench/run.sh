@@ -20,7 +20,9 @@
 #          normal scheduling after the rounds: it saturates the machine for that long),
 #   PROXY_THREADS (1), PROXY_LINK (dynamic | static: glibc linked in with
 #   -C target-feature=+crt-static), PROFILE (release | dev), SKIP_BUILD (0),
-#   RESULTS (bench/results), LABEL (datapath), IDLE_SETTLE_S (3).
+#   RESULTS (bench/results), LABEL (datapath), IDLE_SETTLE_S (3),
+#   SKIP_CLIENT_INIT (0; 1 leaves the client pod without redirect rules so that the load
+#   bypasses the client sidecar: only for the test that the pass-through check fails).
 set -euo pipefail
 
 RATE=${RATE:-1000}
@@ -37,6 +39,7 @@ IDLE_SETTLE_S=${IDLE_SETTLE_S:-3}
 MAXTP=${MAXTP:-0}
 PROXY_LINK=${PROXY_LINK:-dynamic}
 RT=${RT:-1}
+SKIP_CLIENT_INIT=${SKIP_CLIENT_INIT:-0}
 PORT=8080
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -233,7 +236,9 @@ wait_http "$NS_DC" "$URL" "server (direct pair)"
 echo '{}' >"$WORK/mesh.json"
 chmod 644 "$WORK/mesh.json"
 INIT_CMD=("$BIN/meshlet-init" apply)
-ip netns exec "$NS_MC" "${INIT_CMD[@]}" >"$WORK/init-client.log" 2>&1 || die "meshlet-init failed in $NS_MC"
+if [[ $SKIP_CLIENT_INIT != 1 ]]; then
+    ip netns exec "$NS_MC" "${INIT_CMD[@]}" >"$WORK/init-client.log" 2>&1 || die "meshlet-init failed in $NS_MC"
+fi
 ip netns exec "$NS_MS" "${INIT_CMD[@]}" >"$WORK/init-server.log" 2>&1 || die "meshlet-init failed in $NS_MS"
 
 # start_proxy NS NAME POD_IP CPU-PREFIX...

@@ -54,7 +54,11 @@ fn open_loop_sends_exactly_the_timetable() {
     assert!(r.latency_us.p50 >= r.service_time_us.p50);
     assert_eq!(r.mode, "open-loop");
     // Warmup (0.1 s) plus window (0.5 s) at 400 req/s.
-    assert!((239..=241).contains(&r.requests_sent), "sent {}", r.requests_sent);
+    assert!(
+        (239..=241).contains(&r.requests_sent),
+        "sent {}",
+        r.requests_sent
+    );
     let me = &r.processes[0];
     assert!(me.rss_kib_start > 0 && me.rss_kib_max >= me.rss_kib_start);
     assert!(me.error.is_none());

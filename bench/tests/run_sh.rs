@@ -1,0 +1,107 @@
+//! `bench/run.sh` end to end, short and slow-paced: four network namespaces, the init
+//! rules, both sidecars as UID 1337, the check that the proxies counted every request,
+//! and the report files. Needs root, iptables, iproute2, curl, jq and python3 (CI runs
+//! as root and `make deps` installs them), and the debug binaries of meshlet-proxy and
+//! meshlet-init as `make build` leaves them: the script is told not to build, because a
+//! `cargo build -p ...` here would resolve features differently from the workspace
+//! build and recompile dependencies on every CI run.
+
+use std::{path::PathBuf, process::Command};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf()
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "bench/run.sh needs root (network namespaces, iptables inside them): run the test \
+         as root, with `apt-get install -y iptables iproute2 util-linux curl jq python3`"
+    );
+}
+
+/// Runs run.sh with a short dev-profile configuration; returns (success, stderr, dir).
+fn run(label: &str, extra: &[(&str, &str)]) -> (bool, String, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mlbench-test-{}-{label}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("bench/run.sh"))
+        .env("PROFILE", "dev")
+        .env("SKIP_BUILD", "1")
+        .env("ROUNDS", "1")
+        .env("RATE", "200")
+        .env("DURATION", "1s")
+        .env("WARMUP", "500ms")
+        .env("IDLE_SETTLE_S", "0")
+        .env("PIN", "0")
+        .env("RT", "0")
+        .env("RESULTS", &dir)
+        .env("LABEL", label);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("bash runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        dir,
+    )
+}
+
+#[test]
+fn measures_both_paths_and_checks_the_proxies_counted_everything() {
+    require_root();
+    let (ok, stderr, dir) = run("smoke", &[]);
+    assert!(ok, "run.sh failed:\n{stderr}");
+    let json = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("-smoke.json"))
+        .unwrap_or_else(|| panic!("no <date>-smoke.json in {}", dir.display()));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+
+    // 200 req/s for 0.5 s warmup + 1 s: 300 requests, all through both sidecars.
+    let c = &doc["proxy_request_counts"][0];
+    let sent = c["loadgen_sent"].as_u64().unwrap();
+    assert!((299..=301).contains(&sent), "{c}");
+    assert_eq!(c["client_proxy_outbound"], c["loadgen_sent"], "{c}");
+    assert_eq!(c["server_proxy_inbound"], c["loadgen_sent"], "{c}");
+
+    let s = &doc["summary"];
+    assert_eq!(s["errors"]["direct"], 0, "{s}");
+    assert_eq!(s["errors"]["meshlet"], 0, "{s}");
+    for side in ["client-proxy", "server-proxy"] {
+        let p = &s["proxies"][side];
+        assert!(p["rss_kib_idle"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["rss_kib_loaded_max"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["cpu_ms_per_1000_requests"].as_f64().is_some(), "{p}");
+    }
+    let md = std::fs::read_to_string(dir.join("smoke.md")).unwrap();
+    assert!(md.contains("| **added by the pair** |"), "{md}");
+    assert!(md.contains("## Check that the load went through the proxies"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fails_when_the_load_bypasses_a_sidecar() {
+    require_root();
+    // Without the client pod's rules the loadgen reaches the server sidecar directly:
+    // the client sidecar counts nothing, and the run must refuse to report.
+    let (ok, stderr, dir) = run("bypass", &[("SKIP_CLIENT_INIT", "1")]);
+    assert!(
+        !ok,
+        "run.sh accepted a run that bypassed the client sidecar:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("did not all pass through both proxies"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(&dir).unwrap().next().is_none(),
+        "it wrote results"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
