@@ -106,6 +106,7 @@ mod tests {
             mesh: Arc::new(Snapshot::new(Default::default(), None)),
             metrics: None,
             tls: Default::default(),
+            silent: false,
         }
     }
 

@@ -632,6 +632,7 @@ mod tests {
             mesh: Arc::new(Snapshot::new(Default::default(), None)),
             metrics: None,
             tls: Default::default(),
+            silent: false,
         };
         let echo = layer.layer(tower::service_fn(
             |(t, mut io): (Target, CountingIo<tokio::io::DuplexStream>)| async move {

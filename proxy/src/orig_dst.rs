@@ -119,6 +119,7 @@ where
             mesh: self.mesh.load(),
             metrics: None,
             tls: Default::default(),
+            silent: false,
         };
         Box::pin(self.inner.call((target, stream)))
     }

@@ -45,6 +45,9 @@ pub struct Target {
     pub metrics: Option<ConnMetrics>,
     /// What mesh TLS does on this connection (set by the mesh TLS stage).
     pub tls: TlsStatus,
+    /// The client already stayed silent for `timeouts.detect` (the mesh TLS stage
+    /// waited for its first bytes): detection would only wait again.
+    pub silent: bool,
 }
 
 /// Mesh TLS on a connection.

@@ -383,6 +383,14 @@ async fn permissive_accepts_plaintext_strict_refuses_it() {
         r#"meshlet_requests_total{direction="inbound",service="unknown",status_code="200",tls="false"}"#,
         1.0,
     );
+    // TLS-looking garbage is closed in permissive mode too.
+    let garbage = raw_exchange(permissive.server.inbound, b"\x16\x03\x01\x00\x05hello").await;
+    assert_eq!(garbage, "");
+    has(
+        &permissive.server.metrics(),
+        r#"meshlet_tls_handshake_errors_total{direction="inbound",reason="malformed"}"#,
+        1.0,
+    );
 
     let strict = pair_with(
         app,
@@ -664,5 +672,50 @@ async fn rotation_mid_traffic_loses_no_request() {
     assert!(
         after >= before + 3000,
         "new handshakes get the new certificate ({before} -> {after})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_passes_foreign_tls_to_the_app() {
+    // An app that terminates TLS itself keeps working for unmeshed TLS clients.
+    let app = test_util::read_to_eof_server().await;
+    let p = pair(app);
+    let hello = foreign_client_hello();
+    let mut s = TcpStream::connect(p.server.inbound).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&out[..6], b"reply:");
+    assert_eq!(&out[6..], &hello[..], "bytes reach the app unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_plaintext_client_waits_one_detect_timeout() {
+    // Sniffing for a ClientHello and protocol detection share one wait: a
+    // server-first protocol on a port not listed as opaque gets its banner after
+    // timeouts.detect (1 s), not twice that.
+    let app = test_util::banner_server(b"220 ready\r\n").await;
+    let p = pair(app);
+    let mut s = TcpStream::connect(p.server.inbound).await.unwrap();
+    let start = Instant::now();
+    let mut banner = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    let waited = start.elapsed();
+    assert_eq!(&banner, b"220 ready\r\n");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1900),
+        "{waited:?}"
+    );
+    has(
+        &p.server.metrics(),
+        r#"meshlet_timeouts_total{direction="inbound",kind="detect"}"#,
+        1.0,
     );
 }

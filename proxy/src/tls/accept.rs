@@ -3,8 +3,10 @@
 //!
 //! Inbound, with an identity configured: the first bytes are read (bounded in time and
 //! size) and sniffed. A ClientHello offering `meshlet/1` is terminated here and the
-//! decrypted stream goes on; anything else goes on as plaintext in permissive mode and
-//! is closed and counted in strict mode. Outbound: connections to destinations the
+//! decrypted stream goes on; anything else goes on as plaintext in permissive mode
+//! (TLS without the mesh ALPN too: the app may terminate TLS itself) and is closed and
+//! counted in strict mode. Bytes that start like a TLS handshake but are no readable
+//! ClientHello are closed and counted in both modes. Outbound: connections to destinations the
 //! mesh config marks meshed get the settings to originate mTLS.
 
 use std::{
@@ -206,7 +208,12 @@ where
     };
     match (hello, mode) {
         (Hello::Sniffed(Sniff::ClientHello { mesh: true }), _) => {}
-        (_, TlsMode::Permissive) => {
+        // Starts like a TLS handshake but is none: no app could use it either.
+        (Hello::Sniffed(Sniff::Malformed), _) => {
+            return refuse(Reason::Malformed, "not a readable ClientHello".into())
+        }
+        (hello, TlsMode::Permissive) => {
+            target.silent = matches!(hello, Hello::Timeout) && wait >= detect;
             let io = ServerIo::Plain(PrefixedIo::new(buf.freeze(), stream));
             return inner.oneshot((target, io)).await;
         }
