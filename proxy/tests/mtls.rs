@@ -719,3 +719,38 @@ async fn silent_plaintext_client_waits_one_detect_timeout() {
         1.0,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_over_mtls() {
+    let app = test_util::http_server(false).await;
+    let p = pair(app.addr);
+    let mut s = TcpStream::connect(p.client.outbound).await.unwrap();
+    s.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: ws.shop\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    for msg in [&b"ping"[..], b"\x81\x05hello"] {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+}

@@ -135,16 +135,6 @@ impl Metrics {
 
 // === impl Upstream ===
 
-impl Upstream {
-    /// Makes the coming close an abort (see [`crate::io::Reset`]).
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Self::Plain(s) => s,
-            Self::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
 impl AsyncRead for Upstream {
     fn poll_read(
         self: Pin<&mut Self>,
