@@ -5,25 +5,33 @@
 # review. Every response must be an allowed review with a JSON Patch, and the injector's
 # own counter must agree, or the run fails. See bench/README.md ("Webhook latency").
 #
-# Only 127.0.0.1: no namespaces, no root needed (except for RT=1).
+# Only 127.0.0.1: no namespaces; root only for RT=1 (chrt -f).
 #
 # Knobs (environment):
-#   RATES ("200 1000" reviews/s), DURATION (30s), WARMUP (5s), CONNECTIONS (4),
-#   MODES ("keepalive newconn"), KEY (rsa2048, what Helm's genCA/genSignedCert make,
+#   RUNS (RATE:MODE pairs, reviews/s and keepalive or newconn; default
+#   "200:keepalive 200:newconn 1000:keepalive", plus 1000:newconn when RT=0: a full
+#   RSA handshake per review at 1000/s saturates two cores, and under SCHED_FIFO that
+#   would starve every other process on the machine), DURATION (30s), WARMUP (5s),
+#   CONNECTIONS (4), KEY (rsa2048, what Helm's genCA/genSignedCert make,
 #   as the chart does; or ec256), INJECTOR_THREADS (unset: one tokio worker per core),
-#   RT (0; 1 runs the injector and the load generator under SCHED_FIFO priority 10),
+#   RT (1: the injector and the load generator run under SCHED_FIFO priority 10, so
+#   other work on a shared machine cannot delay them, as in run.sh; 0: normal),
 #   PROFILE (release | dev), SKIP_BUILD (0), RESULTS (bench/results), LABEL (webhook),
 #   GOAL_P99_MS (5), KEEP_WORK (0; 1 keeps the work directory).
 set -euo pipefail
 
-RATES=${RATES:-200 1000}
 DURATION=${DURATION:-30s}
 WARMUP=${WARMUP:-5s}
 CONNECTIONS=${CONNECTIONS:-4}
-MODES=${MODES:-keepalive newconn}
 KEY=${KEY:-rsa2048}
 INJECTOR_THREADS=${INJECTOR_THREADS:-}
-RT=${RT:-0}
+RT=${RT:-1}
+if [[ $RT == 1 ]]; then
+    RUNS_SPEC=${RUNS:-200:keepalive 200:newconn 1000:keepalive}
+else
+    RUNS_SPEC=${RUNS:-200:keepalive 200:newconn 1000:keepalive 1000:newconn}
+fi
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
 PROFILE=${PROFILE:-release}
 SKIP_BUILD=${SKIP_BUILD:-0}
 LABEL=${LABEL:-webhook}
@@ -170,54 +178,58 @@ injected_counter() {
 
 # --- the runs ---
 RUNS=()
-for rate in $RATES; do
-    for mode in $MODES; do
-        case $mode in
-        keepalive) extra=() ;;
-        newconn) extra=(--new-connection-per-request) ;;
-        *)
-            echo "webhook.sh: MODES takes keepalive and newconn, not '$mode'" >&2
-            exit 64
-            ;;
-        esac
-        name=rate-$rate-$mode
-        before=$(injected_counter)
-        sum_before=$(metric meshlet_injector_review_duration_seconds_sum)
-        cnt_before=$(metric meshlet_injector_review_duration_seconds_count)
-        cmd=("$BIN/meshlet-webhook-bench" "$URL/mutate" --cacert "$WORK/ca.crt"
-            --body-file "$FIXTURE" --rate "$rate" --duration "$DURATION" --warmup "$WARMUP"
-            -c "$CONNECTIONS" "${extra[@]}" --watch "injector=$INJ_PID" -o "$WORK/$name.json")
-        log "$name: ${cmd[*]}"
-        if ! "${SCHED[@]}" "${cmd[@]}" 2>"$WORK/$name.log"; then
-            cat "$WORK/$name.log" >&2
-            echo "webhook.sh: $name: not every review came back allowed with a JSON Patch" >&2
-            exit 1
-        fi
+for spec in $RUNS_SPEC; do
+    rate=${spec%%:*}
+    mode=${spec#*:}
+    if [[ ! $rate =~ ^[0-9]+$ ]]; then
+        echo "webhook.sh: RUNS takes RATE:MODE pairs like 200:keepalive, not '$spec'" >&2
+        exit 64
+    fi
+    case $mode in
+    keepalive) extra=() ;;
+    newconn) extra=(--new-connection-per-request) ;;
+    *)
+        echo "webhook.sh: a RUNS mode is keepalive or newconn, not '$mode'" >&2
+        exit 64
+        ;;
+    esac
+    name=rate-$rate-$mode
+    before=$(injected_counter)
+    sum_before=$(metric meshlet_injector_review_duration_seconds_sum)
+    cnt_before=$(metric meshlet_injector_review_duration_seconds_count)
+    cmd=("$BIN/meshlet-webhook-bench" "$URL/mutate" --cacert "$WORK/ca.crt"
+        --body-file "$FIXTURE" --rate "$rate" --duration "$DURATION" --warmup "$WARMUP"
+        -c "$CONNECTIONS" "${extra[@]}" --watch "injector=$INJ_PID" -o "$WORK/$name.json")
+    log "$name: ${cmd[*]}"
+    if ! "${SCHED[@]}" "${cmd[@]}" 2>"$WORK/$name.log"; then
         cat "$WORK/$name.log" >&2
-        after=$(injected_counter)
-        sum_after=$(metric meshlet_injector_review_duration_seconds_sum)
-        cnt_after=$(metric meshlet_injector_review_duration_seconds_count)
-        sent=$(jq .requests_sent "$WORK/$name.json")
-        injected=$(jq .injected_total "$WORK/$name.json")
-        counted=$((after - before))
-        # Every review sent (warmup included) was answered with a patch, and the
-        # injector itself counted exactly that many injections: nothing else reached it.
-        if [[ $injected != "$sent" || $counted != "$sent" ]] ||
-            ! jq -e '.errors == 0 and .not_injected == 0 and .count > 0' "$WORK/$name.json" >/dev/null; then
-            echo "webhook.sh: $name: sent $sent, answered with a patch $injected," \
-                "injector counted $counted injections; see $WORK/$name.json" >&2
-            exit 1
-        fi
-        jq -n --arg name "$name" --arg mode "$mode" --argjson rate "$rate" \
-            --argjson counted "$counted" \
-            --argjson sum "$(python3 -c "print($sum_after - $sum_before)")" \
-            --argjson cnt "$(python3 -c "print(int($cnt_after - $cnt_before))")" \
-            --arg cmd "$(printable "${SCHED[@]}" "${cmd[@]}")" \
-            '{name: $name, mode: $mode, rate: $rate, injector_counted_injected: $counted,
-              injector_decision_s_sum: $sum, injector_decision_count: $cnt, command: $cmd}' \
-            >"$WORK/$name.meta.json"
-        RUNS+=("$name")
-    done
+        echo "webhook.sh: $name: not every review came back allowed with a JSON Patch" >&2
+        exit 1
+    fi
+    cat "$WORK/$name.log" >&2
+    after=$(injected_counter)
+    sum_after=$(metric meshlet_injector_review_duration_seconds_sum)
+    cnt_after=$(metric meshlet_injector_review_duration_seconds_count)
+    sent=$(jq .requests_sent "$WORK/$name.json")
+    injected=$(jq .injected_total "$WORK/$name.json")
+    counted=$((after - before))
+    # Every review sent (warmup included) was answered with a patch, and the
+    # injector itself counted exactly that many injections: nothing else reached it.
+    if [[ $injected != "$sent" || $counted != "$sent" ]] ||
+        ! jq -e '.errors == 0 and .not_injected == 0 and .count > 0' "$WORK/$name.json" >/dev/null; then
+        echo "webhook.sh: $name: sent $sent, answered with a patch $injected," \
+            "injector counted $counted injections; see $WORK/$name.json" >&2
+        exit 1
+    fi
+    jq -n --arg name "$name" --arg mode "$mode" --argjson rate "$rate" \
+        --argjson counted "$counted" \
+        --argjson sum "$(python3 -c "print($sum_after - $sum_before)")" \
+        --argjson cnt "$(python3 -c "print(int($cnt_after - $cnt_before))")" \
+        --arg cmd "$(printable "${SCHED[@]}" "${cmd[@]}")" \
+        '{name: $name, mode: $mode, rate: $rate, injector_counted_injected: $counted,
+          injector_decision_s_sum: $sum, injector_decision_count: $cnt, command: $cmd}' \
+        >"$WORK/$name.meta.json"
+    RUNS+=("$name")
 done
 RSS_AFTER=$(rss_kib)
 
@@ -228,7 +240,7 @@ jq -n \
     --arg kernel "$(uname -r)" \
     --arg cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
     --argjson cores "$(nproc)" \
-    --arg loadavg "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    --arg loadavg "$LOADAVG_START" --arg loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)" \
     --arg rustc "$(rustc --version 2>/dev/null || echo unknown)" \
     --arg openssl "$(openssl version)" \
     --arg profile "$PROFILE" --arg key "$KEY" --arg rt "$RT" \
@@ -239,7 +251,8 @@ jq -n \
     --arg injector "$(printable "${INJ_CMD[@]}")" \
     --arg fixture "bench/fixtures/$(basename "$FIXTURE")" \
     '{date: $date, commit: $commit, "label": $lbl,
-      machine: {cpu: $cpu, cores: $cores, kernel: $kernel, loadavg_at_start: $loadavg},
+      machine: {cpu: $cpu, cores: $cores, kernel: $kernel, loadavg_at_start: $loadavg,
+               loadavg_at_end: $loadavg_end},
       toolchain: {rustc: $rustc, openssl: $openssl},
       settings: {profile: $profile, key: $key, rt: ($rt == "1"), injector_threads: $threads,
                  duration: $duration, warmup: $warmup, connections: $connections,

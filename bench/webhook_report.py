@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Turns one bench/webhook.sh run into bench/results/<date>-<label>.json and <label>.md.
+"""Turns one bench/webhook.sh run into bench/results/<date>-<label>.json and <label>.md
+(`--render JSON` rewrites the markdown of a committed result).
 
 Reads WORK/facts.json (machine, settings, injector RSS, written by webhook.sh), and for
 each run NAME given on the command line WORK/NAME.json (the meshlet-webhook-bench
@@ -64,6 +65,17 @@ def row(run):
     }
 
 
+def saturated(x):
+    """The generator could not keep to the timetable: latencies are queueing, not service."""
+    return x["achieved_rate"] < 0.98 * x["rate"] or x["send_lag_us"]["p50"] > 1000.0
+
+
+def reviews_cell(x):
+    if saturated(x):
+        return f"{x['window_reviews']} (**saturated**: {x['achieved_rate']:.0f}/s)"
+    return str(x["window_reviews"])
+
+
 def goal(facts, rows):
     limit_us = facts["settings"]["goal_p99_ms"] * 1000.0
     main = [x for x in rows if x["rate"] == 200 and x["mode"] == "keepalive"]
@@ -104,7 +116,7 @@ def markdown(facts, rows, met, verdict):
         lat = x["latency_us"]
         dec = x["injector_decision_mean_us"]
         out.append(
-            f"| {x['rate']} | {MODE_TEXT.get(x['mode'], x['mode'])} | {x['window_reviews']} | "
+            f"| {x['rate']} | {MODE_TEXT.get(x['mode'], x['mode'])} | {reviews_cell(x)} | "
             + " | ".join(ms(lat[p]) for p in PCTS)
             + f" | {x['injector_cpu_ms_per_1000_reviews']:.0f}"
             + f" | {x['injector_rss_kib_max'] / 1024:.1f}"
@@ -137,11 +149,20 @@ def markdown(facts, rows, met, verdict):
         f"- review: `{s['fixture']}`, {rows[0]['review_bytes']} bytes compact, "
         f"{rows[0]['patch_ops']} JSON Patch operations in the answer; TLS "
         f"`{rows[0]['tls']}`, {s['key']} serving key, no session resumption.",
+    ]
+    if any(saturated(x) for x in rows):
+        out.append(
+            "- **saturated**: the rate could not be kept (fewer reviews than the timetable, "
+            "or the median review left more than 1 ms late); its latencies are mostly time "
+            "queued in the generator and say only that this machine cannot do that rate."
+        )
+    out += [
         "",
         "## Machine and settings",
         "",
         f"- CPU: {mc['cpu']}, {mc['cores']} cores shared with other engineers' builds "
-        f"and tests; load average at start {mc['loadavg_at_start']}.",
+        f"and tests; load average {mc['loadavg_at_start']} at start, "
+        f"{mc.get('loadavg_at_end', '?')} at end.",
         f"- Kernel {mc['kernel']}; {facts['toolchain']['rustc']}; "
         f"{facts['toolchain']['openssl']} (certificates only).",
         f"- Profile {s['profile']}; injector tokio worker threads: {s['injector_threads']}; "
@@ -161,10 +182,21 @@ def markdown(facts, rows, met, verdict):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", required=True)
+    ap.add_argument("--work")
     ap.add_argument("--results", required=True)
-    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--render", metavar="JSON", help="rewrite <label>.md from a results JSON")
+    ap.add_argument("runs", nargs="*")
     a = ap.parse_args()
+    if a.render:
+        out = load(a.render)
+        met, verdict = goal(out, out["summary"])
+        mpath = os.path.join(a.results, f"{out['label']}.md")
+        with open(mpath, "w") as f:
+            f.write(markdown(out, out["summary"], met, verdict))
+        print(f"webhook_report.py: wrote {mpath}", file=sys.stderr)
+        return
+    if not (a.work and a.runs):
+        sys.exit("webhook_report.py: give --work DIR and run names, or --render JSON")
     facts = load(os.path.join(a.work, "facts.json"))
     runs = []
     for name in a.runs:

@@ -4,9 +4,21 @@
 //! objects; the proxy reads it from a file or a watch and swaps it atomically. It is
 //! validated whole: a document with one bad entry is refused and the previous one keeps
 //! serving.
+//!
+//! ```json
+//! {"generation": 7,
+//!  "services": [{"name": "web", "namespace": "shop", "clusterIPs": ["198.19.0.10"],
+//!                "ports": [{"port": 80, "name": "http"}], "meshed": true,
+//!                "identities": ["spiffe://cluster.local/ns/shop/sa/web"],
+//!                "endpoints": [{"ip": "198.18.0.2", "ports": {"80": 8080}, "ready": true,
+//!                               "podName": "web-0",
+//!                               "identity": "spiffe://cluster.local/ns/shop/sa/web"}]}],
+//!  "opaquePorts": [3306],
+//!  "timeouts": {"detect": "1s", "connect": "5s", "idle": "1h"}}
+//! ```
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -52,6 +64,36 @@ pub struct Service {
     /// Identities the pods behind it present (empty when not meshed).
     #[serde(default)]
     pub identities: Vec<SpiffeId>,
+    /// The pods behind it (its EndpointSlices), one entry per pod address; proxies
+    /// balance HTTP requests over the ready ones. Empty (or absent, as in documents
+    /// older than this field) leaves balancing to kube-proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One address behind a Service: a pod IP (one entry per IP family) and where each
+/// Service port leads on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    /// The pod's IP.
+    pub ip: IpAddr,
+    /// Service port -> target port on this endpoint (JSON keys are strings:
+    /// `{"80": 8080}`). A named `targetPort` may resolve differently per pod, hence a
+    /// map per endpoint. Empty means every Service port leads to the same port number;
+    /// otherwise a Service port missing here is not served by this endpoint.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, u16>,
+    /// Whether it may take new requests (EndpointSlice `conditions.ready`); not-ready
+    /// endpoints are listed so the inbound side still knows its Service.
+    #[serde(default = "Endpoint::default_ready")]
+    pub ready: bool,
+    /// The pod's name, for logs and `/config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// The identity the pod presents, when it is meshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SpiffeId>,
 }
 
 /// One port of a Service.
@@ -150,6 +192,7 @@ impl MeshConfig {
                     }
                 }
             }
+            svc.validate_endpoints(&ports)?;
             if svc.meshed && svc.identities.is_empty() {
                 return Err(ConfigError::Invalid(format!(
                     "service {}/{} is meshed but lists no identities",
@@ -194,6 +237,65 @@ impl MeshConfig {
             }
         }
         idx
+    }
+}
+
+// === impl Service ===
+
+impl Service {
+    /// Where `port` (a Service port) leads on each endpoint: `(endpoint, target port)`,
+    /// ready or not, in document order.
+    pub fn targets(&self, port: u16) -> impl Iterator<Item = (&Endpoint, u16)> + '_ {
+        self.endpoints
+            .iter()
+            .filter_map(move |e| Some((e, e.target_port(port)?)))
+    }
+
+    fn validate_endpoints(&self, ports: &BTreeSet<u16>) -> Result<(), ConfigError> {
+        let (ns, name) = (&self.namespace, &self.name);
+        let mut ips = BTreeSet::new();
+        for e in &self.endpoints {
+            if !ips.insert(e.ip) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {ns}/{name} lists endpoint {} twice; list each pod address once",
+                    e.ip
+                )));
+            }
+            for (sp, tp) in &e.ports {
+                if !ports.contains(sp) {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {ns}/{name}: endpoint {} maps port {sp}, which is not a port of \
+                         the service; map only the service's ports",
+                        e.ip
+                    )));
+                }
+                if *tp == 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {ns}/{name}: endpoint {} maps port {sp} to port 0; write a \
+                         target port from 1 to 65535",
+                        e.ip
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    /// The port Service port `port` leads to here, if this endpoint serves it.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        if self.ports.is_empty() {
+            Some(port)
+        } else {
+            self.ports.get(&port).copied()
+        }
+    }
+
+    fn default_ready() -> bool {
+        true
     }
 }
 
@@ -282,5 +384,68 @@ mod tests {
 
         let bad_dur = DOC.replace("500ms", "half a second");
         assert!(MeshConfig::from_json(bad_dur.as_bytes()).is_err());
+    }
+
+    const EP_DOC: &str = r#"{"services": [{"name": "web", "namespace": "shop",
+        "clusterIPs": ["198.19.0.10", "fd00:6d65:7368::10"], "ports": [{"port": 80}, {"port": 81}],
+        "endpoints": [
+            {"ip": "198.18.0.2", "ports": {"80": 8080, "81": 8081}, "podName": "web-0",
+             "identity": "spiffe://cluster.local/ns/shop/sa/web"},
+            {"ip": "198.18.0.3", "ports": {"80": 9090}, "ready": false},
+            {"ip": "fd00:6d65:7368::2"}
+        ]}]}"#;
+
+    #[test]
+    fn endpoints_map_service_ports_to_target_ports() {
+        let cfg = MeshConfig::from_json(EP_DOC.as_bytes()).unwrap();
+        let svc = &cfg.services[0];
+        assert_eq!(svc.endpoints.len(), 3);
+        assert!(svc.endpoints[0].ready, "ready defaults to true");
+        assert!(!svc.endpoints[1].ready);
+        assert_eq!(svc.endpoints[0].pod_name.as_deref(), Some("web-0"));
+        let t80: Vec<(IpAddr, u16)> = svc.targets(80).map(|(e, p)| (e.ip, p)).collect();
+        assert_eq!(
+            t80,
+            vec![
+                ("198.18.0.2".parse().unwrap(), 8080),
+                ("198.18.0.3".parse().unwrap(), 9090),
+                ("fd00:6d65:7368::2".parse().unwrap(), 80),
+            ],
+            "an empty map keeps the port number"
+        );
+        let t81: Vec<u16> = svc.targets(81).map(|(_, p)| p).collect();
+        assert_eq!(t81, vec![8081, 81], "198.18.0.3 does not serve 81");
+
+        // Round trip: the JSON keys stay strings, absent fields stay absent.
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains(r#""ports":{"80":8080,"81":8081}"#), "{json}");
+        assert_eq!(MeshConfig::from_json(json.as_bytes()).unwrap(), cfg);
+        let old = serde_json::to_string(&MeshConfig::from_json(DOC.as_bytes()).unwrap()).unwrap();
+        assert!(!old.contains("endpoints"), "{old}");
+    }
+
+    #[test]
+    fn refuses_bad_endpoints() {
+        let dup = EP_DOC.replace("198.18.0.3", "198.18.0.2");
+        let e = MeshConfig::from_json(dup.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("endpoint 198.18.0.2 twice"), "{e}");
+
+        let stray = EP_DOC.replace(r#""80": 9090"#, r#""82": 9090"#);
+        let e = MeshConfig::from_json(stray.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("maps port 82"), "{e}");
+
+        let zero = EP_DOC.replace("9090", "0");
+        let e = MeshConfig::from_json(zero.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("to port 0"), "{e}");
+
+        for bad in ["70000", "-1", "\"http\""] {
+            let doc = EP_DOC.replace("9090", bad);
+            assert!(MeshConfig::from_json(doc.as_bytes()).is_err(), "{bad}");
+        }
+        let key = EP_DOC.replace(r#""80": 9090"#, r#""eighty": 9090"#);
+        assert!(MeshConfig::from_json(key.as_bytes()).is_err());
+
+        let bad_id = EP_DOC.replace("spiffe://cluster.local/ns/shop/sa/web", "web");
+        assert!(MeshConfig::from_json(bad_id.as_bytes()).is_err());
     }
 }

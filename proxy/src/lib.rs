@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
 pub mod cgroup;
 pub mod config;
 pub mod connect;
@@ -28,6 +29,7 @@ pub mod tcp;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 pub mod tls;
+pub mod wait_ready;
 
 use std::{
     io as stdio,
@@ -183,10 +185,10 @@ impl Proxy {
             .layer(metrics::ConnMetricsLayer::new(metrics.clone()))
             .layer(loop_guard::LoopGuardLayer::new(own_ports, local_ips))
             .layer(detect::DetectLayer::new(tcp::ForwardTcp))
-            .service(http::server::ServeHttp::new(
-                http::Pool::new(),
-                watch.clone(),
-            ));
+            .service(
+                http::server::ServeHttp::new(http::Pool::new(), watch.clone())
+                    .with_balancer(mesh.clone()),
+            );
         for (listeners, direction) in [
             (outbound, Direction::Outbound),
             (inbound, Direction::Inbound),

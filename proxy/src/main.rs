@@ -3,12 +3,25 @@
 
 use std::process::ExitCode;
 
-use meshlet_proxy::{cgroup, config::Env, Config, Error};
+use meshlet_proxy::{cgroup, config::Env, wait_ready, Config, Error};
 
 /// EX_USAGE: the configuration is unusable.
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some(wait_ready::COMMAND) => return wait(&args[1..]),
+        Some(other) => {
+            eprintln!(
+                "meshlet-proxy: unknown command {other:?}; run it without arguments (the proxy) \
+                 or as `meshlet-proxy {} [--timeout 60s]`",
+                wait_ready::COMMAND
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     let config = match Config::parse(&Env) {
         Ok(c) => c,
         Err(e) => {
@@ -60,6 +73,31 @@ fn main() -> ExitCode {
                 Error::Mesh(_) => ExitCode::from(EX_USAGE),
                 _ => ExitCode::FAILURE,
             }
+        }
+    }
+}
+
+/// `meshlet-proxy wait-ready`: one line, exit 0 when ready, 1 when not.
+fn wait(args: &[String]) -> ExitCode {
+    let w = match wait_ready::WaitReady::parse(args, &Env) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("meshlet-proxy {}: {e}", wait_ready::COMMAND);
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match w.run() {
+        Ok(took) => {
+            println!(
+                "meshlet-proxy: ready (http://{}/ready answered 200 after {:.1}s)",
+                w.admin,
+                took.as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshlet-proxy: {e}");
+            ExitCode::FAILURE
         }
     }
 }

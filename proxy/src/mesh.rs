@@ -3,7 +3,9 @@
 //! Connections take a snapshot ([`Mesh::load`]) when they are accepted and keep it,
 //! so a reload never changes the rules under a connection in flight. Reloads swap the
 //! whole snapshot atomically; a bad document is refused whole and the last good one
-//! keeps serving.
+//! keeps serving. Endpoints are the exception: the outbound HTTP path looks them up
+//! per request in the snapshot in force ([`Mesh::pick`]), so keep-alive
+//! connections follow endpoint changes.
 
 use std::{
     collections::HashMap,
@@ -18,7 +20,10 @@ use arc_swap::ArcSwap;
 use meshlet_api::{config::ConfigError as DocError, MeshConfig, SpiffeId};
 use metrics::SharedString;
 
-use crate::metrics::{Metrics, UNKNOWN_SERVICE};
+use crate::{
+    balance::{Balancer, Endpoint, Pick},
+    metrics::{Metrics, UNKNOWN_SERVICE},
+};
 
 /// How often the watcher looks at the file.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -51,6 +56,11 @@ pub struct Snapshot {
     pub config: MeshConfig,
     services: HashMap<SocketAddr, SharedString>,
     meshed: HashMap<SocketAddr, Arc<[SpiffeId]>>,
+    /// Endpoint address (pod IP, target port) -> the Service it serves: the inbound
+    /// side's `service` label.
+    endpoint_services: HashMap<SocketAddr, SharedString>,
+    /// ClusterIP:port -> its ready endpoints of the same IP family.
+    balancers: HashMap<SocketAddr, Balancer>,
     opaque: Vec<u16>,
 }
 
@@ -66,18 +76,66 @@ impl Snapshot {
     /// Derives the lookups; `opaque_override` (from `MESHLET_OPAQUE_PORTS`) replaces
     /// the document's opaque list.
     pub fn new(config: MeshConfig, opaque_override: Option<&[u16]>) -> Self {
+        Self::reload(config, opaque_override, None)
+    }
+
+    /// Like [`Snapshot::new`], keeping the load state of every endpoint `prev` had.
+    pub fn reload(
+        config: MeshConfig,
+        opaque_override: Option<&[u16]>,
+        prev: Option<&Snapshot>,
+    ) -> Self {
+        let known: HashMap<SocketAddr, &Arc<Endpoint>> = prev
+            .into_iter()
+            .flat_map(|p| p.balancers.values())
+            .flat_map(|b| b.endpoints())
+            .map(|e| (e.addr(), e))
+            .collect();
+        let labels: Vec<SharedString> = config
+            .services
+            .iter()
+            .map(|svc| {
+                let label: Arc<str> = format!("{}/{}", svc.namespace, svc.name).into();
+                SharedString::from(label)
+            })
+            .collect();
         let mut services = HashMap::new();
+        let mut balancers = HashMap::new();
         let mut meshed = HashMap::new();
         let mut ids: HashMap<usize, Arc<[SpiffeId]>> = HashMap::new();
         for (addr, r) in config.index() {
+            services.insert(addr, labels[r.index].clone());
             let svc = &config.services[r.index];
-            let label: Arc<str> = format!("{}/{}", svc.namespace, svc.name).into();
-            services.insert(addr, SharedString::from(label));
             if svc.meshed {
                 let ids = ids
                     .entry(r.index)
                     .or_insert_with(|| svc.identities.as_slice().into());
                 meshed.insert(addr, ids.clone());
+            }
+            let ready = config.services[r.index]
+                .targets(addr.port())
+                .filter(|(e, _)| e.ready && e.ip.is_ipv4() == addr.is_ipv4())
+                .map(|(e, port)| {
+                    let ep = SocketAddr::new(e.ip, port);
+                    known
+                        .get(&ep)
+                        .map_or_else(|| Endpoint::new(ep), |e| Arc::clone(e))
+                })
+                .collect();
+            if let Some(b) = Balancer::new(ready) {
+                balancers.insert(addr, b);
+            }
+        }
+        // Document order decides when two Services select the same pod and port, so
+        // the label is stable across reloads.
+        let mut endpoint_services = HashMap::new();
+        for (svc, label) in config.services.iter().zip(&labels) {
+            for p in &svc.ports {
+                for (e, port) in svc.targets(p.port) {
+                    endpoint_services
+                        .entry(SocketAddr::new(e.ip, port))
+                        .or_insert_with(|| label.clone());
+                }
             }
         }
         let mut opaque = match opaque_override {
@@ -90,14 +148,19 @@ impl Snapshot {
             config,
             services,
             meshed,
+            endpoint_services,
+            balancers,
             opaque,
         }
     }
 
-    /// The `service` label for a destination: `namespace/name`, or `unknown`.
+    /// The `service` label for a destination: `namespace/name` of the Service whose
+    /// ClusterIP:port it is, else of the Service it is an endpoint of (which is how
+    /// the inbound side, whose destination is its own pod IP, knows), else `unknown`.
     pub fn service_label(&self, dst: SocketAddr) -> SharedString {
         self.services
             .get(&dst)
+            .or_else(|| self.endpoint_services.get(&dst))
             .cloned()
             .unwrap_or_else(|| SharedString::const_str(UNKNOWN_SERVICE))
     }
@@ -106,6 +169,16 @@ impl Snapshot {
     /// destination is not a meshed service (plaintext).
     pub fn mesh_identities(&self, dst: SocketAddr) -> Option<&Arc<[SpiffeId]>> {
         self.meshed.get(&dst)
+    }
+
+    /// Whether `dst` is a Service's ClusterIP and port.
+    pub fn is_service(&self, dst: SocketAddr) -> bool {
+        self.services.contains_key(&dst)
+    }
+
+    /// The balancer of a ClusterIP:port with ready endpoints.
+    pub fn balancer(&self, dst: SocketAddr) -> Option<&Balancer> {
+        self.balancers.get(&dst)
     }
 
     /// Whether connections to `port` skip protocol detection.
@@ -152,10 +225,17 @@ impl Mesh {
         self.current.load_full()
     }
 
-    /// Replaces the snapshot.
+    /// Replaces the snapshot; endpoints that stay keep their load state.
     pub fn store(&self, config: MeshConfig) {
-        let snap = Snapshot::new(config, self.opaque_override.as_deref());
+        let prev = self.current.load();
+        let snap = Snapshot::reload(config, self.opaque_override.as_deref(), Some(&prev));
         self.current.store(Arc::new(snap));
+    }
+
+    /// Picks an endpoint of ClusterIP:port `dst` for one request in the snapshot in
+    /// force, avoiding `exclude`; `None` when `dst` has no ready endpoint (left).
+    pub fn pick(&self, dst: SocketAddr, exclude: Option<SocketAddr>) -> Option<Pick> {
+        self.current.load().balancer(dst)?.pick(exclude)
     }
 }
 

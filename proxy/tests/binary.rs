@@ -93,3 +93,99 @@ fn sigterm_drains_and_exits_0() {
     };
     assert_eq!(code, Some(0));
 }
+
+fn start_proxy(admin: &str) -> std::process::Child {
+    Command::new(BIN)
+        .env(
+            "MESHLET_OUTBOUND_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("MESHLET_INBOUND_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("MESHLET_ADMIN_ADDR", admin)
+        .env("MESHLET_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn wait_ready_waits_for_the_proxy_and_exits_0() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    // Started first: it must keep polling until the proxy is up.
+    let waiter = Command::new(BIN)
+        .args(["wait-ready", "--timeout", "20s"])
+        .env("MESHLET_ADMIN_ADDR", &admin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let proxy = start_proxy(&admin);
+    let out = waiter.wait_with_output().unwrap();
+    stop(proxy);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 1, "one line: {stdout:?}");
+    assert!(
+        stdout.contains("ready") && stdout.contains(&admin),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn wait_ready_times_out_with_exit_1_and_starts_no_proxy() {
+    // Unspecified admin address: wait-ready must ask loopback, find nobody, and not
+    // become a proxy itself (which would answer its own /ready).
+    let port = free_port();
+    let start = Instant::now();
+    let out = Command::new(BIN)
+        .args(["wait-ready", "--timeout=400ms"])
+        .env("MESHLET_ADMIN_ADDR", format!("0.0.0.0:{port}"))
+        .env(
+            "MESHLET_OUTBOUND_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("MESHLET_INBOUND_ADDR", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} for a 400ms timeout"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.contains("not ready after") && stderr.contains(&format!("127.0.0.1:{port}/ready")),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn wait_ready_refuses_bad_arguments() {
+    for (args, want) in [
+        (
+            &["wait-ready", "--timeout", "soon"][..],
+            "positive duration",
+        ),
+        (&["wait-ready", "--verbose"], "usage"),
+        (&["serve"], "unknown command"),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}

@@ -569,7 +569,7 @@ async fn probe(
     expected: &[&str],
 ) -> (u64, rustls::HandshakeKind) {
     let expected: Arc<[SpiffeId]> = expected.iter().map(|s| id(s)).collect();
-    let t = identity.client_tls(addr, &expected).unwrap();
+    let t = identity.client_tls(&expected).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let mut s = t
         .handshake(addr, tcp, Duration::from_secs(5))
@@ -752,5 +752,59 @@ async fn upgrade_over_mtls() {
             .unwrap()
             .unwrap();
         assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_endpoints_each_get_mtls() {
+    // The Service's ClusterIP:port is only a name; requests are balanced over its
+    // endpoints (two server sidecars), each reached with mTLS and the Service's
+    // identities.
+    let ca = Ca::generate("cluster.local", ca::DEFAULT_CA_LIFETIME).unwrap();
+    let server_dir = identity(&ca, WEB_ID, Duration::from_secs(3600));
+    let client_dir = identity(&ca, CLIENT_ID, Duration::from_secs(3600));
+    let mut servers = Vec::new();
+    let mut apps = Vec::new();
+    for ip in ["127.0.0.2:0", "127.0.0.3:0"] {
+        let (app, conns) = id_app(false).await;
+        let s = TestProxy::start(&[
+            (env::PROXY_IDENTITY_DIR, server_dir.path().to_str().unwrap()),
+            (env::PROXY_INBOUND_ADDR, ip),
+        ]);
+        s.orig_dst.set(Direction::Inbound, app);
+        servers.push(s);
+        apps.push(conns);
+    }
+    let cluster: SocketAddr = "127.0.0.10:80".parse().unwrap();
+    let eps: Vec<serde_json::Value> = servers
+        .iter()
+        .map(|s| serde_json::json!({"ip": s.inbound.ip(), "ports": {"80": s.inbound.port()}, "ready": true}))
+        .collect();
+    let cfg = tempfile::tempdir().unwrap();
+    let path = cfg.path().join("mesh.json");
+    let doc = serde_json::json!({"services": [{
+        "name": "web", "namespace": "shop", "clusterIPs": [cluster.ip()],
+        "ports": [{"port": 80}], "meshed": true, "identities": [WEB_ID], "endpoints": eps,
+    }]});
+    std::fs::write(&path, doc.to_string()).unwrap();
+    let client = TestProxy::start(&[
+        (env::PROXY_IDENTITY_DIR, client_dir.path().to_str().unwrap()),
+        (env::PROXY_CONFIG_PATH, path.to_str().unwrap()),
+    ]);
+    client.orig_dst.set(Direction::Outbound, cluster);
+    let mut tx = test_util::h1_client::<Empty<Bytes>>(client.outbound).await;
+    for _ in 0..40 {
+        tx.ready().await.unwrap();
+        let rsp = tx.send_request(get(None)).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.headers()["x-seen-client-id"], CLIENT_ID);
+    }
+    for (s, conns) in servers.iter().zip(&apps) {
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "each endpoint got traffic");
+        let m = s.metrics();
+        assert!(
+            m.contains(&format!(r#"tls="true",peer_identity="{CLIENT_ID}""#)),
+            "{m}"
+        );
     }
 }

@@ -1,5 +1,8 @@
 //! The innermost HTTP service: sends a request to the connection's original
-//! destination over a pooled connection of the same protocol.
+//! destination over a pooled connection of the same protocol. When the destination
+//! is a Service with ready endpoints (outbound only), each request goes to an
+//! endpoint the balancer picks ([`crate::balance`]) over that endpoint's own pooled
+//! connections, and a request whose endpoint cannot be reached moves on to another.
 //!
 //! Host / `:authority` and the request target pass through untouched (HTTP/1 keeps
 //! the origin-form target and Host header, HTTP/2 the full URI hyper rebuilt from the
@@ -24,10 +27,15 @@ use super::{
     headers,
     pool::{Checkin, Pool, PooledBody},
 };
-use crate::{detect::Protocol, drain, errors::ProxyError, tcp, tls::ClientTls};
+use crate::{
+    balance::Pick, detect::Protocol, drain, errors::ProxyError, mesh::Mesh, tcp, tls::ClientTls,
+};
 
 /// Sends of a request that never left on a pooled connection before a fresh one.
 const MAX_ATTEMPTS: usize = 3;
+
+/// Other endpoints a request tries after its endpoint refused the connect.
+const MAX_FAILOVERS: usize = 2;
 
 /// The response body of the stack: the upstream's, or a synthetic one.
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -43,8 +51,25 @@ pub struct Forward {
     // Upgraded connections outlive the HTTP connection that started them; holding a
     // drain watch keeps shutdown waiting for them too.
     drain: drain::Watch,
+    /// Set when `dst` is a Service: where its endpoints are looked up per request.
+    balance: Option<Arc<Mesh>>,
     tls: Option<Arc<ClientTls>>,
     client_id: Option<HeaderValue>,
+}
+
+/// A send that failed, with the request when it never left (so it may go elsewhere).
+struct Failed {
+    error: ProxyError,
+    unsent: Option<Request<Incoming>>,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
 }
 
 // === impl Forward ===
@@ -66,8 +91,79 @@ impl Forward {
             connect_timeout,
             idle_timeout,
             drain,
+            balance: None,
             tls: None,
             client_id: None,
+        }
+    }
+
+    /// Balances each request over the endpoints `mesh` lists for the destination (a
+    /// Service's ClusterIP and port); without ready endpoints it goes to the
+    /// destination as it is.
+    pub fn with_balancer(mut self, mesh: Arc<Mesh>) -> Self {
+        self.balance = Some(mesh);
+        self
+    }
+
+    /// Sends `req` to an endpoint of the destination, or to the destination itself;
+    /// returns the response, its HTTP/1 connection and where it went.
+    async fn dispatch(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<
+        (
+            Response<Incoming>,
+            Option<hyper::client::conn::http1::SendRequest<Incoming>>,
+            SocketAddr,
+        ),
+        ProxyError,
+    > {
+        let mut exclude = None;
+        let mut failovers = 0;
+        loop {
+            let mut pick = self
+                .balance
+                .as_ref()
+                .and_then(|mesh| mesh.pick(self.dst, exclude));
+            let dst = pick.as_ref().map_or(self.dst, |p| p.addr());
+            let sent = if self.protocol == Protocol::H2 {
+                self.send_h2(dst, req, &mut pick)
+                    .await
+                    .map(|rsp| (rsp, None))
+            } else {
+                self.send_h1(dst, req, &mut pick)
+                    .await
+                    .map(|(rsp, tx)| (rsp, Some(tx)))
+            };
+            match (sent, pick) {
+                (Ok((rsp, tx)), pick) => {
+                    if let Some(p) = pick {
+                        p.answered();
+                    }
+                    return Ok((rsp, tx, dst));
+                }
+                // The endpoint cannot be reached (gone, or not yet out of the config):
+                // the request never left, so another endpoint may take it.
+                (
+                    Err(Failed {
+                        error: ProxyError::Connect { .. } | ProxyError::Handshake { .. },
+                        unsent: Some(unsent),
+                    }),
+                    Some(p),
+                ) if failovers < MAX_FAILOVERS => {
+                    tracing::debug!(endpoint = %dst, "endpoint unreachable; trying another");
+                    p.failed();
+                    failovers += 1;
+                    exclude = Some(dst);
+                    req = unsent;
+                }
+                (Err(f), pick) => {
+                    if let (Some(p), ProxyError::Connect { .. }) = (pick, &f.error) {
+                        p.failed();
+                    }
+                    return Err(f.error);
+                }
+            }
         }
     }
 
@@ -85,7 +181,6 @@ impl Forward {
     }
 
     async fn forward(self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
-        let dst = self.dst;
         let http1 = self.protocol == Protocol::Http1;
         let upgrade = http1 && headers::is_upgrade(&req);
         // An HTTP/1 CONNECT (an app tunnelling through an explicit proxy) turns the
@@ -96,12 +191,7 @@ impl Forward {
         // Only this proxy may say who the client is: whatever arrived is dropped.
         headers::set_client_id(req.headers_mut(), self.client_id.clone());
 
-        let (mut rsp, checkin) = if self.protocol == Protocol::H2 {
-            (self.send_h2(req).await?, None)
-        } else {
-            let (rsp, tx) = self.send_h1(req).await?;
-            (rsp, Some(tx))
-        };
+        let (mut rsp, checkin, dst) = self.dispatch(req).await?;
 
         let switched = (upgrade && rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
             || (connect && rsp.status().is_success());
@@ -137,21 +227,33 @@ impl Forward {
 
     async fn send_h1(
         &self,
+        dst: SocketAddr,
         req: Request<Incoming>,
+        pick: &mut Option<Pick>,
     ) -> Result<
         (
             Response<Incoming>,
             hyper::client::conn::http1::SendRequest<Incoming>,
         ),
-        ProxyError,
+        Failed,
     > {
-        let dst = self.dst;
         let mut req = req;
         for _ in 0..MAX_ATTEMPTS {
-            let mut conn = self
+            let mut conn = match self
                 .pool
                 .checkout_h1(dst, self.tls.as_deref(), self.connect_timeout)
-                .await?;
+                .await
+            {
+                Ok(conn) => conn,
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        unsent: Some(req),
+                    })
+                }
+            };
+            dispatched(pick);
+            dispatched(pick);
             match conn.tx.try_send_request(req).await {
                 Ok(rsp) => return Ok((rsp, conn.tx)),
                 Err(mut e) => match e.take_message() {
@@ -162,35 +264,61 @@ impl Forward {
                         return Err(ProxyError::Upstream {
                             dst,
                             source: e.into_error(),
-                        })
+                        }
+                        .into())
                     }
                 },
             }
         }
         // The last reused connection was stale too: a fresh one decides.
-        let mut conn = self
+        let mut conn = match self
             .pool
             .checkout_fresh_h1(dst, self.tls.as_deref(), self.connect_timeout)
-            .await?;
+            .await
+        {
+            Ok(conn) => conn,
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    unsent: Some(req),
+                })
+            }
+        };
+        dispatched(pick);
         match conn.tx.try_send_request(req).await {
             Ok(rsp) => Ok((rsp, conn.tx)),
             Err(e) => Err(ProxyError::Upstream {
                 dst,
                 source: e.into_error(),
-            }),
+            }
+            .into()),
         }
     }
 
-    async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-        let dst = self.dst;
+    async fn send_h2(
+        &self,
+        dst: SocketAddr,
+        req: Request<Incoming>,
+        pick: &mut Option<Pick>,
+    ) -> Result<Response<Incoming>, Failed> {
         let mut req = req;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (mut tx, reused) = self
+            let (mut tx, reused) = match self
                 .pool
                 .checkout_h2(dst, self.tls.as_deref(), self.connect_timeout)
-                .await?;
+                .await
+            {
+                Ok(c) => c,
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        unsent: Some(req),
+                    })
+                }
+            };
+            dispatched(pick);
             match tx.try_send_request(req).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(mut e) => match e.take_message() {
@@ -201,11 +329,21 @@ impl Forward {
                         return Err(ProxyError::Upstream {
                             dst,
                             source: e.into_error(),
-                        })
+                        }
+                        .into())
                     }
                 },
             }
         }
+    }
+}
+
+/// The request leaves now: the endpoint's latency is measured from here, as tower's
+/// balancer measures only once an endpoint is ready, so connecting is not counted
+/// against it.
+fn dispatched(pick: &mut Option<Pick>) {
+    if let Some(p) = pick {
+        p.dispatched();
     }
 }
 

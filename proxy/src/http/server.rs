@@ -18,6 +18,8 @@ use super::{Body, Forward, ObserveLayer, Pool};
 use crate::{
     detect::Protocol,
     drain,
+    mesh::Mesh,
+    metrics::Direction,
     target::{BoxError, BoxFuture, Target, TlsStatus},
 };
 
@@ -27,12 +29,23 @@ use crate::{
 pub struct ServeHttp {
     pool: Pool,
     drain: drain::Watch,
+    balance: Option<Arc<Mesh>>,
 }
 
 impl ServeHttp {
     /// Forwards over `pool`; connections shut down gracefully when `drain` fires.
     pub fn new(pool: Pool, drain: drain::Watch) -> Self {
-        Self { pool, drain }
+        Self {
+            pool,
+            drain,
+            balance: None,
+        }
+    }
+
+    /// Balances outbound requests to a Service over the endpoints in `mesh`.
+    pub fn with_balancer(mut self, mesh: Arc<Mesh>) -> Self {
+        self.balance = Some(mesh);
+        self
     }
 }
 
@@ -67,6 +80,18 @@ where
             drain.clone(),
         )
         .with_mesh(tls, client_id);
+        // Only Services known when the connection came in are balanced, so other
+        // destinations pay no lookup per request; endpoints themselves are looked up
+        // per request.
+        let fwd = match &self.balance {
+            Some(mesh)
+                if target.direction == Direction::Outbound
+                    && target.mesh.is_service(target.dst) =>
+            {
+                fwd.with_balancer(mesh.clone())
+            }
+            _ => fwd,
+        };
         let svc = tower::ServiceBuilder::new()
             .layer(ObserveLayer::new(
                 target.metrics.as_ref().map(|m| Arc::new(m.requests())),

@@ -126,7 +126,7 @@ where
         match target.direction {
             Direction::Outbound => {
                 if let Some(expected) = target.mesh.mesh_identities(target.dst) {
-                    match identity.client_tls(target.dst, expected) {
+                    match identity.client_tls(expected) {
                         Ok(t) => target.tls = TlsStatus::Outbound(Arc::new(t)),
                         Err(e) => return Box::pin(async move { Err(e.into()) }),
                     }

@@ -2,6 +2,7 @@
 //! offering ALPN `meshlet/1` and checking the server's identity.
 
 use std::{
+    hash::{DefaultHasher, Hash, Hasher},
     io,
     net::SocketAddr,
     pin::Pin,
@@ -25,7 +26,6 @@ use crate::{errors::ProxyError, metrics::Metrics};
 /// What an outbound connection needs to originate mesh mTLS.
 pub struct ClientTls {
     config: Arc<ClientConfig>,
-    name: ServerName<'static>,
     key: u64,
     metrics: Arc<Metrics>,
 }
@@ -49,17 +49,11 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
-    /// Handshakes with `config`; `name` keys the session cache, `key` identifies the
-    /// expected identities (connections are pooled per destination and key).
-    pub fn new(
-        config: Arc<ClientConfig>,
-        name: ServerName<'static>,
-        key: u64,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// Handshakes with `config`; `key` identifies the expected identities
+    /// (connections are pooled, and sessions resumed, per destination and key).
+    pub fn new(config: Arc<ClientConfig>, key: u64, metrics: Arc<Metrics>) -> Self {
         Self {
             config,
-            name,
             key,
             metrics,
         }
@@ -86,7 +80,14 @@ impl ClientTls {
                 reason: message,
             }
         };
-        match tokio::time::timeout(timeout, connector.connect(self.name.clone(), tcp)).await {
+        // The name is only a session-cache key (SNI is off): one per endpoint and set
+        // of expected identities, so a session verified for one set of identities is
+        // never resumed for another.
+        let mut h = DefaultHasher::new();
+        (self.key, dst).hash(&mut h);
+        let name = ServerName::try_from(format!("{:016x}.meshlet.invalid", h.finish()))
+            .map_err(|e| fail(Reason::Handshake, e.to_string()))?;
+        match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Err(_) => Err(fail(
                 Reason::Timeout,
                 format!("no answer within {timeout:?}; is the destination's sidecar running?"),

@@ -12,7 +12,6 @@ use std::{
     collections::HashMap,
     fmt,
     hash::{DefaultHasher, Hash, Hasher},
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -24,7 +23,7 @@ use metrics::Gauge;
 use rustls::{
     client::{ClientSessionMemoryCache, ResolvesClientCert, Resumption},
     crypto::CryptoProvider,
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
     server::{
         danger::ClientCertVerifier, ClientHello, ResolvesServerCert, ServerSessionMemoryCache,
         WebPkiClientVerifier,
@@ -333,23 +332,13 @@ impl Identity {
         Ok(cfg)
     }
 
-    /// What an outbound connection to `dst` (a meshed destination whose pods present
-    /// one of `expected`) needs to originate mTLS.
-    pub fn client_tls(
-        &self,
-        dst: SocketAddr,
-        expected: &Arc<[SpiffeId]>,
-    ) -> Result<ClientTls, IdentityError> {
+    /// What an outbound connection to a meshed destination whose pods present one of
+    /// `expected` needs to originate mTLS.
+    pub fn client_tls(&self, expected: &Arc<[SpiffeId]>) -> Result<ClientTls, IdentityError> {
         let config = self.client_config(expected)?;
         let mut h = DefaultHasher::new();
         expected.hash(&mut h);
-        let ids = h.finish();
-        dst.hash(&mut h);
-        // Resumption is keyed by destination and expected identities together, so a
-        // session verified for one set of identities is never resumed for another.
-        let name = ServerName::try_from(format!("{:016x}.meshlet.invalid", h.finish()))
-            .map_err(|e| IdentityError::Config(e.to_string()))?;
-        Ok(ClientTls::new(config, name, ids, self.metrics.clone()))
+        Ok(ClientTls::new(config, h.finish(), self.metrics.clone()))
     }
 }
 

@@ -881,6 +881,30 @@ impl Cluster {
             } else {
                 BTreeSet::new()
             };
+            // The EndpointSlices' content: each backend address with where every TCP
+            // Service port leads on it. Only ready pods are endpoints here (a pod joins
+            // after its containers are ready and leaves before it is stopped).
+            let mut by_ip: BTreeMap<IpAddr, BTreeMap<u16, u16>> = BTreeMap::new();
+            for rule in s.ports.iter().filter(|r| r.protocol == Protocol::Tcp) {
+                for (ip, target) in &rule.endpoints {
+                    by_ip.entry(*ip).or_default().insert(rule.port, *target);
+                }
+            }
+            let endpoints = by_ip
+                .into_iter()
+                .map(|(ip, ports)| {
+                    let pod = backends
+                        .iter()
+                        .find(|p| IpAddr::V4(p.ip) == ip || p.ip6.map(IpAddr::V6) == Some(ip));
+                    config::Endpoint {
+                        ip,
+                        ports,
+                        ready: true,
+                        pod_name: pod.map(|p| p.name.clone()),
+                        identity: pod.filter(|p| p.meshed()).and_then(|p| p.identity()),
+                    }
+                })
+                .collect();
             services.push(config::Service {
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
@@ -898,6 +922,7 @@ impl Cluster {
                     .collect(),
                 meshed,
                 identities: identities.into_iter().collect(),
+                endpoints,
             });
         }
         let cfg = MeshConfig {
@@ -905,6 +930,33 @@ impl Cluster {
             ..Default::default()
         };
         self.store_mesh_config(cfg)
+    }
+
+    /// Waits until every sidecar serves the current mesh config generation.
+    fn await_mesh_config(&self, limit: Duration) -> Result<(), Error> {
+        let want = self.mesh.generation;
+        let deadline = Instant::now() + limit;
+        for p in self.pods.iter().filter(|p| p.meshed()) {
+            loop {
+                let gen = self
+                    .admin(&p.name, "/config")
+                    .ok()
+                    .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                    .and_then(|v| v["mesh"]["generation"].as_u64());
+                if gen.is_some_and(|g| g >= want) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Other(format!(
+                        "the proxy of {} still serves mesh config generation {gen:?} after \
+                         {limit:?}, want {want}",
+                        p.name
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
     }
 
     /// Validates `cfg`, gives it the next generation and replaces mesh.json atomically
@@ -1154,11 +1206,11 @@ impl Cluster {
         let mut pod = template;
         pod.metadata.name = Some(name.clone());
         self.add_pod_network(pod)?;
-        self.write_mesh_config()?;
         self.start_pod(self.pods.len() - 1)?;
-        // Ready: only now does the pod become an endpoint.
+        // Ready: only now does the pod become an endpoint, for kube-proxy and proxies.
         self.sync_endpoints(None)?;
         self.program_kube_proxy()?;
+        self.write_mesh_config()?;
         Ok(name)
     }
 
@@ -1174,6 +1226,11 @@ impl Cluster {
         let pod = self.pod(prefix)?.clone();
         self.sync_endpoints(Some(&pod.name))?;
         self.program_kube_proxy()?;
+        // The endpoint leaves the proxies' config before the pod stops, as it leaves
+        // the EndpointSlice first in a cluster (where a preStop delay covers the
+        // propagation this wait stands for).
+        self.write_mesh_config()?;
+        self.await_mesh_config(Duration::from_secs(5))?;
         let mut mine: Vec<Proc> = {
             let mut procs = self.lock();
             let (mine, rest) = std::mem::take(&mut *procs)
@@ -1198,7 +1255,7 @@ impl Cluster {
         Netns::delete(&ns);
         self.netns.retain(|n| *n != ns);
         self.pods.retain(|p| p.name != pod.name);
-        self.write_mesh_config()
+        Ok(())
     }
 
     /// Kills every process and deletes every namespace (also done on drop).

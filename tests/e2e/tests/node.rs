@@ -187,6 +187,10 @@ fn p50(v: &mut [u128]) -> u128 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
+fn pods_ns_count(prefix: &str, ns: &str) -> usize {
+    netns::list_with_prefix(&format!("{prefix}{ns}")).len()
+}
+
 fn story() -> Result<()> {
     cluster::check_prereqs().map_err(|e| anyhow::anyhow!("{e}"))?;
     let kube = kube_bin_dir()?;
@@ -402,7 +406,90 @@ fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()>
             .unwrap_or_default();
         Ok((items.len() == 6 && items.iter().all(ready)).then_some(()))
     })?;
+    ensure!(
+        pods_ns_count(prefix, "hello.") == 6,
+        "namespaces of hello pods"
+    );
     println!("ok   the Deployment's replacement pod is Ready");
+
+    // Volumes at their mountPath, in the container's own mount namespace only:
+    // ConfigMap files, a projected token from TokenRequest (audience and expiry
+    // from the spec), env from a ConfigMap key, the pod's user.
+    k.run(&[
+        "apply",
+        "-f",
+        &root()
+            .join("tests/e2e/testdata/node-volumes.yaml")
+            .display()
+            .to_string(),
+    ])?;
+    let vp = wait_for(
+        "pod node-test/volumes Ready",
+        Duration::from_secs(30),
+        || {
+            let p = k.json(&["-n", "node-test", "get", "pod", "volumes"])?;
+            Ok(ready(&p).then_some(p))
+        },
+    )?;
+    let cid = vp["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap_or("");
+    let pid: i32 = cid
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .with_context(|| format!("containerID {cid:?}"))?;
+    // /var/run is an absolute symlink, which /proc/PID/root would resolve in the
+    // reader's root: name /run directly.
+    let in_ctr = |p: &str| {
+        let p = p.replace("/var/run/", "/run/");
+        std::fs::read_to_string(format!("/proc/{pid}/root{p}"))
+            .with_context(|| format!("reading {p} in the container (pid {pid})"))
+    };
+    ensure!(
+        in_ctr("/etc/meshlet-node-test/greeting")? == "hello from a configmap",
+        "configmap file"
+    );
+    let tok = in_ctr("/var/run/secrets/meshlet/tokens/token")?;
+    let payload = tok.split('.').nth(1).context("token is not a JWT")?;
+    use base64::Engine as _;
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?)?;
+    ensure!(
+        claims["aud"] == serde_json::json!(["meshlet"]),
+        "token audience: {claims}"
+    );
+    let ttl = claims["exp"].as_i64().unwrap_or(0) - claims["iat"].as_i64().unwrap_or(0);
+    ensure!(ttl == 900, "token lifetime {ttl} s, spec says 900");
+    ensure!(
+        claims["kubernetes.io"]["pod"]["name"] == "volumes",
+        "token not bound to the pod: {claims}"
+    );
+    ensure!(
+        in_ctr("/var/run/secrets/kubernetes.io/serviceaccount/namespace")? == "node-test",
+        "SA volume"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    ensure!(
+        String::from_utf8_lossy(&environ)
+            .split('\0')
+            .any(|e| e == "GREETING=hello from a configmap"),
+        "env from configMapKeyRef missing"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("\t1234\t")),
+        "runAsUser 1234 not applied"
+    );
+    ensure!(
+        !Path::new("/etc/meshlet-node-test").exists()
+            && !Path::new("/var/run/secrets/meshlet").exists(),
+        "volume mounts leaked into the host's mount namespace"
+    );
+    println!("ok   volumes: configmap file, projected token (aud meshlet, 900 s, bound to the pod), SA volume, env, uid");
 
     // Timings the agent measured: first sight of a pod -> all containers ready.
     let mut agent_ms: Vec<u128> = agent

@@ -244,7 +244,7 @@ pub async fn start(agent: Agent, pod: Pod, shared: Arc<PodShared>) {
     let prepared = loop {
         let r = async {
             let v = prep::volumes(&agent, &pod, ip, &dir).await?;
-            let c = prep::containers(&agent, &pod, ip).await?;
+            let c = prep::containers(&agent, &pod, ip, &v).await?;
             Ok::<_, Error>((c, v))
         }
         .await;
@@ -262,7 +262,7 @@ pub async fn start(agent: Agent, pod: Pod, shared: Arc<PodShared>) {
             }
         }
     };
-    let (containers, _volumes) = prepared;
+    let (containers, _) = prepared;
     let w = Worker {
         agent: agent.clone(),
         shared: shared.clone(),
@@ -433,19 +433,36 @@ impl Worker {
 
     fn command(&self, ns: &Netns, c: &Prepared, argv: Option<(&PathBuf, &[String])>) -> Command {
         let (bin, args) = argv.unwrap_or((&c.bin, &c.args));
-        let mut cmd = if c.uid != 0 || c.gid != 0 {
-            let mut cmd = ns.command("setpriv");
-            cmd.args([
-                format!("--reuid={}", c.uid),
-                format!("--regid={}", c.gid),
-                "--clear-groups".into(),
-            ]);
-            cmd.arg(bin);
-            cmd
-        } else {
-            ns.command(bin)
-        };
-        cmd.args(args);
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if !c.mounts.is_empty() {
+            // Volumes appear at their mountPath in a mount namespace of the
+            // container's own; the script execs the rest of argv, so the pid stays.
+            let stage = self.dir.join("stage").join(&c.spec.name);
+            let _ = fs::create_dir_all(&stage);
+            argv.extend(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "bash",
+                    "-c",
+                ]
+                .map(Into::into),
+            );
+            argv.push(prep::mount_script(&c.mounts, &stage).into());
+            argv.push("meshlet-mounts".into());
+        }
+        if c.uid != 0 || c.gid != 0 {
+            argv.push("setpriv".into());
+            argv.push(format!("--reuid={}", c.uid).into());
+            argv.push(format!("--regid={}", c.gid).into());
+            argv.push("--clear-groups".into());
+        }
+        argv.push(bin.into());
+        argv.extend(args.iter().map(Into::into));
+        let mut cmd = ns.command(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.env_clear()
             .env("PATH", netns::SYSTEM_PATH)
             .env("HOSTNAME", &self.shared.name)
@@ -691,19 +708,25 @@ impl Worker {
         for (k, p) in kinds {
             let Some(p) = p else { continue };
             let ps = self.probes[i][k];
-            let start_at = lock(&self.shared.state).containers[i].pid.map(|_| ());
-            if start_at.is_none() || ps.next.is_some_and(|n| now_i < n) {
+            let period = Duration::from_secs(p.period_seconds.unwrap_or(10).clamp(1, 10) as u64);
+            let delay = Duration::from_secs(p.initial_delay_seconds.unwrap_or(0).max(0) as u64);
+            if ps.next.is_none() && k == 2 {
+                // Liveness waits a whole period (at least its initial delay) first, as
+                // the kubelet's does: an app still starting is not dead.
+                self.probes[i][k].next = Some(now_i + delay.max(period));
+                continue;
+            }
+            if ps.next.is_some_and(|n| now_i < n) {
                 continue;
             }
             let r = self.probe(i, p);
-            let period = Duration::from_secs(p.period_seconds.unwrap_or(10).clamp(1, 10) as u64);
             let ps = &mut self.probes[i][k];
             let ok = matches!(r, ProbeResult::Ok);
             // Until a probe first passes it is retried every 250 ms, not every period:
             // the kubelet would wait a whole period, which only slows tests down.
             ps.next = Some(
                 Instant::now()
-                    + if ok || ps.ok_once {
+                    + if ok || ps.ok_once || k == 2 {
                         period
                     } else {
                         Duration::from_millis(250)

@@ -48,6 +48,74 @@ pub struct Prepared {
     pub uid: u32,
     /// Group.
     pub gid: u32,
+    /// Volume mounts: (directory or file on the host, mountPath, read-only).
+    pub mounts: Vec<(PathBuf, String, bool)>,
+}
+
+/// The bash script that makes a container's volume mounts in its own mount
+/// namespace (`unshare --mount --propagation private`), then execs the container.
+///
+/// A mountPath that does not exist on the host is made without touching the host's
+/// filesystem: its first existing ancestor is bound aside, covered by a tmpfs (in
+/// the container's namespace only), its entries are bound back, and the missing
+/// directories are created in the tmpfs.
+pub fn mount_script(mounts: &[(PathBuf, String, bool)], stage: &Path) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut out = String::from(
+        r#"set -e
+n=0
+covered=""
+mnt() {
+  src=$1 dst=$2 ro=$3
+  if [ ! -e "$dst" ]; then
+    a=$(dirname "$dst")
+    while [ ! -e "$a" ]; do a=$(dirname "$a"); done
+    a=$(realpath "$a")
+    if [ "$a" = / ]; then
+      echo "meshlet-node: cannot mount at $dst: no directory on its path exists on this host" >&2
+      exit 1
+    fi
+    # Under a tmpfs made for an earlier mount: that one is ours, just mkdir.
+    mine=0
+    for c in $covered; do case "$a/" in "$c"/*) mine=1 ;; esac; done
+    if [ $mine = 0 ]; then
+      n=$((n + 1))
+      s="$STAGE/$n"
+      mkdir -p "$s"
+      mount -n --rbind "$a" "$s"
+      mount -n -t tmpfs -o mode=755 tmpfs "$a"
+      for e in "$s"/* "$s"/.[!.]* "$s"/..?*; do
+        [ -e "$e" ] || [ -L "$e" ] || continue
+        b=${e##*/}
+        if [ -L "$e" ]; then ln -s "$(readlink "$e")" "$a/$b"
+        elif [ -d "$e" ]; then mkdir -p "$a/$b"; mount -n --rbind "$e" "$a/$b"
+        else [ -e "$a/$b" ] || : >"$a/$b"; mount -n --bind "$e" "$a/$b"; fi
+      done
+      covered="$covered $a"
+    fi
+  fi
+  if [ -d "$src" ]; then mkdir -p "$dst"; elif [ ! -e "$dst" ]; then mkdir -p "$(dirname "$dst")"; : >"$dst"; fi
+  mount -n --bind "$src" "$dst"
+  if [ "$ro" = ro ]; then mount -n -o remount,bind,ro "$dst"; fi
+}
+"#,
+    );
+    out.push_str(&format!(
+        "STAGE={}
+",
+        q(&stage.display().to_string())
+    ));
+    for (src, dst, ro) in mounts {
+        out.push_str(&format!(
+            "mnt {} {} {}
+",
+            q(&src.display().to_string()),
+            q(dst),
+            if *ro { "ro" } else { "rw" }
+        ));
+    }
+    out.push_str("exec \"$@\"\n");
+    out
 }
 
 /// Pod fields the downward API exposes.
@@ -308,7 +376,12 @@ async fn value_of(
 }
 
 /// Resolves every container of the pod.
-pub async fn containers(agent: &Agent, pod: &Pod, ip: Ipv4Addr) -> Result<Vec<Prepared>, Error> {
+pub async fn containers(
+    agent: &Agent,
+    pod: &Pod,
+    ip: Ipv4Addr,
+    volumes: &BTreeMap<String, PathBuf>,
+) -> Result<Vec<Prepared>, Error> {
     let spec = pod.spec.clone().unwrap_or_default();
     let pod_name = format!(
         "{}/{}",
@@ -338,6 +411,26 @@ pub async fn containers(agent: &Agent, pod: &Pod, ip: Ipv4Addr) -> Result<Vec<Pr
         .chain(spec.containers.iter().map(|c| (c, Kind::App)));
     for (c, kind) in all {
         let (bin, args) = agent.cfg.bins.resolve(c)?;
+        let mut mounts = Vec::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let dir = volumes.get(&m.name).ok_or_else(|| {
+                Error::Other(format!(
+                    "pod {pod_name} container {}: volumeMount {} names no volume of the pod",
+                    c.name, m.name
+                ))
+            })?;
+            let src = match m.sub_path.as_deref().filter(|p| !p.is_empty()) {
+                Some(sp) if !sp.split('/').any(|x| x == "..") => dir.join(sp),
+                Some(sp) => {
+                    return Err(Error::Other(format!(
+                        "pod {pod_name} container {}: subPath {sp:?} leaves the volume",
+                        c.name
+                    )))
+                }
+                None => dir.clone(),
+            };
+            mounts.push((src, m.mount_path.clone(), m.read_only == Some(true)));
+        }
         let env = env_of(&agent.client, c, &fields, &pod_name).await?;
         let args = args.iter().map(|a| expand(a, &env)).collect();
         let sc = c.security_context.clone().unwrap_or_default();
@@ -351,6 +444,7 @@ pub async fn containers(agent: &Agent, pod: &Pod, ip: Ipv4Addr) -> Result<Vec<Pr
             env,
             uid: u32::try_from(uid).unwrap_or(0),
             gid: u32::try_from(gid).unwrap_or(0),
+            mounts,
         });
     }
     Ok(out)
@@ -548,6 +642,20 @@ mod tests {
         assert_eq!(resource_value("128Mi", false), Some(128 << 20));
         assert_eq!(resource_value("1G", false), Some(1_000_000_000));
         assert_eq!(resource_value("junk", false), None);
+    }
+
+    #[test]
+    fn mount_script_quotes_and_execs() {
+        let s = mount_script(
+            &[("/v/tok".into(), "/var/run/secrets/x's".into(), true)],
+            Path::new("/p/stage"),
+        );
+        assert!(s.contains("STAGE='/p/stage'"), "{s}");
+        assert!(
+            s.contains("mnt '/v/tok' '/var/run/secrets/x'\\''s' ro"),
+            "{s}"
+        );
+        assert!(s.ends_with("exec \"$@\"\n"));
     }
 
     #[test]
