@@ -11,7 +11,8 @@
 //! weight that grows with the time since the last one; between observations it decays
 //! toward zero, so an endpoint nobody picked becomes cheap and gets probed again, and
 //! equally fast endpoints take turns. New endpoints start at [`DEFAULT_RTT`], so they
-//! tie and the random pair decides.
+//! tie and the random pair decides; costs within [`TIE_BAND`] of each other are ties
+//! too (unlike tower, which compares exactly).
 //!
 //! Endpoint state ([`Endpoint`]) is shared, not per balancer: a config reload builds
 //! new balancers that reuse the state of endpoints that stay (see
@@ -37,6 +38,13 @@ use tokio::time::Instant;
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Time constant of the estimate's decay (Linkerd's default).
 pub const DECAY: Duration = Duration::from_secs(10);
+/// Costs closer than this fraction of the larger one are a tie, decided at random.
+/// Estimates of equally fast endpoints differ by noise, and at low request rates an
+/// estimate moves slowly (it is weighted by time, `DECAY`), so an exact comparison
+/// would let a few microseconds of noise send every request to one endpoint for
+/// seconds. A truly slower endpoint (or one with more requests in flight: each
+/// doubles the cost at least once) is far outside the band.
+pub const TIE_BAND: f64 = 0.1;
 /// Estimate after a failed connect: the endpoint loses every comparison with a healthy
 /// one until it decays (or the config drops it).
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
@@ -183,7 +191,7 @@ impl Balancer {
                 Some(x) if a.addr == x => b,
                 Some(x) if b.addr == x => a,
                 // A tie keeps `a`, itself a random choice.
-                _ if b.cost_at(now) < a.cost_at(now) => b,
+                _ if b.cost_at(now) < a.cost_at(now) * (1.0 - TIE_BAND) => b,
                 _ => a,
             }
         };
@@ -216,8 +224,9 @@ impl Pick {
     /// The response headers arrived: records the latency since dispatch.
     pub fn answered(self) {
         let now = Instant::now();
-        self.endpoint
-            .observe_at(now, now.saturating_duration_since(self.start));
+        let rtt = now.saturating_duration_since(self.start);
+        self.endpoint.observe_at(now, rtt);
+        tracing::trace!(endpoint = %self.endpoint.addr, ?rtt, estimate_ns = self.endpoint.estimate_at(now), "answered");
     }
 
     /// The endpoint could not be reached. Outlier ejection will hook in here; for now

@@ -387,6 +387,65 @@ mod tests {
         );
     }
 
+    const EP_DOC: &str = r#"{"services": [
+        {"name": "web", "namespace": "shop", "clusterIPs": ["198.19.0.10", "fd00:6d65:7368::10"],
+         "ports": [{"port": 80}, {"port": 81}],
+         "endpoints": [{"ip": "198.18.0.2", "ports": {"80": 8080}},
+                       {"ip": "198.18.0.3", "ports": {"80": 8080}, "ready": false},
+                       {"ip": "fd00:6d65:7368::2", "ports": {"80": 8080}}]},
+        {"name": "web-canary", "namespace": "shop", "clusterIPs": ["198.19.0.11"],
+         "ports": [{"port": 80}], "endpoints": [{"ip": "198.18.0.2", "ports": {"80": 8080}}]}]}"#;
+
+    #[test]
+    fn endpoints_give_balancers_and_inbound_labels() {
+        let cfg = MeshConfig::from_json(EP_DOC.as_bytes()).unwrap();
+        let s = Snapshot::new(cfg.clone(), None);
+        let addrs = |dst: &str| -> Vec<SocketAddr> {
+            s.balancer(dst.parse().unwrap())
+                .map(|b| b.endpoints().iter().map(|e| e.addr()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            addrs("198.19.0.10:80"),
+            vec!["198.18.0.2:8080".parse().unwrap()],
+            "ready endpoints of the ClusterIP's family, at the target port"
+        );
+        assert_eq!(
+            addrs("[fd00:6d65:7368::10]:80"),
+            vec!["[fd00:6d65:7368::2]:8080".parse().unwrap()]
+        );
+        assert!(addrs("198.19.0.10:81").is_empty(), "no endpoint serves 81");
+        assert!(s.is_service("198.19.0.10:81".parse().unwrap()));
+
+        // Inbound: the pod's own address and target port name the Service; the first
+        // Service in the document wins a shared pod, not-ready endpoints count.
+        let label = |dst: &str| s.service_label(dst.parse().unwrap()).to_string();
+        assert_eq!(label("198.18.0.2:8080"), "shop/web");
+        assert_eq!(label("198.18.0.3:8080"), "shop/web");
+        assert_eq!(label("198.18.0.2:9999"), "unknown");
+
+        // A reload keeps the load state of endpoints that stay.
+        let mesh = Mesh::new(cfg.clone(), None);
+        let before = mesh.load();
+        let kept = before
+            .balancer("198.19.0.10:80".parse().unwrap())
+            .unwrap()
+            .endpoints()[0]
+            .clone();
+        let _in_flight = mesh.pick("198.19.0.10:80".parse().unwrap(), None).unwrap();
+        mesh.store(cfg);
+        let after = mesh.load();
+        let ep = &after
+            .balancer("198.19.0.10:80".parse().unwrap())
+            .unwrap()
+            .endpoints()[0];
+        assert!(
+            Arc::ptr_eq(ep, &kept),
+            "endpoint state replaced by a reload"
+        );
+        assert_eq!(ep.pending(), 1, "the request in flight still counts");
+    }
+
     #[test]
     fn reload_keeps_last_good() {
         let dir = tempfile::tempdir().unwrap();

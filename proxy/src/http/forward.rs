@@ -158,8 +158,18 @@ impl Forward {
                     req = unsent;
                 }
                 (Err(f), pick) => {
-                    if let (Some(p), ProxyError::Connect { .. }) = (pick, &f.error) {
-                        p.failed();
+                    // A blackholed endpoint (connect timeout) must lose the next
+                    // comparisons too; a failure after the request left says nothing
+                    // certain about the endpoint.
+                    if let Some(p) = pick {
+                        if matches!(
+                            f.error,
+                            ProxyError::Connect { .. }
+                                | ProxyError::ConnectTimeout { .. }
+                                | ProxyError::Handshake { .. }
+                        ) {
+                            p.failed();
+                        }
                     }
                     return Err(f.error);
                 }

@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub metrics_port: u16,
     /// Port of the kubelet endpoint (`kubectl logs`) on the node address.
     pub kubelet_port: u16,
+    /// How often projected tokens are renewed; `None`: at 80% of their lifetime, as
+    /// the kubelet does (tests shorten it to see a rotation).
+    pub token_refresh: Option<std::time::Duration>,
 }
 
 /// Pods this node runs, by uid.
@@ -188,6 +191,10 @@ async fn watch_pods(agent: Agent) -> Result<(), Error> {
             }
             watcher::Event::Delete(p) => {
                 let uid = p.metadata.uid.clone().unwrap_or_default();
+                binding.remove(&uid);
+                if !lock(&agent.pods).contains_key(&uid) {
+                    lock(&agent.first_seen).remove(&uid);
+                }
                 let shared = lock(&agent.pods).get(&uid).cloned();
                 if let Some(s) = shared {
                     // Deleted without waiting for us (force delete): stop at once.

@@ -38,6 +38,9 @@ pub enum Command {
         /// Name the server answers with (header `x-testapp-name`, JSON field `name`).
         #[arg(long, env = "TESTAPP_NAME", default_value = "testapp")]
         name: String,
+        /// Ignore SIGTERM (only SIGKILL stops it), to test grace periods.
+        #[arg(long)]
+        ignore_sigterm: bool,
     },
     /// WebSocket echo server (RFC 6455).
     Ws {
@@ -133,7 +136,23 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         .build()
         .map_err(io_ctx("building the tokio runtime"))?;
     match cli.command {
-        Command::Http { port, name } => rt.block_on(http::serve(port, name)),
+        Command::Http {
+            port,
+            name,
+            ignore_sigterm,
+        } => rt.block_on(async {
+            if ignore_sigterm {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .map_err(io_ctx("installing a SIGTERM handler"))?;
+                tokio::spawn(async move {
+                    while term.recv().await.is_some() {
+                        eprintln!("testapp: ignoring SIGTERM");
+                    }
+                });
+            }
+            http::serve(port, name).await
+        }),
         Command::Ws { port } => rt.block_on(ws::serve(port)),
         Command::WsClient { url, messages } => rt.block_on(ws::client(&url, &messages)),
         Command::Banner { port, name } => rt.block_on(banner::serve(port, name)),

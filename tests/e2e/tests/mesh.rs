@@ -304,15 +304,20 @@ fn http1_through_both_sidecars() -> Result<()> {
     } else {
         2
     };
+    // Inbound, the Service comes from the mesh config's endpoints (pod IP, target port).
     let inb = delta(
         &before[idx],
         &after[idx],
         REQUESTS,
-        &[("direction", "inbound"), ("status_code", "200")],
+        &[
+            ("direction", "inbound"),
+            ("service", SVC_BACKEND),
+            ("status_code", "200"),
+        ],
     );
     ensure!(
         inb == 1.0,
-        "{answered}'s proxy counted {inb} inbound requests, want 1:\n{}",
+        "{answered}'s proxy counted {inb} inbound requests of {SVC_BACKEND}, want 1:\n{}",
         c.metrics_text(&answered)?
     );
     let other = 3 - idx;
@@ -1208,7 +1213,9 @@ fn classic_sidecar_when_native_is_off() -> Result<()> {
 /// pins every request to one pooled connection to the ClusterIP breaks the Service's
 /// load balancing (all on one: probability 2 * 0.5^20 if balanced per connection).
 fn meshed_client_requests_reach_every_backend() -> Result<()> {
-    let c = hello()?;
+    let c = start(
+        ClusterBuilder::new(sample()).proxy_env("MESHLET_LOG", "meshlet_proxy::balance=trace,info"),
+    )?;
     let mut seen = std::collections::BTreeMap::<String, u32>::new();
     for i in 0..20 {
         let body = curl(&c, "client", &[&format!("http://{BACKEND}/spread/{i}")])?;
@@ -1224,7 +1231,27 @@ fn meshed_client_requests_reach_every_backend() -> Result<()> {
          pooled connection to the ClusterIP, so kube-proxy balances nothing (it picks a backend \
          per connection); an unmeshed client reaches both"
     );
-    println!("    {seen:?}");
+    println!("    {seen:?} (a connection each)");
+
+    // One keep-alive connection from the app: kube-proxy alone would send all of it to
+    // one backend; the sidecar picks an endpoint per request.
+    let urls: Vec<String> = (0..20)
+        .map(|i| format!("http://{BACKEND}/keepalive/{i}"))
+        .collect();
+    let mut args: Vec<&str> = vec!["-w", "\n"];
+    args.extend(urls.iter().map(String::as_str));
+    let out = curl(&c, "client", &args)?;
+    let mut one_conn = std::collections::BTreeMap::<String, u32>::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let name = json(line)?["name"].as_str().unwrap_or_default().to_string();
+        *one_conn.entry(name).or_default() += 1;
+    }
+    ensure!(
+        one_conn.values().sum::<u32>() == 20 && one_conn.len() == 2,
+        "20 requests on one keep-alive connection reached {one_conn:?}, want both backends: \
+         the client's proxy should balance each request over the Service's endpoints"
+    );
+    println!("    {one_conn:?} (one keep-alive connection)");
     Ok(())
 }
 

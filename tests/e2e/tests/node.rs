@@ -217,6 +217,7 @@ fn story() -> Result<()> {
         .arg("--cluster-env")
         .arg(cp.state.join("cluster.env"))
         .args(["--name", &name, "--subnet", &SUBNET.to_string()])
+        .args(["--token-refresh-seconds", "2"])
         .arg("--state-dir")
         .arg(work.path().join("state"))
         .env("MESHLET_NODE_LOG", "info")
@@ -230,7 +231,7 @@ fn story() -> Result<()> {
         log,
     };
     let prefix = format!("mlnode-{}-", agent.pid());
-    let r = steps(&k, &name, &prefix, &mut agent);
+    let r = steps(&k, &name, &prefix, &mut agent, &bins, work.path());
     if r.is_err() {
         eprintln!("--- meshlet-node log ---\n{}", agent.log());
         eprintln!(
@@ -244,7 +245,14 @@ fn story() -> Result<()> {
     Ok(())
 }
 
-fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()> {
+fn steps(
+    k: &Kubectl,
+    name: &str,
+    prefix: &str,
+    agent: &mut Agent,
+    bins: &cluster::Binaries,
+    work: &Path,
+) -> Result<()> {
     // (a) the Node registers, Ready, with its address and a Lease.
     let node = wait_for("the Node to be Ready", Duration::from_secs(30), || {
         let n = k.json(&["get", "node", name])?;
@@ -466,6 +474,12 @@ fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()>
         claims["kubernetes.io"]["pod"]["name"] == "volumes",
         "token not bound to the pod: {claims}"
     );
+    // Renewed (every 2 s here), atomically, and still readable in the container.
+    let fresh = wait_for("a renewed token", Duration::from_secs(10), || {
+        let t = in_ctr("/var/run/secrets/meshlet/tokens/token")?;
+        Ok((t != tok && t.split('.').count() == 3).then_some(t))
+    })?;
+    ensure!(!fresh.is_empty(), "empty renewed token");
     ensure!(
         in_ctr("/var/run/secrets/kubernetes.io/serviceaccount/namespace")? == "node-test",
         "SA volume"
@@ -489,7 +503,45 @@ fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()>
             && !Path::new("/var/run/secrets/meshlet").exists(),
         "volume mounts leaked into the host's mount namespace"
     );
-    println!("ok   volumes: configmap file, projected token (aud meshlet, 900 s, bound to the pod), SA volume, env, uid");
+    println!("ok   volumes: configmap file, projected token (aud meshlet, 900 s, bound to the pod, renewed), SA volume, env, uid");
+
+    // A container that ignores SIGTERM is killed when its grace period (2 s) ends.
+    wait_for(
+        "pod node-test/stubborn Ready",
+        Duration::from_secs(30),
+        || Ok(ready(&k.json(&["-n", "node-test", "get", "pod", "stubborn"])?).then_some(())),
+    )?;
+    let t = Instant::now();
+    k.run(&[
+        "-n",
+        "node-test",
+        "delete",
+        "pod",
+        "stubborn",
+        "--timeout=20s",
+    ])?;
+    let took = t.elapsed();
+    ensure!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "deleting a pod that ignores SIGTERM with grace 2 s took {took:?}"
+    );
+    ensure!(
+        agent.log().lines().any(|l| l.contains("pod stopped")
+            && l.contains("node-test/stubborn")
+            && l.contains("killed=1")),
+        "the agent did not SIGKILL the stubborn container"
+    );
+    ensure!(
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("preStop hook ran") && l.contains("node-test/stubborn")),
+        "the preStop hook did not run"
+    );
+    println!(
+        "ok   a container ignoring SIGTERM was killed after its 2 s grace period ({} ms)",
+        took.as_millis()
+    );
 
     // Timings the agent measured: first sight of a pod -> all containers ready.
     let mut agent_ms: Vec<u128> = agent
@@ -502,6 +554,23 @@ fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()>
     println!(
         "     agent: pod seen -> all containers ready p50 {} ms over {n} pods",
         p50(&mut agent_ms)
+    );
+
+    // The same app injected (`meshlet-injector inject -f`): meshlet-init programs
+    // the pod's iptables, meshlet-proxy runs as a native sidecar as 1337, and
+    // kubectl top tells app and proxy apart.
+    meshed(k, prefix, bins, work)?;
+    let mut meshed_ms: Vec<u128> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("all containers ready"))
+        .skip(n)
+        .filter_map(|l| l.rsplit("ms=").next()?.trim().parse().ok())
+        .collect();
+    println!(
+        "     agent: injected pod seen -> all containers ready p50 {} ms over {} pods",
+        p50(&mut meshed_ms),
+        meshed_ms.len()
     );
 
     // Everything down: no namespace, no container process.
@@ -523,6 +592,123 @@ fn steps(k: &Kubectl, name: &str, prefix: &str, agent: &mut Agent) -> Result<()>
         .collect();
     ensure!(alive.is_empty(), "container processes left: {alive:?}");
     println!("ok   agent stopped: no namespace and no container process left");
+    Ok(())
+}
+
+fn meshed(k: &Kubectl, prefix: &str, bins: &cluster::Binaries, work: &Path) -> Result<()> {
+    ensure!(
+        bins.injector.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        bins.injector.display()
+    );
+    let t = Instant::now();
+    k.run(&["delete", "namespace", "hello", "--timeout=60s"])?;
+    ensure!(pods_ns_count(prefix, "hello.") == 0, "hello pods still run");
+    println!(
+        "ok   namespace hello deleted, its pods stopped, in {} ms",
+        t.elapsed().as_millis()
+    );
+    let out = Command::new(&bins.injector)
+        .args(["inject", "-f"])
+        .arg(root().join("samples/hello.yaml"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "meshlet-injector inject: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = work.join("hello-injected.yaml");
+    std::fs::write(&file, &out.stdout)?;
+    k.run(&["apply", "-f", &file.display().to_string()])?;
+    let pods = wait_for("6 injected pods Ready", Duration::from_secs(90), || {
+        let items = k.json(&["-n", "hello", "get", "pods"])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok((items.len() == 6 && items.iter().all(ready)).then_some(items))
+    })?;
+    let client = pods
+        .iter()
+        .find(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("client-")
+        })
+        .context("no client pod")?;
+    let inits = client["status"]["initContainerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        inits.len() == 2
+            && inits[0]["name"] == "meshlet-init"
+            && inits[0]["state"]["terminated"]["reason"] == "Completed"
+            && inits[1]["name"] == "meshlet-proxy"
+            && inits[1]["ready"] == true
+            && inits[1]["started"] == true,
+        "init container statuses: {inits:?}"
+    );
+    let cname = client["metadata"]["name"].as_str().unwrap_or("");
+    let ns = netns::Netns::existing(&format!("{prefix}hello.{cname}"));
+    let rules = ns
+        .exec(&["iptables-save", "-t", "nat"])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(
+        rules.contains("MESHLET_OUTPUT"),
+        "meshlet-init left no rules:\n{rules}"
+    );
+    let pid: i32 = inits[1]["containerID"]
+        .as_str()
+        .unwrap_or("")
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .parse()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("\t1337\t")),
+        "meshlet-proxy does not run as 1337"
+    );
+    let count = || -> Result<f64> {
+        let m = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://127.0.0.1:15020/metrics"])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(m.lines()
+            .filter(|l| {
+                l.starts_with("meshlet_requests_total{") && l.contains("direction=\"outbound\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    };
+    let before = count()?;
+    for _ in 0..5 {
+        let body = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://198.19.0.10/"])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(body.contains("backend-v"), "reply {body}");
+    }
+    let after = count()?;
+    ensure!(
+        after - before == 5.0,
+        "the client's sidecar counted {} of 5 requests",
+        after - before
+    );
+    println!("ok   injected pods Ready: meshlet-init rules, proxy as 1337, 5 requests through the client's sidecar");
+    let top = wait_for(
+        "kubectl top with meshlet-proxy rows",
+        Duration::from_secs(60),
+        || {
+            let out = k.run(&["-n", "hello", "top", "pod", "--containers"])?;
+            Ok(
+                (out.matches("meshlet-proxy").count() == 5 && out.lines().count() == 16)
+                    .then_some(out),
+            )
+        },
+    )?;
+    println!("ok   kubectl top pod --containers (injected):\n{top}");
     Ok(())
 }
 

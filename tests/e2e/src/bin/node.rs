@@ -34,6 +34,10 @@ struct Args {
     /// Port of the kubelet endpoint (`kubectl logs`) on the node address.
     #[arg(long, default_value_t = 10250)]
     kubelet_port: u16,
+    /// Renew projected service-account tokens every N seconds [default: at 80% of
+    /// their lifetime, as the kubelet does].
+    #[arg(long)]
+    token_refresh_seconds: Option<u64>,
 }
 
 fn read_env(path: &PathBuf) -> anyhow::Result<Vec<(String, String)>> {
@@ -94,6 +98,9 @@ fn main() -> anyhow::Result<()> {
         bins: Binaries::locate()?,
         metrics_port: args.metrics_port,
         kubelet_port: args.kubelet_port,
+        token_refresh: args
+            .token_refresh_seconds
+            .map(std::time::Duration::from_secs),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -243,9 +243,9 @@ pub async fn start(agent: Agent, pod: Pod, shared: Arc<PodShared>) {
     };
     let prepared = loop {
         let r = async {
-            let v = prep::volumes(&agent, &pod, ip, &dir).await?;
+            let (v, tokens) = prep::volumes(&agent, &pod, ip, &dir).await?;
             let c = prep::containers(&agent, &pod, ip, &v).await?;
-            Ok::<_, Error>((c, v))
+            Ok::<_, Error>((c, tokens))
         }
         .await;
         match r {
@@ -262,7 +262,15 @@ pub async fn start(agent: Agent, pod: Pod, shared: Arc<PodShared>) {
             }
         }
     };
-    let (containers, _) = prepared;
+    let (containers, tokens) = prepared;
+    let s2 = shared.clone();
+    tokio::spawn(prep::refresh_tokens(
+        agent.client.clone(),
+        pod.clone(),
+        tokens,
+        agent.cfg.token_refresh,
+        move || s2.gone(),
+    ));
     let w = Worker {
         agent: agent.clone(),
         shared: shared.clone(),
@@ -829,6 +837,45 @@ impl Worker {
         }
     }
 
+    /// Runs the container's preStop hook (exec or httpGet), bounded by the grace
+    /// period, before its SIGTERM, as the kubelet does.
+    fn pre_stop(&self, ns: &Netns, i: usize, deadline: Instant) {
+        let Some(hook) = self.containers[i]
+            .spec
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.clone())
+        else {
+            return;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let name = &self.containers[i].spec.name;
+        if let Some(argv) = hook.exec.and_then(|e| e.command) {
+            let t = Instant::now();
+            match self.exec_in(ns, i, &argv, left) {
+                Ok(()) => {
+                    tracing::info!(pod = %self.key(), container = %name, ms = t.elapsed().as_millis() as u64, "preStop hook ran")
+                }
+                Err(e) => {
+                    tracing::info!(pod = %self.key(), container = %name, error = %e, "preStop hook failed")
+                }
+            }
+        } else if let Some(h) = hook.http_get {
+            let probe = Probe {
+                http_get: Some(h),
+                ..Default::default()
+            };
+            if let ProbeResult::Fail(e) = self.probe(i, &probe) {
+                tracing::info!(pod = %self.key(), container = %name, error = %e, "preStop hook failed");
+            }
+        } else if let Some(s) = hook.sleep {
+            std::thread::sleep(Duration::from_secs(s.seconds.max(0) as u64).min(left));
+        }
+    }
+
     /// SIGTERM to app containers, then sidecars in reverse order, SIGKILL at the
     /// deadline; then the namespace goes.
     fn teardown(&mut self, ns: &Netns) {
@@ -846,6 +893,9 @@ impl Worker {
             .collect();
         for group in [apps, sidecars] {
             for &i in &group {
+                if self.procs[i].is_some() {
+                    self.pre_stop(ns, i, deadline);
+                }
                 if let Some((child, _)) = &self.procs[i] {
                     let _ =
                         nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
@@ -871,6 +921,8 @@ impl Worker {
             self.reap(i);
         }
         self.agent.net.remove_pod(ns, self.ip);
+        // Volumes and logs go with the pod, as the kubelet cleans up pod dirs.
+        let _ = fs::remove_dir_all(&self.dir);
         tracing::info!(
             pod = %self.key(),
             ms = t0.elapsed().as_millis() as u64,

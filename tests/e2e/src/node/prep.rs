@@ -533,7 +533,7 @@ pub async fn volumes(
     pod: &Pod,
     ip: Ipv4Addr,
     dir: &Path,
-) -> Result<BTreeMap<String, PathBuf>, Error> {
+) -> Result<(BTreeMap<String, PathBuf>, Vec<TokenFile>), Error> {
     let client = &agent.client;
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let pod_name = format!("{ns}/{}", pod.metadata.name.as_deref().unwrap_or(""));
@@ -544,6 +544,7 @@ pub async fn volumes(
         node: &agent.cfg.name,
     };
     let mut out = BTreeMap::new();
+    let mut tokens = Vec::new();
     for v in pod
         .spec
         .as_ref()
@@ -577,6 +578,12 @@ pub async fn volumes(
                     let tok =
                         token(client, pod, t.audience.as_deref(), t.expiration_seconds).await?;
                     write_file(&vdir, &t.path, tok.as_bytes(), mode)?;
+                    tokens.push(TokenFile {
+                        path: vdir.join(&t.path),
+                        audience: t.audience.clone(),
+                        expiration: t.expiration_seconds,
+                        mode,
+                    });
                 }
                 if let Some(c) = &src.config_map {
                     match config_map(client, &ns, &c.name).await? {
@@ -617,7 +624,64 @@ pub async fn volumes(
         }
         out.insert(v.name.clone(), vdir);
     }
-    Ok(out)
+    Ok((out, tokens))
+}
+
+/// A projected service-account token file, refreshed before it expires.
+#[derive(Clone, Debug)]
+pub struct TokenFile {
+    /// Where it is on the host.
+    pub path: PathBuf,
+    /// Its audience.
+    pub audience: Option<String>,
+    /// Its lifetime in seconds as the spec asks.
+    pub expiration: Option<i64>,
+    /// File mode.
+    pub mode: u32,
+}
+
+/// Replaces token files with fresh ones once 80% of their lifetime has passed, as
+/// the kubelet does, until `stop` says the pod is gone. The new file is renamed over
+/// the old one, so a reader never sees half a token.
+pub async fn refresh_tokens(
+    client: Client,
+    pod: Pod,
+    tokens: Vec<TokenFile>,
+    every: Option<std::time::Duration>,
+    stop: impl Fn() -> bool,
+) {
+    if tokens.is_empty() {
+        return;
+    }
+    let life = tokens
+        .iter()
+        .map(|t| t.expiration.unwrap_or(3600).max(600) as u64)
+        .min()
+        .unwrap_or(3600);
+    let every = every.unwrap_or(std::time::Duration::from_secs(life * 8 / 10));
+    loop {
+        let deadline = tokio::time::Instant::now() + every;
+        while tokio::time::Instant::now() < deadline {
+            if stop() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        for t in &tokens {
+            let res = async {
+                let tok = token(&client, &pod, t.audience.as_deref(), t.expiration).await?;
+                let tmp = t.path.with_extension("meshlet-new");
+                fs::write(&tmp, tok.as_bytes())
+                    .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(t.mode)))
+                    .and_then(|_| fs::rename(&tmp, &t.path))
+                    .map_err(|e| Error::Other(format!("writing {}: {e}", t.path.display())))
+            }
+            .await;
+            if let Err(e) = res {
+                tracing::warn!(path = %t.path.display(), error = %e, "token refresh");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
