@@ -24,7 +24,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ports, Duration, SpiffeId};
+use crate::{ports, route, Duration, SpiffeId};
 
 /// The whole document, as JSON.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -69,6 +69,9 @@ pub struct Service {
     /// older than this field) leaves balancing to kube-proxy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
+    /// HTTPRoutes attached to it (GAMMA), compiled; absent in older documents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<route::HttpRoute>,
 }
 
 /// One address behind a Service: a pod IP (one entry per IP family) and where each
@@ -193,6 +196,20 @@ impl MeshConfig {
                 }
             }
             svc.validate_endpoints(&ports)?;
+            for r in &svc.routes {
+                r.validate().map_err(|e| {
+                    ConfigError::Invalid(format!("service {}/{}: {e}", svc.namespace, svc.name))
+                })?;
+                if let Some(p) = r.port.filter(|p| !ports.contains(p)) {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {}/{}: route {} attaches to port {p}, which is not a port of \
+                         the service; use one of the service's ports or none",
+                        svc.namespace,
+                        svc.name,
+                        r.id()
+                    )));
+                }
+            }
             if svc.meshed && svc.identities.is_empty() {
                 return Err(ConfigError::Invalid(format!(
                     "service {}/{} is meshed but lists no identities",
@@ -447,5 +464,37 @@ mod tests {
 
         let bad_id = EP_DOC.replace("spiffe://cluster.local/ns/shop/sa/web", "web");
         assert!(MeshConfig::from_json(bad_id.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn routes_are_optional_and_validated_with_the_document() {
+        let old = MeshConfig::from_json(DOC.as_bytes()).unwrap();
+        assert!(old.services[0].routes.is_empty());
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("routes"), "{json}");
+
+        let with = |route: &str| {
+            DOC.replace(
+                r#""meshed": true,"#,
+                &format!(r#""meshed": true, "routes": [{route}],"#),
+            )
+        };
+        let ok = with(
+            r#"{"name": "r", "namespace": "default", "port": 9080,
+                "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]"}}]}]}"#,
+        );
+        let cfg = MeshConfig::from_json(ok.as_bytes()).unwrap();
+        assert_eq!(cfg.services[0].routes[0].port, Some(9080));
+
+        let e = MeshConfig::from_json(ok.replace("[0-9]", "[0-9").as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().contains("service default/reviews: route default/r: rules[0].matches[0].path.value: invalid regular expression"),
+            "{e}"
+        );
+        let e = MeshConfig::from_json(
+            ok.replace("\"port\": 9080,\n", "\"port\": 80,\n")
+                .as_bytes(),
+        );
+        assert!(e.unwrap_err().to_string().contains("attaches to port 80"));
     }
 }

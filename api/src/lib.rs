@@ -14,6 +14,7 @@ pub mod identity;
 pub mod parse;
 pub mod ports;
 pub mod probes;
+pub mod route;
 
 pub use config::MeshConfig;
 pub use duration::Duration;

@@ -923,6 +923,7 @@ impl Cluster {
                 meshed,
                 identities: identities.into_iter().collect(),
                 endpoints,
+                routes: Vec::new(),
             });
         }
         let cfg = MeshConfig {
