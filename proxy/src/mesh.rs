@@ -85,11 +85,14 @@ impl Snapshot {
         opaque_override: Option<&[u16]>,
         prev: Option<&Snapshot>,
     ) -> Self {
-        let known: HashMap<SocketAddr, &Arc<Endpoint>> = prev
+        // One state per endpoint address, shared by every Service that selects it:
+        // the lookup by address is then unambiguous (a HashMap's iteration order
+        // would otherwise pick either Service's copy at random).
+        let mut known: HashMap<SocketAddr, Arc<Endpoint>> = prev
             .into_iter()
             .flat_map(|p| p.balancers.values())
             .flat_map(|b| b.endpoints())
-            .map(|e| (e.addr(), e))
+            .map(|e| (e.addr(), e.clone()))
             .collect();
         let labels: Vec<SharedString> = config
             .services
@@ -117,9 +120,7 @@ impl Snapshot {
                 .filter(|(e, _)| e.ready && e.ip.is_ipv4() == addr.is_ipv4())
                 .map(|(e, port)| {
                     let ep = SocketAddr::new(e.ip, port);
-                    known
-                        .get(&ep)
-                        .map_or_else(|| Endpoint::new(ep), |e| Arc::clone(e))
+                    known.entry(ep).or_insert_with(|| Endpoint::new(ep)).clone()
                 })
                 .collect();
             if let Some(b) = Balancer::new(ready) {
