@@ -24,6 +24,7 @@ pub mod loop_guard;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
+pub mod route;
 pub mod target;
 pub mod tcp;
 #[cfg(feature = "test-util")]

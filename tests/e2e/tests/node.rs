@@ -539,7 +539,7 @@ fn steps(
         "the preStop hook did not run"
     );
     println!(
-        "ok   a container ignoring SIGTERM was killed after its 2 s grace period ({} ms)",
+        "ok   preStop ran, then a container ignoring SIGTERM was killed after its 2 s grace period ({} ms)",
         took.as_millis()
     );
 

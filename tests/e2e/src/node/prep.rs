@@ -56,9 +56,10 @@ pub struct Prepared {
 /// namespace (`unshare --mount --propagation private`), then execs the container.
 ///
 /// A mountPath that does not exist on the host is made without touching the host's
-/// filesystem: its first existing ancestor is bound aside, covered by a tmpfs (in
-/// the container's namespace only), its entries are bound back, and the missing
-/// directories are created in the tmpfs.
+/// filesystem: its first existing ancestor is covered (in the container's namespace
+/// only) by an overlay whose upper layer is in the pod's directory, or, without
+/// overlayfs, by a tmpfs with the original entries bound back; the missing
+/// directories are created there.
 pub fn mount_script(mounts: &[(PathBuf, String, bool)], stage: &Path) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let mut out = String::from(
@@ -75,22 +76,27 @@ mnt() {
       echo "meshlet-node: cannot mount at $dst: no directory on its path exists on this host" >&2
       exit 1
     fi
-    # Under a tmpfs made for an earlier mount: that one is ours, just mkdir.
+    # Under a directory covered for an earlier mount: that layer is ours, just mkdir.
     mine=0
     for c in $covered; do case "$a/" in "$c"/*) mine=1 ;; esac; done
     if [ $mine = 0 ]; then
       n=$((n + 1))
-      s="$STAGE/$n"
-      mkdir -p "$s"
-      mount -n --rbind "$a" "$s"
-      mount -n -t tmpfs -o mode=755 tmpfs "$a"
-      for e in "$s"/* "$s"/.[!.]* "$s"/..?*; do
-        [ -e "$e" ] || [ -L "$e" ] || continue
-        b=${e##*/}
-        if [ -L "$e" ]; then ln -s "$(readlink "$e")" "$a/$b"
-        elif [ -d "$e" ]; then mkdir -p "$a/$b"; mount -n --rbind "$e" "$a/$b"
-        else [ -e "$a/$b" ] || : >"$a/$b"; mount -n --bind "$e" "$a/$b"; fi
-      done
+      # One stage per process: exec probes run while the container's overlay is in use.
+      s="$STAGE/$$-$n"
+      mkdir -p "$s/upper" "$s/work" "$s/lower"
+      # An overlay keeps the directory's content and takes the new directories
+      # (one mount); where overlayfs is missing, a tmpfs with the entries bound back.
+      if ! mount -n -t overlay overlay -o "lowerdir=$a,upperdir=$s/upper,workdir=$s/work" "$a" 2>/dev/null; then
+        mount -n --rbind "$a" "$s/lower"
+        mount -n -t tmpfs -o mode=755 tmpfs "$a"
+        for e in "$s/lower"/* "$s/lower"/.[!.]* "$s/lower"/..?*; do
+          [ -e "$e" ] || [ -L "$e" ] || continue
+          b=${e##*/}
+          if [ -L "$e" ]; then ln -s "$(readlink "$e")" "$a/$b"
+          elif [ -d "$e" ]; then mkdir -p "$a/$b"; mount -n --rbind "$e" "$a/$b"
+          else [ -e "$a/$b" ] || : >"$a/$b"; mount -n --bind "$e" "$a/$b"; fi
+        done
+      fi
       covered="$covered $a"
     fi
   fi
