@@ -47,6 +47,9 @@ pub const PROXY_LOG: &str = "MESHLET_LOG";
 pub const PROXY_WORKER_THREADS: &str = "MESHLET_WORKER_THREADS";
 /// Inbound TLS mode: `permissive` or `strict`.
 pub const PROXY_TLS_MODE: &str = "MESHLET_TLS_MODE";
+/// Directory with the workload identity: `cert.pem`, `key.pem`, `ca.pem`; reloaded
+/// when the files change. Unset: no mesh mTLS (plaintext only).
+pub const PROXY_IDENTITY_DIR: &str = "MESHLET_IDENTITY_DIR";
 /// Original app probes as JSON (from the injector), served under `/app-health/`.
 pub const PROXY_APP_PROBES: &str = "MESHLET_APP_PROBES";
 

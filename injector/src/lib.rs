@@ -4,9 +4,11 @@
 //! The layering follows kube's admission example and linkerd's policy controller: the
 //! pure [`mutate::mutate`] core turns a pod into a JSON Patch; [`webhook`] only translates
 //! AdmissionReviews, [`offline`] only walks manifests, and [`serve`] only does HTTPS.
+//! [`ca`] is the mesh CA that issues workload identities.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod ca;
 pub mod compile;
 pub mod config;
 pub mod mutate;

@@ -5,7 +5,8 @@ use std::io::Read;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use meshlet_injector::{compile, offline, serve, DefaultsArgs};
+use meshlet_api::SpiffeId;
+use meshlet_injector::{ca, compile, offline, serve, DefaultsArgs};
 
 /// meshlet's control plane: the sidecar-injecting admission webhook and offline injection.
 #[derive(Parser, Debug)]
@@ -38,6 +39,47 @@ enum Command {
         /// Write the JSON here instead of stdout.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+    },
+    /// Offline mesh CA: make a root CA, issue workload certificates from it.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create a root CA (ECDSA P-256): writes ca.pem and ca-key.pem (0600) into --out.
+    Init {
+        /// Directory to write into (created if missing; an existing CA key is never overwritten).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// SPIFFE trust domain, shown in the CA's name.
+        #[arg(long, default_value = meshlet_api::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// How long the CA is valid (e.g. 87600h).
+        #[arg(long, default_value = "87600h")]
+        lifetime: meshlet_api::Duration,
+    },
+    /// Issue a workload certificate: writes ca.pem, cert.pem and key.pem (0600) into
+    /// --out, the layout meshlet-proxy reads from MESHLET_IDENTITY_DIR.
+    Issue {
+        /// CA directory written by `ca init`.
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// The workload's namespace.
+        #[arg(long)]
+        namespace: String,
+        /// The workload's service account.
+        #[arg(long)]
+        service_account: String,
+        /// SPIFFE trust domain.
+        #[arg(long, default_value = meshlet_api::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// How long the certificate is valid (NotBefore is backdated 5 minutes).
+        #[arg(long, default_value = "24h")]
+        lifetime: meshlet_api::Duration,
+        /// Directory to write into (created if missing; files are replaced atomically).
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
 }
 
@@ -109,6 +151,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => print!("{out}"),
             }
+            Ok(())
+        }
+        Command::Ca(cmd) => run_ca(cmd),
+    }
+}
+
+fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init {
+            out,
+            trust_domain,
+            lifetime,
+        } => {
+            let root = ca::Ca::generate(&trust_domain, lifetime.as_std())?;
+            root.save(&out)?;
+            eprintln!(
+                "wrote {} and {}",
+                out.join(ca::CA_CERT_FILE).display(),
+                out.join(ca::CA_KEY_FILE).display()
+            );
+            Ok(())
+        }
+        CaCommand::Issue {
+            ca: dir,
+            namespace,
+            service_account,
+            trust_domain,
+            lifetime,
+            out,
+        } => {
+            let id = SpiffeId::new(&trust_domain, &namespace, &service_account).context(
+                "--trust-domain, --namespace and --service-account must form a SPIFFE id",
+            )?;
+            let root = ca::Ca::load(&dir)?;
+            let issued = root.issue(&id, lifetime.as_std())?;
+            ca::write_identity_dir(&out, &issued)?;
+            eprintln!("issued {id} into {}", out.display());
             Ok(())
         }
     }

@@ -94,3 +94,81 @@ fn serve_fails_fast_on_missing_certificates() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tls.crt"));
 }
+
+#[test]
+fn ca_init_and_issue_write_an_identity_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_dir = tmp.path().join("ca");
+    let out_dir = tmp.path().join("web");
+    let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let ca = ca_dir.to_str().unwrap();
+    let out = run(&["ca", "init", "--out", ca]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        ca,
+        "--namespace",
+        "shop",
+        "--service-account",
+        "web",
+        "--lifetime",
+        "2h",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        assert!(out_dir.join(f).exists(), "{f} written");
+    }
+    let mode = std::fs::metadata(out_dir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let pem = std::fs::read_to_string(out_dir.join("cert.pem")).unwrap();
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = der.parse_x509().unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        r#"[URI("spiffe://cluster.local/ns/shop/sa/web")]"#
+    );
+    let v = cert.validity();
+    let life = v.not_after.timestamp() - v.not_before.timestamp();
+    assert_eq!(life, 2 * 3600 + 300, "2h plus the 5 minute backdate");
+
+    // A second init never overwrites the CA key; a bad name is refused clearly.
+    let again = run(&["ca", "init", "--out", ca]);
+    assert_eq!(again.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let bad = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        ca,
+        "--namespace",
+        "Shop",
+        "--service-account",
+        "web",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("bad namespace"), "{err}");
+}

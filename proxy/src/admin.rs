@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::{config::Config, drain, mesh::Mesh, metrics::Metrics};
+use crate::{config::Config, drain, mesh::Mesh, metrics::Metrics, tls::Identity};
 
 mod probes;
 
@@ -27,6 +27,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Mesh config in force.
     pub mesh: Arc<Mesh>,
+    /// The workload identity, when `MESHLET_IDENTITY_DIR` is set; ready waits for it.
+    pub identity: Option<Arc<Identity>>,
     /// Process config.
     pub config: Config,
     /// Starts the drain.
@@ -114,10 +116,15 @@ impl Admin {
                 text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
             }
             "/ready" => {
-                if self.ready.load(Ordering::Acquire) {
-                    text(StatusCode::OK, "ready\n")
-                } else {
+                if !self.ready.load(Ordering::Acquire) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                } else if self.identity.as_ref().is_some_and(|i| !i.is_loaded()) {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: waiting for the mesh identity in MESHLET_IDENTITY_DIR\n",
+                    )
+                } else {
+                    text(StatusCode::OK, "ready\n")
                 }
             }
             "/live" => text(StatusCode::OK, "live\n"),
@@ -194,6 +201,7 @@ mod tests {
             ready: Arc::new(AtomicBool::new(false)),
             metrics: Metrics::new(),
             mesh: Arc::new(Mesh::new(Default::default(), None)),
+            identity: None,
             config,
             shutdown: signal.trigger(),
         };

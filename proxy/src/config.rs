@@ -13,6 +13,8 @@ use std::{
 use meshlet_api::{env, Duration};
 use serde::Serialize;
 
+use crate::tls::TlsMode;
+
 #[cfg(test)]
 mod tests;
 
@@ -65,6 +67,10 @@ pub struct Config {
     pub pod_namespace: Option<String>,
     /// The pod's service account (downward API).
     pub service_account: Option<String>,
+    /// Workload identity directory (`cert.pem`, `key.pem`, `ca.pem`); `None`: no mTLS.
+    pub identity_dir: Option<PathBuf>,
+    /// Whether inbound plaintext is accepted.
+    pub tls_mode: TlsMode,
     /// The app's original httpGet probes, served under `/app-health/...`.
     pub app_probes: meshlet_api::probes::AppProbes,
 }
@@ -185,6 +191,28 @@ impl Config {
             ),
         };
 
+        let identity_dir = value(env, env::PROXY_IDENTITY_DIR).map(PathBuf::from);
+        let tls_mode = match value(env, env::PROXY_TLS_MODE) {
+            None => TlsMode::default(),
+            Some(v) => v.parse().map_err(|()| {
+                invalid(
+                    env::PROXY_TLS_MODE,
+                    &v,
+                    "expected permissive or strict (the meshlet.io/tls-mode annotation)",
+                )
+            })?,
+        };
+        if tls_mode == TlsMode::Strict && identity_dir.is_none() {
+            return Err(invalid(
+                env::PROXY_TLS_MODE,
+                "strict",
+                &format!(
+                    "strict mode refuses everything but mesh mTLS, which needs {}; set it or use permissive",
+                    env::PROXY_IDENTITY_DIR
+                ),
+            ));
+        }
+
         let app_probes = match value(env, env::PROXY_APP_PROBES) {
             None => Default::default(),
             Some(v) => meshlet_api::probes::parse(&v).map_err(|e| {
@@ -209,6 +237,8 @@ impl Config {
             pod_name: value(env, env::POD_NAME),
             pod_namespace: value(env, env::POD_NAMESPACE),
             service_account: value(env, env::SERVICE_ACCOUNT),
+            identity_dir,
+            tls_mode,
             app_probes,
         })
     }

@@ -237,6 +237,12 @@ where
                     .oneshot((target, PrefixedIo::new(Bytes::new(), io)))
                     .await;
             }
+            if target.silent {
+                target.timeout("detect");
+                return tcp
+                    .oneshot((target, PrefixedIo::new(Bytes::new(), io)))
+                    .await;
+            }
             let mut buf = BytesMut::new();
             let detected = detect(&mut io, &mut buf, target.mesh.detect_timeout()).await?;
             if detected.timed_out {
@@ -450,6 +456,8 @@ mod tests {
                 local: None,
                 mesh: Arc::new(Snapshot::new(cfg, opaque)),
                 metrics: Some(metrics.connection(Direction::Outbound, "unknown".into())),
+                tls: Default::default(),
+                silent: false,
             }
         }
 

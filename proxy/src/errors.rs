@@ -40,6 +40,15 @@ pub enum ProxyError {
         /// Why.
         source: hyper::Error,
     },
+    /// The mesh mTLS handshake with a meshed destination failed (for instance the
+    /// server presented an identity the mesh config does not list for it).
+    #[error("mTLS handshake with {dst} failed: {reason}")]
+    Tls {
+        /// The destination.
+        dst: SocketAddr,
+        /// Why, in words.
+        reason: String,
+    },
     /// The destination broke off the exchange.
     #[error("request to {dst} failed: {source}")]
     Upstream {
@@ -57,9 +66,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Connect { .. } | Self::Handshake { .. } | Self::Upstream { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::Connect { .. }
+            | Self::Handshake { .. }
+            | Self::Tls { .. }
+            | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -69,6 +79,7 @@ impl ProxyError {
             Self::Connect { .. } => "connect-failed",
             Self::ConnectTimeout { .. } => "connect-timeout",
             Self::Handshake { .. } => "handshake-failed",
+            Self::Tls { .. } => "tls-failed",
             Self::Upstream { .. } => "upstream-failed",
         }
     }

@@ -2,9 +2,10 @@
 //!
 //! Connections redirected by `meshlet-init` arrive on the outbound (15001) and
 //! inbound (15006) listeners. Each one goes through the same stack of tower
-//! services ([`target`] shows it): original destination, loop guard, protocol detection, then the
-//! HTTP stack ([`http`]) or a TCP splice ([`tcp`]) to that destination. The admin
-//! server (15020) serves readiness, metrics, the effective config and shutdown.
+//! services ([`target`] shows it): original destination, mesh TLS ([`tls`]), loop
+//! guard, protocol detection, then the HTTP stack ([`http`]) or a TCP splice ([`tcp`])
+//! to that destination. The admin server (15020) serves readiness, metrics, the
+//! effective config and shutdown.
 #![deny(rust_2018_idioms, clippy::disallowed_methods, missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod target;
 pub mod tcp;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+pub mod tls;
 pub mod wait_ready;
 
 use std::{
@@ -72,6 +74,9 @@ pub enum Error {
         /// Why.
         source: stdio::Error,
     },
+    /// The TLS setup failed.
+    #[error(transparent)]
+    Identity(#[from] tls::IdentityError),
     /// Signal handlers could not be installed.
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(stdio::Error),
@@ -156,6 +161,10 @@ impl Proxy {
         };
 
         let metrics = Metrics::new();
+        let identity = match &cfg.identity_dir {
+            Some(dir) => Some(tls::Identity::new(dir.clone(), metrics.clone())?),
+            None => None,
+        };
         let mesh = Arc::new(Mesh::new(self.mesh_config, cfg.opaque_ports.clone()));
         let mut local_ips = listen::local_ips();
         local_ips.extend(cfg.pod_ip);
@@ -169,6 +178,11 @@ impl Proxy {
         // Both listeners share one stack; the target carries the direction.
         let stack = tower::ServiceBuilder::new()
             .layer(orig_dst::OrigDstLayer::new(self.orig_dst, mesh.clone()))
+            .layer(tls::MeshTlsLayer::new(
+                identity.clone(),
+                cfg.tls_mode,
+                metrics.clone(),
+            ))
             .layer(metrics::ConnMetricsLayer::new(metrics.clone()))
             .layer(loop_guard::LoopGuardLayer::new(own_ports, local_ips))
             .layer(detect::DetectLayer::new(tcp::ForwardTcp))
@@ -199,12 +213,19 @@ impl Proxy {
                 mesh::POLL_INTERVAL,
             ));
         }
+        if let Some(identity) = &identity {
+            tokio::spawn(tls::identity::watch(
+                identity.clone(),
+                tls::identity::POLL_INTERVAL,
+            ));
+        }
         tokio::spawn(metrics.clone().upkeep_every(METRICS_UPKEEP));
         let ready = Arc::new(AtomicBool::new(false));
         let admin = Arc::new(admin::Admin {
             ready: ready.clone(),
             metrics,
             mesh,
+            identity: identity.clone(),
             config: self.config.clone(),
             shutdown: signal.trigger(),
         });
@@ -219,6 +240,8 @@ impl Proxy {
             admin = %addrs.admin,
             mesh_generation = snap.config.generation,
             services = snap.config.services.len(),
+            tls_mode = ?self.config.tls_mode,
+            identity = ?identity.as_ref().and_then(|i| i.current()).map(|c| c.id.to_string()),
             opaque_ports = ?snap.opaque_ports(),
             "listening"
         );

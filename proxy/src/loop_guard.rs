@@ -105,6 +105,8 @@ mod tests {
             local: Some(local.parse().unwrap()),
             mesh: Arc::new(Snapshot::new(Default::default(), None)),
             metrics: None,
+            tls: Default::default(),
+            silent: false,
         }
     }
 

@@ -17,7 +17,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use meshlet_api::{config::ConfigError as DocError, MeshConfig};
+use meshlet_api::{config::ConfigError as DocError, MeshConfig, SpiffeId};
 use metrics::SharedString;
 
 use crate::{
@@ -55,6 +55,7 @@ pub struct Snapshot {
     /// The document.
     pub config: MeshConfig,
     services: HashMap<SocketAddr, SharedString>,
+    meshed: HashMap<SocketAddr, Arc<[SpiffeId]>>,
     /// Endpoint address (pod IP, target port) -> the Service it serves: the inbound
     /// side's `service` label.
     endpoint_services: HashMap<SocketAddr, SharedString>,
@@ -84,11 +85,14 @@ impl Snapshot {
         opaque_override: Option<&[u16]>,
         prev: Option<&Snapshot>,
     ) -> Self {
-        let known: HashMap<SocketAddr, &Arc<Endpoint>> = prev
+        // One state per endpoint address, shared by every Service that selects it:
+        // the lookup by address is then unambiguous (a HashMap's iteration order
+        // would otherwise pick either Service's copy at random).
+        let mut known: HashMap<SocketAddr, Arc<Endpoint>> = prev
             .into_iter()
             .flat_map(|p| p.balancers.values())
             .flat_map(|b| b.endpoints())
-            .map(|e| (e.addr(), e))
+            .map(|e| (e.addr(), e.clone()))
             .collect();
         let labels: Vec<SharedString> = config
             .services
@@ -100,16 +104,23 @@ impl Snapshot {
             .collect();
         let mut services = HashMap::new();
         let mut balancers = HashMap::new();
+        let mut meshed = HashMap::new();
+        let mut ids: HashMap<usize, Arc<[SpiffeId]>> = HashMap::new();
         for (addr, r) in config.index() {
             services.insert(addr, labels[r.index].clone());
+            let svc = &config.services[r.index];
+            if svc.meshed {
+                let ids = ids
+                    .entry(r.index)
+                    .or_insert_with(|| svc.identities.as_slice().into());
+                meshed.insert(addr, ids.clone());
+            }
             let ready = config.services[r.index]
                 .targets(addr.port())
                 .filter(|(e, _)| e.ready && e.ip.is_ipv4() == addr.is_ipv4())
                 .map(|(e, port)| {
                     let ep = SocketAddr::new(e.ip, port);
-                    known
-                        .get(&ep)
-                        .map_or_else(|| Endpoint::new(ep), |e| Arc::clone(e))
+                    known.entry(ep).or_insert_with(|| Endpoint::new(ep)).clone()
                 })
                 .collect();
             if let Some(b) = Balancer::new(ready) {
@@ -137,6 +148,7 @@ impl Snapshot {
         Self {
             config,
             services,
+            meshed,
             endpoint_services,
             balancers,
             opaque,
@@ -152,6 +164,12 @@ impl Snapshot {
             .or_else(|| self.endpoint_services.get(&dst))
             .cloned()
             .unwrap_or_else(|| SharedString::const_str(UNKNOWN_SERVICE))
+    }
+
+    /// The identities a meshed destination's pods present; `None` when the
+    /// destination is not a meshed service (plaintext).
+    pub fn mesh_identities(&self, dst: SocketAddr) -> Option<&Arc<[SpiffeId]>> {
+        self.meshed.get(&dst)
     }
 
     /// Whether `dst` is a Service's ClusterIP and port.

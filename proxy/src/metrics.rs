@@ -7,12 +7,19 @@
 //!
 //! Labels are bounded by construction: `direction` is one of two values, `service` is
 //! `namespace/name` from the mesh config or `unknown`, `status_code` is an HTTP status,
-//! `tls` is `true|false`. Raw paths, client IPs and ports of unknown destinations never
-//! become labels.
+//! `tls` is `true|false`, and `peer_identity` (inbound mTLS only) is the client's SPIFFE
+//! id, capped at [`MAX_PEER_LABELS`] distinct values (then `other`). Raw paths, client
+//! IPs and ports of unknown destinations never become labels.
 
-use std::{fs, sync::Arc};
+use std::{
+    collections::HashSet,
+    fs,
+    sync::{Arc, Mutex},
+};
 
-use metrics::{Counter, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -20,7 +27,8 @@ use metrics_exporter_prometheus::{
 use crate::{
     io::CountingIo,
     loop_guard::LoopDetected,
-    target::{is_caused_by, BoxError, BoxFuture, Target},
+    target::{is_caused_by, BoxError, BoxFuture, Target, TlsStatus},
+    tls::Reason,
 };
 
 /// Requests by direction, service, status code and TLS.
@@ -73,6 +81,9 @@ static META: Metadata<'static> =
 /// Unknown destinations share one label value.
 pub const UNKNOWN_SERVICE: &str = "unknown";
 
+/// Distinct `peer_identity` label values; later identities share `other`.
+pub const MAX_PEER_LABELS: usize = 128;
+
 /// Which listener a connection came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +98,7 @@ pub enum Direction {
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    peers: Mutex<HashSet<Arc<str>>>,
 }
 
 /// Handles for one accepted connection.
@@ -102,6 +114,8 @@ pub struct ConnMetrics {
 struct ConnLabels {
     direction: Direction,
     service: SharedString,
+    tls: bool,
+    peer: Option<SharedString>,
     metrics: Arc<Metrics>,
 }
 
@@ -141,7 +155,11 @@ impl Metrics {
             // Only fails for an empty bucket list, which the constant is not.
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
-        let m = Self { recorder, handle };
+        let m = Self {
+            recorder,
+            handle,
+            peers: Mutex::default(),
+        };
         let counters: [(&'static str, &'static str); 9] = [
             (REQUESTS, "HTTP requests proxied, by response status"),
             (TCP_OPENED, "Connections accepted"),
@@ -173,10 +191,18 @@ impl Metrics {
         // Show the counters that have no producer yet at zero, so dashboards and
         // alerts can be written against every name from the start.
         for d in [Direction::Inbound, Direction::Outbound] {
-            for name in [RETRIES, TLS_HANDSHAKE_ERRORS] {
+            m.counter(
+                RETRIES,
+                vec![Label::from_static_parts("direction", d.as_str())],
+            )
+            .absolute(0);
+            for reason in Reason::ALL {
                 m.counter(
-                    name,
-                    vec![Label::from_static_parts("direction", d.as_str())],
+                    TLS_HANDSHAKE_ERRORS,
+                    vec![
+                        Label::from_static_parts("direction", d.as_str()),
+                        Label::from_static_parts("reason", reason.as_str()),
+                    ],
                 )
                 .absolute(0);
             }
@@ -195,6 +221,12 @@ impl Metrics {
     pub fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
         self.recorder
             .register_counter(&Key::from_parts(name, labels), &META)
+    }
+
+    /// A gauge handle.
+    pub fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &META)
     }
 
     /// A histogram handle.
@@ -225,29 +257,49 @@ impl Metrics {
         .increment(1);
     }
 
-    /// Registers the handles of a new accepted connection and counts it as opened.
+    /// Registers the handles of a new plaintext connection and counts it as opened.
     pub fn connection(
         self: &Arc<Self>,
         direction: Direction,
         service: SharedString,
     ) -> ConnMetrics {
-        let labels = || {
-            vec![
-                Label::from_static_parts("direction", direction.as_str()),
-                Label::new("service", service.clone()),
-                Label::from_static_parts("tls", "false"),
-            ]
-        };
-        self.counter(TCP_OPENED, labels()).increment(1);
+        self.connection_tls(direction, service, &TlsStatus::Plain)
+    }
+
+    /// Registers the handles of a new accepted connection with its TLS status and
+    /// counts it as opened.
+    pub fn connection_tls(
+        self: &Arc<Self>,
+        direction: Direction,
+        service: SharedString,
+        tls: &TlsStatus,
+    ) -> ConnMetrics {
+        let labels = Arc::new(ConnLabels {
+            direction,
+            service,
+            tls: tls.is_tls(),
+            peer: tls.peer().map(|p| self.peer_label(p)),
+            metrics: self.clone(),
+        });
+        self.counter(TCP_OPENED, labels.base(None)).increment(1);
         ConnMetrics {
-            sent: self.counter(TCP_SENT, labels()),
-            received: self.counter(TCP_RECEIVED, labels()),
-            labels: Arc::new(ConnLabels {
-                direction,
-                service,
-                metrics: self.clone(),
-            }),
+            sent: self.counter(TCP_SENT, labels.base(None)),
+            received: self.counter(TCP_RECEIVED, labels.base(None)),
+            labels,
         }
+    }
+
+    /// The `peer_identity` value for `id`, bounded.
+    fn peer_label(&self, id: &Arc<str>) -> SharedString {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = peers.get(id) {
+            return SharedString::from(known.clone());
+        }
+        if peers.len() >= MAX_PEER_LABELS {
+            return SharedString::const_str("other");
+        }
+        peers.insert(id.clone());
+        SharedString::from(id.clone())
     }
 
     /// Folds recorded histogram samples into their buckets. Samples queue up until
@@ -301,35 +353,41 @@ impl std::fmt::Debug for ConnMetrics {
     }
 }
 
+impl ConnLabels {
+    /// direction, service, then `status_code` if given, then tls and peer_identity.
+    fn base(&self, status: Option<Label>) -> Vec<Label> {
+        let mut v = Vec::with_capacity(5);
+        v.push(Label::from_static_parts(
+            "direction",
+            self.direction.as_str(),
+        ));
+        v.push(Label::new("service", self.service.clone()));
+        v.extend(status);
+        v.push(Label::from_static_parts(
+            "tls",
+            if self.tls { "true" } else { "false" },
+        ));
+        if let Some(p) = &self.peer {
+            v.push(Label::new("peer_identity", p.clone()));
+        }
+        v
+    }
+}
+
 impl ConnMetrics {
     /// Counts the connection as closed with `reason`.
     pub fn closed(&self, reason: &'static str) {
         let l = &self.labels;
-        l.metrics
-            .counter(
-                TCP_CLOSED,
-                vec![
-                    Label::from_static_parts("direction", l.direction.as_str()),
-                    Label::new("service", l.service.clone()),
-                    Label::from_static_parts("tls", "false"),
-                    Label::from_static_parts("reason", reason),
-                ],
-            )
-            .increment(1);
+        let mut labels = l.base(None);
+        labels.push(Label::from_static_parts("reason", reason));
+        l.metrics.counter(TCP_CLOSED, labels).increment(1);
     }
 
     /// Request metrics for HTTP served on this connection.
     pub fn requests(&self) -> RequestMetrics {
         let l = &self.labels;
         RequestMetrics {
-            duration: l.metrics.histogram(
-                REQUEST_DURATION,
-                vec![
-                    Label::from_static_parts("direction", l.direction.as_str()),
-                    Label::new("service", l.service.clone()),
-                    Label::from_static_parts("tls", "false"),
-                ],
-            ),
+            duration: l.metrics.histogram(REQUEST_DURATION, l.base(None)),
             by_status: Default::default(),
             labels: l.clone(),
         }
@@ -364,12 +422,7 @@ impl RequestMetrics {
         let l = &self.labels;
         let c = l.metrics.counter(
             REQUESTS,
-            vec![
-                Label::from_static_parts("direction", l.direction.as_str()),
-                Label::new("service", l.service.clone()),
-                Label::new("status_code", code.to_string()),
-                Label::from_static_parts("tls", "false"),
-            ],
+            l.base(Some(Label::new("status_code", code.to_string()))),
         );
         c.increment(1);
         // A handful of statuses per connection is normal; the bound only guards
@@ -432,9 +485,11 @@ where
     }
 
     fn call(&mut self, (mut target, io): (Target, I)) -> Self::Future {
-        let m = self
-            .metrics
-            .connection(target.direction, target.mesh.service_label(target.dst));
+        let m = self.metrics.connection_tls(
+            target.direction,
+            target.mesh.service_label(target.dst),
+            &target.tls,
+        );
         let io = CountingIo::new(io, m.sent.clone(), m.received.clone());
         target.metrics = Some(m.clone());
         let fut = self.inner.call((target, io));
@@ -576,6 +631,8 @@ mod tests {
             local: None,
             mesh: Arc::new(Snapshot::new(Default::default(), None)),
             metrics: None,
+            tls: Default::default(),
+            silent: false,
         };
         let echo = layer.layer(tower::service_fn(
             |(t, mut io): (Target, CountingIo<tokio::io::DuplexStream>)| async move {

@@ -118,6 +118,8 @@ where
             local: stream.local_addr().ok(),
             mesh: self.mesh.load(),
             metrics: None,
+            tls: Default::default(),
+            silent: false,
         };
         Box::pin(self.inner.call((target, stream)))
     }

@@ -7,6 +7,8 @@
 //! ```text
 //! (Direction, TcpStream)
 //!   -> orig_dst::OrigDstLayer      original destination, mesh snapshot
+//!   -> tls::MeshTlsLayer           inbound: sniff, terminate mesh mTLS or refuse;
+//!                                  outbound: mTLS settings for meshed destinations
 //!   -> metrics::ConnMetricsLayer   opened/closed/bytes (counts on the accepted IO)
 //!   -> loop_guard::LoopGuardLayer  refuses the proxy's own ports
 //!   -> detect::DetectLayer         opaque-port bypass or protocol detection
@@ -19,6 +21,7 @@ use std::{error::Error as StdError, future::Future, net::SocketAddr, pin::Pin, s
 use crate::{
     mesh::Snapshot,
     metrics::{ConnMetrics, Direction},
+    tls::ClientTls,
 };
 
 /// The error of every connection stage.
@@ -40,6 +43,49 @@ pub struct Target {
     pub mesh: Arc<Snapshot>,
     /// The connection's metrics, once the metrics stage has run.
     pub metrics: Option<ConnMetrics>,
+    /// What mesh TLS does on this connection (set by the mesh TLS stage).
+    pub tls: TlsStatus,
+    /// The client already stayed silent for `timeouts.detect` (the mesh TLS stage
+    /// waited for its first bytes): detection would only wait again.
+    pub silent: bool,
+}
+
+/// Mesh TLS on a connection.
+#[derive(Clone, Debug, Default)]
+pub enum TlsStatus {
+    /// Plaintext.
+    #[default]
+    Plain,
+    /// Inbound mesh mTLS was terminated; the client's verified SPIFFE id.
+    Inbound {
+        /// The client's identity.
+        client: Arc<str>,
+    },
+    /// Outbound to a meshed destination: the proxy originates mTLS.
+    Outbound(Arc<ClientTls>),
+}
+
+impl TlsStatus {
+    /// Whether the connection is (or its upstream will be) mesh mTLS.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Self::Plain)
+    }
+
+    /// The outbound settings, if mTLS is to be originated.
+    pub fn client(&self) -> Option<&ClientTls> {
+        match self {
+            Self::Outbound(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The verified client identity of an inbound mTLS connection.
+    pub fn peer(&self) -> Option<&Arc<str>> {
+        match self {
+            Self::Inbound { client } => Some(client),
+            _ => None,
+        }
+    }
 }
 
 impl Target {

@@ -18,10 +18,10 @@ use std::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
-    connect::connect,
     errors::ProxyError,
     io::Reset,
     target::{BoxError, BoxFuture, Target},
+    tls::connect::connect,
 };
 
 /// Splice buffer per direction: small, since a sidecar holds many idle connections.
@@ -96,7 +96,8 @@ where
 
     fn call(&mut self, (target, mut io): (Target, I)) -> Self::Future {
         Box::pin(async move {
-            let mut upstream = match connect(target.dst, target.mesh.connect_timeout()).await {
+            let tls = target.tls.client();
+            let mut upstream = match connect(target.dst, target.mesh.connect_timeout(), tls).await {
                 Ok(s) => s,
                 Err(e) => {
                     if matches!(e, ProxyError::ConnectTimeout { .. }) {

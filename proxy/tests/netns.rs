@@ -371,16 +371,27 @@ fn measure_rss_and_latency() {
         });
     });
     std::thread::sleep(Duration::from_millis(200));
-    let client = ns.proxy_as(&bin, 1337, &[]);
-    let server = ns.proxy_as(
-        &bin,
-        1338,
-        &[
-            ("MESHLET_OUTBOUND_ADDR", "127.0.0.1:25001"),
-            ("MESHLET_INBOUND_ADDR", "0.0.0.0:25006"),
-            ("MESHLET_ADMIN_ADDR", "127.0.0.1:25020"),
-        ],
-    );
+    // MESHLET_MEASURE_MTLS=1: the pair speaks mesh mTLS (identities from the mesh CA,
+    // the ClusterIP marked meshed in the client's mesh config).
+    let pki = std::env::var_os("MESHLET_MEASURE_MTLS").map(|_| mtls_files());
+    let dir = |name: &str| {
+        pki.as_ref()
+            .map(|d| d.path().join(name).to_str().unwrap().to_string())
+    };
+    let (client_id, server_id, mesh) = (dir("client"), dir("server"), dir("mesh.json"));
+    let mut client_env = Vec::new();
+    let mut server_env = vec![
+        ("MESHLET_OUTBOUND_ADDR", "127.0.0.1:25001"),
+        ("MESHLET_INBOUND_ADDR", "0.0.0.0:25006"),
+        ("MESHLET_ADMIN_ADDR", "127.0.0.1:25020"),
+    ];
+    if let (Some(c), Some(s), Some(m)) = (&client_id, &server_id, &mesh) {
+        client_env.push(("MESHLET_IDENTITY_DIR", c.as_str()));
+        client_env.push(("MESHLET_CONFIG_PATH", m.as_str()));
+        server_env.push(("MESHLET_IDENTITY_DIR", s.as_str()));
+    }
+    let client = ns.proxy_as(&bin, 1337, &client_env);
+    let server = ns.proxy_as(&bin, 1338, &server_env);
     std::thread::sleep(Duration::from_millis(500));
     let idle = (rss_kib(client.child.id()), rss_kib(server.child.id()));
 
@@ -406,7 +417,7 @@ fn measure_rss_and_latency() {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.join().unwrap();
-    eprintln!("binary: {bin}");
+    eprintln!("binary: {bin}, mTLS: {}", pki.is_some());
     eprintln!(
         "idle RSS: client {} KiB, server {} KiB; peak at 1000 req/s: {peak} KiB",
         idle.0, idle.1
@@ -430,6 +441,40 @@ fn measure_rss_and_latency() {
         per_k(cpu.0),
         per_k(cpu.1)
     );
+    if pki.is_some() {
+        let m = ns
+            .request("127.0.0.1:25020".parse().unwrap(), "/metrics")
+            .unwrap();
+        assert!(
+            m.contains(r#"tls="true",peer_identity="spiffe://cluster.local/ns/shop/sa/client""#),
+            "the pair spoke mTLS:\n{m}"
+        );
+    }
     assert_eq!(client.terminate(), Some(0));
     assert_eq!(server.terminate(), Some(0));
+}
+
+/// Identities for the measured pair, readable by their UIDs: `client/` (1337),
+/// `server/` (1338) and the client's `mesh.json`.
+fn mtls_files() -> tempfile::TempDir {
+    use meshlet_injector::ca::{self, Ca};
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = Ca::generate("cluster.local", ca::DEFAULT_CA_LIFETIME).unwrap();
+    for (name, sa, uid) in [("client", "client", 1337), ("server", "web", 1338)] {
+        let id = meshlet_api::SpiffeId::new("cluster.local", "shop", sa).unwrap();
+        let d = root.path().join(name);
+        ca::write_identity_dir(&d, &ca.issue(&id, ca::DEFAULT_LIFETIME).unwrap()).unwrap();
+        for f in ["", "ca.pem", "cert.pem", "key.pem"] {
+            chown(d.join(f), Some(uid), Some(uid)).unwrap();
+        }
+    }
+    let mesh = serde_json::json!({"services": [{
+        "name": "web", "namespace": "shop", "clusterIPs": [CLUSTER_IP],
+        "ports": [{"port": 80}], "meshed": true,
+        "identities": ["spiffe://cluster.local/ns/shop/sa/web"],
+    }]});
+    std::fs::write(root.path().join("mesh.json"), mesh.to_string()).unwrap();
+    root
 }

@@ -97,3 +97,22 @@ fn map_source() {
     m.insert("MESHLET_WORKER_THREADS".to_string(), "2".to_string());
     assert_eq!(Config::parse(&m).unwrap().worker_threads, Some(2));
 }
+
+#[test]
+fn identity_and_tls_mode() {
+    let c = parse(&[]).unwrap();
+    assert_eq!((c.identity_dir, c.tls_mode), (None, TlsMode::Permissive));
+    let c = parse(&[
+        ("MESHLET_IDENTITY_DIR", "/var/run/meshlet/identity"),
+        ("MESHLET_TLS_MODE", "strict"),
+    ])
+    .unwrap();
+    assert_eq!(c.identity_dir, Some("/var/run/meshlet/identity".into()));
+    assert_eq!(c.tls_mode, TlsMode::Strict);
+
+    let e = parse(&[("MESHLET_TLS_MODE", "STRICT")]).unwrap_err();
+    assert_eq!(e.name, "MESHLET_TLS_MODE");
+    assert!(e.reason.contains("permissive or strict"), "{e}");
+    let e = parse(&[("MESHLET_TLS_MODE", "strict")]).unwrap_err();
+    assert!(e.reason.contains("MESHLET_IDENTITY_DIR"), "{e}");
+}

@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -27,7 +27,9 @@ use super::{
     headers,
     pool::{Checkin, Pool, PooledBody},
 };
-use crate::{balance::Pick, detect::Protocol, drain, errors::ProxyError, mesh::Mesh, tcp};
+use crate::{
+    balance::Pick, detect::Protocol, drain, errors::ProxyError, mesh::Mesh, tcp, tls::ClientTls,
+};
 
 /// Sends of a request that never left on a pooled connection before a fresh one.
 const MAX_ATTEMPTS: usize = 3;
@@ -51,6 +53,8 @@ pub struct Forward {
     drain: drain::Watch,
     /// Set when `dst` is a Service: where its endpoints are looked up per request.
     balance: Option<Arc<Mesh>>,
+    tls: Option<Arc<ClientTls>>,
+    client_id: Option<HeaderValue>,
 }
 
 /// A send that failed, with the request when it never left (so it may go elsewhere).
@@ -88,6 +92,8 @@ impl Forward {
             idle_timeout,
             drain,
             balance: None,
+            tls: None,
+            client_id: None,
         }
     }
 
@@ -171,6 +177,19 @@ impl Forward {
         }
     }
 
+    /// Mesh settings of the connection: `tls` originates mTLS upstream (outbound to a
+    /// meshed destination); `client_id` is the verified identity of an inbound mTLS
+    /// client, passed to the app as `meshlet-client-id`.
+    pub fn with_mesh(
+        mut self,
+        tls: Option<Arc<ClientTls>>,
+        client_id: Option<HeaderValue>,
+    ) -> Self {
+        self.tls = tls;
+        self.client_id = client_id;
+        self
+    }
+
     async fn forward(self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
         let http1 = self.protocol == Protocol::Http1;
         let upgrade = http1 && headers::is_upgrade(&req);
@@ -179,6 +198,8 @@ impl Forward {
         let connect = http1 && req.method() == Method::CONNECT;
         let downstream = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        // Only this proxy may say who the client is: whatever arrived is dropped.
+        headers::set_client_id(req.headers_mut(), self.client_id.clone());
 
         let (mut rsp, checkin, dst) = self.dispatch(req).await?;
 
@@ -208,7 +229,9 @@ impl Forward {
         }
 
         headers::strip_hop_by_hop(rsp.headers_mut(), false);
-        let checkin = checkin.map(|tx| Checkin::new(self.pool.clone(), dst, tx));
+        headers::set_client_id(rsp.headers_mut(), None);
+        let checkin =
+            checkin.map(|tx| Checkin::with_tls(self.pool.clone(), dst, self.tls.as_deref(), tx));
         Ok(rsp.map(|b| Either::Left(PooledBody::new(b, checkin))))
     }
 
@@ -226,7 +249,11 @@ impl Forward {
     > {
         let mut req = req;
         for _ in 0..MAX_ATTEMPTS {
-            let mut conn = match self.pool.checkout_h1(dst, self.connect_timeout).await {
+            let mut conn = match self
+                .pool
+                .checkout_h1(dst, self.tls.as_deref(), self.connect_timeout)
+                .await
+            {
                 Ok(conn) => conn,
                 Err(error) => {
                     return Err(Failed {
@@ -254,7 +281,11 @@ impl Forward {
             }
         }
         // The last reused connection was stale too: a fresh one decides.
-        let mut conn = match self.pool.checkout_fresh_h1(dst, self.connect_timeout).await {
+        let mut conn = match self
+            .pool
+            .checkout_fresh_h1(dst, self.tls.as_deref(), self.connect_timeout)
+            .await
+        {
             Ok(conn) => conn,
             Err(error) => {
                 return Err(Failed {
@@ -284,7 +315,11 @@ impl Forward {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (mut tx, reused) = match self.pool.checkout_h2(dst, self.connect_timeout).await {
+            let (mut tx, reused) = match self
+                .pool
+                .checkout_h2(dst, self.tls.as_deref(), self.connect_timeout)
+                .await
+            {
                 Ok(c) => c,
                 Err(error) => {
                     return Err(Failed {

@@ -11,6 +11,18 @@ const HOP_BY_HOP: [&str; 4] = [
     "upgrade",
 ];
 
+/// The verified SPIFFE id of a mesh mTLS client, set by the server-side proxy on
+/// requests to its app. Never trusted from outside: every hop removes what it got.
+pub const CLIENT_ID: &str = "meshlet-client-id";
+
+/// Removes any `meshlet-client-id` and, with `id`, sets it to that value.
+pub fn set_client_id(headers: &mut HeaderMap, id: Option<HeaderValue>) {
+    headers.remove(CLIENT_ID);
+    if let Some(id) = id {
+        headers.insert(CLIENT_ID, id);
+    }
+}
+
 /// Whether `req` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` plus
 /// an `Upgrade` header), e.g. WebSocket.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -100,6 +112,24 @@ mod tests {
         left.sort();
         assert_eq!(left, ["host", "trailer", "x-app"]);
         assert_eq!(h["host"], "web.shop:80", "Host is forwarded exactly");
+    }
+
+    #[test]
+    fn client_id_is_replaced_never_passed_on() {
+        let mut h = map(&[
+            ("meshlet-client-id", "spiffe://cluster.local/ns/x/sa/admin"),
+            ("Meshlet-Client-Id", "spiffe://evil/ns/x/sa/y"),
+            ("x-app", "kept"),
+        ]);
+        set_client_id(&mut h, None);
+        assert!(!h.contains_key(CLIENT_ID), "spoofed values are dropped");
+        assert_eq!(h["x-app"], "kept");
+
+        let mut h = map(&[("meshlet-client-id", "spiffe://cluster.local/ns/x/sa/admin")]);
+        let real = HeaderValue::from_static("spiffe://cluster.local/ns/shop/sa/web");
+        set_client_id(&mut h, Some(real.clone()));
+        let all: Vec<_> = h.get_all(CLIENT_ID).iter().collect();
+        assert_eq!(all, vec![&real], "exactly the verified id");
     }
 
     #[test]

@@ -25,7 +25,10 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use crate::{connect::connect, errors::ProxyError};
+use crate::{
+    errors::ProxyError,
+    tls::{connect::connect, ClientTls},
+};
 
 /// Idle HTTP/1 connections kept per destination.
 pub const MAX_IDLE_PER_DST: usize = 16;
@@ -42,8 +45,17 @@ pub struct Pool<B = Incoming> {
 }
 
 struct Inner<B> {
-    h1: Mutex<HashMap<SocketAddr, Vec<Idle<B>>>>,
-    h2: Mutex<HashMap<SocketAddr, H2Slot<B>>>,
+    h1: Mutex<HashMap<Key, Vec<Idle<B>>>>,
+    h2: Mutex<HashMap<Key, H2Slot<B>>>,
+}
+
+/// Connections are pooled per destination and mesh TLS settings: a plaintext
+/// connection never carries a request meant for mTLS, nor one verified for a
+/// different set of server identities.
+type Key = (SocketAddr, Option<u64>);
+
+fn key(dst: SocketAddr, tls: Option<&ClientTls>) -> Key {
+    (dst, tls.map(ClientTls::key))
 }
 
 /// An idle HTTP/1 connection and when it became idle.
@@ -69,7 +81,7 @@ pub struct PooledBody<B = Incoming> {
 /// Where a finished HTTP/1 connection goes back to.
 pub struct Checkin<B = Incoming> {
     pool: Pool<B>,
-    dst: SocketAddr,
+    key: Key,
     tx: http1::SendRequest<B>,
 }
 
@@ -105,13 +117,15 @@ where
         Self::default()
     }
 
-    /// An HTTP/1 connection to `dst`: idle if one is ready, else a new one.
+    /// An HTTP/1 connection to `dst` (mesh mTLS with `tls`): idle if one is ready,
+    /// else a new one.
     pub async fn checkout_h1(
         &self,
         dst: SocketAddr,
+        tls: Option<&ClientTls>,
         connect_timeout: Duration,
     ) -> Result<H1Conn<B>, ProxyError> {
-        while let Some(mut tx) = self.pop_h1(dst) {
+        while let Some(mut tx) = self.pop_h1(key(dst, tls)) {
             // Usually ready already: skip arming a timer per request.
             if tx.is_ready() {
                 return Ok(H1Conn { tx, reused: true });
@@ -120,16 +134,17 @@ where
                 return Ok(H1Conn { tx, reused: true });
             }
         }
-        self.checkout_fresh_h1(dst, connect_timeout).await
+        self.checkout_fresh_h1(dst, tls, connect_timeout).await
     }
 
     /// A new HTTP/1 connection to `dst`.
     pub async fn checkout_fresh_h1(
         &self,
         dst: SocketAddr,
+        tls: Option<&ClientTls>,
         connect_timeout: Duration,
     ) -> Result<H1Conn<B>, ProxyError> {
-        let io = connect(dst, connect_timeout).await?;
+        let io = connect(dst, connect_timeout, tls).await?;
         let (tx, conn) = http1::Builder::new()
             .max_buf_size(super::server::MAX_BUF_BYTES)
             .handshake(TokioIo::new(io))
@@ -148,22 +163,24 @@ where
     pub async fn checkout_h2(
         &self,
         dst: SocketAddr,
+        tls: Option<&ClientTls>,
         connect_timeout: Duration,
     ) -> Result<(http2::SendRequest<B>, bool), ProxyError> {
+        let k = key(dst, tls);
         let slot = {
             let mut h2 = lock(&self.inner.h2);
-            if !h2.contains_key(&dst) && h2.len() >= MAX_DSTS {
+            if !h2.contains_key(&k) && h2.len() >= MAX_DSTS {
                 h2.retain(|_, slot| {
                     slot.try_lock()
                         .map_or(true, |tx| tx.as_ref().is_some_and(|tx| !tx.is_closed()))
                 });
             }
-            match h2.get(&dst) {
+            match h2.get(&k) {
                 Some(slot) => slot.clone(),
                 None => {
                     let slot = Arc::new(tokio::sync::Mutex::new(None));
                     if h2.len() < MAX_DSTS {
-                        h2.insert(dst, slot.clone());
+                        h2.insert(k, slot.clone());
                     }
                     slot
                 }
@@ -177,7 +194,7 @@ where
                 return Ok((tx.clone(), true));
             }
         }
-        let io = connect(dst, connect_timeout).await?;
+        let io = connect(dst, connect_timeout, tls).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(io))
@@ -192,14 +209,14 @@ where
         Ok((tx, false))
     }
 
-    /// Idle HTTP/1 connections to `dst`.
+    /// Idle plaintext HTTP/1 connections to `dst`.
     pub fn idle_h1(&self, dst: SocketAddr) -> usize {
-        lock(&self.inner.h1).get(&dst).map_or(0, Vec::len)
+        lock(&self.inner.h1).get(&(dst, None)).map_or(0, Vec::len)
     }
 
-    fn pop_h1(&self, dst: SocketAddr) -> Option<http1::SendRequest<B>> {
+    fn pop_h1(&self, k: Key) -> Option<http1::SendRequest<B>> {
         let mut h1 = lock(&self.inner.h1);
-        let idle = h1.get_mut(&dst)?;
+        let idle = h1.get_mut(&k)?;
         let now = Instant::now();
         // Newest first: the most recently used connection is the least likely to
         // have been closed by the server's own idle timeout.
@@ -213,20 +230,20 @@ where
             }
         };
         if idle.is_empty() {
-            h1.remove(&dst);
+            h1.remove(&k);
         }
         found
     }
 }
 
 impl<B> Pool<B> {
-    fn checkin_h1(&self, dst: SocketAddr, tx: http1::SendRequest<B>) {
+    fn checkin_h1(&self, k: Key, tx: http1::SendRequest<B>) {
         if tx.is_closed() {
             return;
         }
         let mut h1 = lock(&self.inner.h1);
         let now = Instant::now();
-        if !h1.contains_key(&dst) && h1.len() >= MAX_DSTS {
+        if !h1.contains_key(&k) && h1.len() >= MAX_DSTS {
             h1.retain(|_, idle| {
                 idle.retain(|(at, tx)| now.duration_since(*at) < IDLE_TIMEOUT && !tx.is_closed());
                 !idle.is_empty()
@@ -235,7 +252,7 @@ impl<B> Pool<B> {
                 return;
             }
         }
-        let idle = h1.entry(dst).or_default();
+        let idle = h1.entry(k).or_default();
         if idle.len() < MAX_IDLE_PER_DST {
             idle.push((now, tx));
         }
@@ -257,15 +274,29 @@ impl<B> PooledBody<B> {
 
     fn finish(&mut self) {
         if let Some(c) = self.checkin.take() {
-            c.pool.checkin_h1(c.dst, c.tx);
+            c.pool.checkin_h1(c.key, c.tx);
         }
     }
 }
 
 impl<B> Checkin<B> {
-    /// Returns `tx` to `pool` for `dst` when the body ends.
+    /// Returns `tx` to `pool` for `dst` (plaintext) when the body ends.
     pub fn new(pool: Pool<B>, dst: SocketAddr, tx: http1::SendRequest<B>) -> Self {
-        Self { pool, dst, tx }
+        Self::with_tls(pool, dst, None, tx)
+    }
+
+    /// Returns `tx` to `pool` for `dst` with mesh TLS settings `tls`.
+    pub fn with_tls(
+        pool: Pool<B>,
+        dst: SocketAddr,
+        tls: Option<&ClientTls>,
+        tx: http1::SendRequest<B>,
+    ) -> Self {
+        Self {
+            pool,
+            key: key(dst, tls),
+            tx,
+        }
     }
 }
 
@@ -336,7 +367,10 @@ mod tests {
     }
 
     async fn request(pool: &Pool<Empty<Bytes>>, dst: SocketAddr) -> bool {
-        let mut conn = pool.checkout_h1(dst, Duration::from_secs(5)).await.unwrap();
+        let mut conn = pool
+            .checkout_h1(dst, None, Duration::from_secs(5))
+            .await
+            .unwrap();
         let rsp = conn
             .tx
             .send_request(http::Request::get("/").body(Empty::new()).unwrap())
@@ -369,7 +403,7 @@ mod tests {
         let mut open = Vec::new();
         for _ in 0..MAX_IDLE_PER_DST + 4 {
             open.push(
-                pool.checkout_fresh_h1(dst, Duration::from_secs(5))
+                pool.checkout_fresh_h1(dst, None, Duration::from_secs(5))
                     .await
                     .unwrap(),
             );
@@ -396,7 +430,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let pool: Pool<Empty<Bytes>> = Pool::new();
-        match pool.checkout_h1(dst, Duration::from_secs(5)).await {
+        match pool.checkout_h1(dst, None, Duration::from_secs(5)).await {
             Err(ProxyError::Connect { dst: d, .. }) => assert_eq!(d, dst),
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("connect to a closed port succeeded"),

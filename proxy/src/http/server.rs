@@ -20,7 +20,7 @@ use crate::{
     drain,
     mesh::Mesh,
     metrics::Direction,
-    target::{BoxError, BoxFuture, Target},
+    target::{BoxError, BoxFuture, Target, TlsStatus},
 };
 
 /// The HTTP service of the connection stack: builds the per-connection HTTP stack
@@ -63,6 +63,14 @@ where
 
     fn call(&mut self, (target, protocol, io): (Target, Protocol, I)) -> Self::Future {
         let drain = self.drain.clone();
+        let client_id = target
+            .tls
+            .peer()
+            .and_then(|id| http::HeaderValue::from_str(id).ok());
+        let tls = match &target.tls {
+            TlsStatus::Outbound(t) => Some(t.clone()),
+            _ => None,
+        };
         let fwd = Forward::new(
             target.dst,
             protocol,
@@ -70,7 +78,8 @@ where
             target.mesh.connect_timeout(),
             target.mesh.idle_timeout(),
             drain.clone(),
-        );
+        )
+        .with_mesh(tls, client_id);
         // Only Services known when the connection came in are balanced, so other
         // destinations pay no lookup per request; endpoints themselves are looked up
         // per request.

@@ -1,0 +1,195 @@
+//! Outbound mesh mTLS: connects to a meshed destination and runs the client handshake,
+//! offering ALPN `meshlet/1` and checking the server's identity.
+
+use std::{
+    hash::{DefaultHasher, Hash, Hasher},
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use meshlet_api::MESH_ALPN;
+use metrics::Label;
+use rustls::{pki_types::ServerName, ClientConfig};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
+
+use super::Reason;
+use crate::{errors::ProxyError, metrics::Metrics};
+
+/// What an outbound connection needs to originate mesh mTLS.
+pub struct ClientTls {
+    config: Arc<ClientConfig>,
+    key: u64,
+    metrics: Arc<Metrics>,
+}
+
+/// An upstream connection: plaintext, or mesh mTLS to a meshed destination.
+pub enum Upstream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mesh mTLS (boxed: a TLS session is large, most connections are plain).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+// === impl ClientTls ===
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Handshakes with `config`; `key` identifies the expected identities
+    /// (connections are pooled, and sessions resumed, per destination and key).
+    pub fn new(config: Arc<ClientConfig>, key: u64, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            key,
+            metrics,
+        }
+    }
+
+    /// Identifies the expected server identities, for pool keys.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
+    /// Runs the client handshake on `tcp`, bounded by `timeout`.
+    pub async fn handshake(
+        &self,
+        dst: SocketAddr,
+        tcp: TcpStream,
+        timeout: Duration,
+    ) -> Result<TlsStream<TcpStream>, ProxyError> {
+        let connector = TlsConnector::from(self.config.clone());
+        let fail = |reason: Reason, message: String| {
+            self.metrics
+                .tls_handshake_error(crate::metrics::Direction::Outbound, reason);
+            ProxyError::Tls {
+                dst,
+                reason: message,
+            }
+        };
+        // The name is only a session-cache key (SNI is off): one per endpoint and set
+        // of expected identities, so a session verified for one set of identities is
+        // never resumed for another.
+        let mut h = DefaultHasher::new();
+        (self.key, dst).hash(&mut h);
+        let name = ServerName::try_from(format!("{:016x}.meshlet.invalid", h.finish()))
+            .map_err(|e| fail(Reason::Handshake, e.to_string()))?;
+        match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+            Err(_) => Err(fail(
+                Reason::Timeout,
+                format!("no answer within {timeout:?}; is the destination's sidecar running?"),
+            )),
+            Ok(Err(e)) => Err(fail(Reason::of(&e), super::describe(&e))),
+            Ok(Ok(s)) if s.get_ref().1.alpn_protocol() != Some(MESH_ALPN) => Err(fail(
+                Reason::Handshake,
+                "the server did not agree to ALPN meshlet/1; it is not a meshlet sidecar".into(),
+            )),
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+}
+
+/// Connects to `dst`, with mesh mTLS when `tls` is set; `timeout` bounds the TCP
+/// connect and the handshake each.
+pub async fn connect(
+    dst: SocketAddr,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Upstream, ProxyError> {
+    let tcp = crate::connect::connect(dst, timeout).await?;
+    match tls {
+        None => Ok(Upstream::Plain(tcp)),
+        Some(t) => Ok(Upstream::Tls(Box::new(
+            t.handshake(dst, tcp, timeout).await?,
+        ))),
+    }
+}
+
+// === impl Metrics (TLS) ===
+
+impl Metrics {
+    /// Counts a failed handshake or refused connection.
+    pub fn tls_handshake_error(&self, direction: crate::metrics::Direction, reason: Reason) {
+        self.counter(
+            crate::metrics::TLS_HANDSHAKE_ERRORS,
+            vec![
+                Label::from_static_parts("direction", direction.as_str()),
+                Label::from_static_parts("reason", reason.as_str()),
+            ],
+        )
+        .increment(1);
+    }
+}
+
+// === impl Upstream ===
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
