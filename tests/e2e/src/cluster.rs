@@ -170,7 +170,8 @@ impl Binaries {
     ///
     /// A `command` whose first word names a meshlet binary wins; otherwise the image's
     /// repository name picks the binary (`*meshlet-testapp*`, `*meshlet-proxy*`,
-    /// `*meshlet-init*`) and `args` follow as for an image entrypoint.
+    /// `*meshlet-init*`, `*meshlet-injector*`) and `args` follow as for an image
+    /// entrypoint.
     pub fn resolve(&self, c: &Container) -> Result<(PathBuf, Vec<String>), Error> {
         let command = c.command.clone().unwrap_or_default();
         let args = c.args.clone().unwrap_or_default();
@@ -200,6 +201,8 @@ impl Binaries {
             &self.init
         } else if repo.contains("meshlet-proxy") || (repo == "proxy" && image.contains("meshlet")) {
             &self.proxy
+        } else if repo.contains("meshlet-injector") {
+            &self.injector
         } else {
             return Err(Error::Manifest(format!(
                 "container {} uses image {image:?}: the mini-cluster maps only meshlet-proxy, meshlet-init and meshlet-testapp images to local binaries",
@@ -1477,6 +1480,16 @@ mod tests {
         assert_eq!(
             b.resolve(&c(sidecar::PROXY_IMAGE, None, vec![])).unwrap().0,
             PathBuf::from("/b/meshlet-proxy")
+        );
+        assert_eq!(
+            b.resolve(&c(
+                "ghcr.io/meshlet/meshlet-injector:0.1.0",
+                None,
+                vec!["serve"]
+            ))
+            .unwrap()
+            .0,
+            PathBuf::from("/b/meshlet-injector")
         );
         assert!(b.resolve(&c("nginx:1.27", None, vec![])).is_err());
     }

@@ -631,7 +631,40 @@ impl Worker {
                 return ProbeResult::Fail(format!("probe port {:?} does not resolve", h.port));
             };
             let addr = SocketAddr::from((self.ip, port));
-            return match http_in(node, addr, "GET", h.path.as_deref().unwrap_or("/")) {
+            let path = h.path.as_deref().unwrap_or("/");
+            if h.scheme.as_deref() == Some("HTTPS") {
+                // The kubelet does not verify a probe's certificate; neither does curl -k.
+                let url = format!("https://{addr}{path}");
+                let mut cmd = node.command("curl");
+                cmd.args([
+                    "-ksS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-m",
+                    "2",
+                    &url,
+                ]);
+                return match netns::run_with_timeout(&mut cmd, Duration::from_secs(3)) {
+                    Ok(out) => {
+                        let code: u16 = String::from_utf8_lossy(&out.stdout)
+                            .trim()
+                            .parse()
+                            .unwrap_or(0);
+                        if (200..400).contains(&code) {
+                            ProbeResult::Ok
+                        } else {
+                            ProbeResult::Fail(format!(
+                                "GET {url}: {code} {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            ))
+                        }
+                    }
+                    Err(e) => ProbeResult::Fail(e.to_string()),
+                };
+            }
+            return match http_in(node, addr, "GET", path) {
                 Ok((s, _)) if (200..400).contains(&s) => ProbeResult::Ok,
                 Ok((s, b)) => ProbeResult::Fail(format!("HTTP {s}: {}", b.trim())),
                 Err(e) => ProbeResult::Fail(e.to_string()),

@@ -106,19 +106,21 @@ mnt() {
 }
 "#,
     );
-    out.push_str(&format!(
-        "STAGE={}
-",
-        q(&stage.display().to_string())
-    ));
-    for (src, dst, ro) in mounts {
+    out.push_str(&format!("STAGE={}\n", q(&stage.display().to_string())));
+    // Every source is opened before the first mount: a mount at /tmp (an emptyDir)
+    // would hide sources under /tmp; /proc/self/fd/N still names them.
+    for (i, (src, _, _)) in mounts.iter().enumerate() {
         out.push_str(&format!(
-            "mnt {} {} {}
-",
-            q(&src.display().to_string()),
-            q(dst),
-            if *ro { "ro" } else { "rw" }
+            "exec {{f{i}}}<{}\n",
+            q(&src.display().to_string())
         ));
+    }
+    for (i, (_, dst, ro)) in mounts.iter().enumerate() {
+        let ro = if *ro { "ro" } else { "rw" };
+        out.push_str(&format!("mnt \"/proc/self/fd/$f{i}\" {} {ro}\n", q(dst)));
+    }
+    for i in 0..mounts.len() {
+        out.push_str(&format!("exec {{f{i}}}<&-\n"));
     }
     out.push_str("exec \"$@\"\n");
     out
@@ -721,8 +723,9 @@ mod tests {
             Path::new("/p/stage"),
         );
         assert!(s.contains("STAGE='/p/stage'"), "{s}");
+        assert!(s.contains("exec {f0}<'/v/tok'\n"), "{s}");
         assert!(
-            s.contains("mnt '/v/tok' '/var/run/secrets/x'\\''s' ro"),
+            s.contains("mnt \"/proc/self/fd/$f0\" '/var/run/secrets/x'\\''s' ro"),
             "{s}"
         );
         assert!(s.ends_with("exec \"$@\"\n"));
