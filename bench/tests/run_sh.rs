@@ -104,4 +104,11 @@ fn fails_when_the_load_bypasses_a_sidecar() {
         "it wrote results"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+    // A failed run keeps its logs for the reader; this failure was the point.
+    let kept = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("run.sh: logs kept in "))
+        .unwrap_or_else(|| panic!("run.sh did not say where its logs are:\n{stderr}"));
+    assert!(kept.starts_with("/tmp/mlbench-"), "{kept}");
+    std::fs::remove_dir_all(kept).unwrap();
 }
