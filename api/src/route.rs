@@ -509,9 +509,14 @@ impl RouteMatch {
 
 fn check_regex(pattern: &str, field: String) -> Result<(), FieldError> {
     compile_regex(pattern).map(drop).map_err(|e| {
+        // regex's message spans lines (pattern, caret, reason); keep the reason so the
+        // error fits one log line.
+        let msg = e.to_string();
+        let reason = msg.lines().last().unwrap_or_default().trim();
+        let reason = reason.trim_start_matches("error: ");
         (
             field,
-            format!("invalid regular expression {pattern:?}: {e}"),
+            format!("invalid regular expression {pattern:?}: {reason}"),
         )
     })
 }

@@ -665,3 +665,41 @@ fn refuses_an_invalid_route() {
     assert_eq!(e.route, "shop/bad");
     assert_eq!(e.field, "rules[0].matches[0].path.value");
 }
+
+/// The injector's golden output for `injector/tests/testdata/compile`, decided here: the
+/// compiler and the engine agree on the document.
+#[test]
+fn decides_on_the_compilers_golden_document() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../injector/tests/testdata/compile-golden/mesh.json"
+    );
+    let cfg = meshlet_api::MeshConfig::from_json(&std::fs::read(path).unwrap()).unwrap();
+    let svc = cfg.services.iter().find(|s| s.name == "reviews").unwrap();
+    let rs = Routes::new(&svc.namespace, &svc.routes).unwrap();
+    let mut r = req("GET", "/reviews/1", &[("version", "v2")]);
+    r.port = 9080;
+    r.ns = Some("bookinfo");
+    assert_eq!(
+        to(&rs, &r).as_deref(),
+        Some("reviews-v2"),
+        "canary by header"
+    );
+    let mut v1 = 0;
+    r.headers.remove("version");
+    for random in 0..100 {
+        if let Action::Forward(f) = rs.decide(&r.info(), random).unwrap().action {
+            v1 += usize::from(f.backend.name == "reviews-v1");
+        }
+    }
+    assert_eq!(v1, 80, "80/20 split");
+    r.uri = "/old/page".parse().unwrap();
+    assert_eq!(
+        rs.decide(&r.info(), 0).unwrap().action,
+        Action::Redirect {
+            status: 301,
+            location: "http://web.shop:9080/new/page".into()
+        },
+        "redirect keeps the Service port; Host comes from the request"
+    );
+}
