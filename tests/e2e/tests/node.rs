@@ -11,185 +11,20 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitCode, Stdio},
+    path::Path,
+    process::{Command, ExitCode},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use meshlet_e2e::cluster::{self, netns};
 use serde_json::Value;
 
+#[path = "support/kube.rs"]
+mod support;
+use support::*;
+
 const SUBNET: u8 = 78;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The folder `tools/kube/build.sh` puts the binaries in (same hash as the script).
-fn kube_bin_dir() -> Result<PathBuf> {
-    let here = root().join("tools/kube");
-    let mut cat = Command::new("bash");
-    cat.arg("-c")
-        .arg("cat go.mod go.sum | sha256sum | cut -c1-12")
-        .current_dir(&here);
-    let hash = String::from_utf8(cat.output()?.stdout)?.trim().to_string();
-    let dir = root().join(format!("target/tools/kube-{hash}"));
-    for b in [
-        "kube-apiserver",
-        "kube-controller-manager",
-        "etcd",
-        "kubectl",
-    ] {
-        ensure!(
-            dir.join(b).is_file(),
-            "{} is missing: build the control plane first with `bash tools/kube/build.sh` (needs Go 1.26, ~6 min cold)",
-            dir.join(b).display()
-        );
-    }
-    Ok(dir)
-}
-
-/// `tools/kube/cluster.sh up` in a state dir of our own; `down` on drop.
-struct ControlPlane {
-    state: PathBuf,
-}
-
-impl ControlPlane {
-    fn up() -> Result<Self> {
-        let state = root().join(format!("target/kube-node-test-{}", std::process::id()));
-        let me = Self { state };
-        let out = me.script("up")?;
-        ensure!(
-            out.status.success(),
-            "`tools/kube/cluster.sh up` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(me)
-    }
-
-    fn script(&self, cmd: &str) -> Result<std::process::Output> {
-        Command::new("bash")
-            .arg(root().join("tools/kube/cluster.sh"))
-            .arg(cmd)
-            .env("MESHLET_KUBE_DIR", &self.state)
-            .stdin(Stdio::null())
-            .output()
-            .context("running tools/kube/cluster.sh")
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.script("down");
-    }
-}
-
-/// The agent process; SIGTERM (then SIGKILL) on drop.
-struct Agent {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then wait up to 20 s; the exit status.
-    fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("agent already stopped")?;
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = child.try_wait()? {
-                return Ok(st);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("meshlet-node ignored SIGTERM for 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop();
-        }
-    }
-}
-
-struct Kubectl {
-    bin: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Kubectl {
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let mut c = Command::new(&self.bin);
-        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
-        let out = netns::run_with_timeout(&mut c, Duration::from_secs(60))?;
-        ensure!(
-            out.status.success(),
-            "kubectl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn json(&self, args: &[&str]) -> Result<Value> {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        Ok(serde_json::from_str(&self.run(&a)?)?)
-    }
-}
-
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-}
-
-fn p50(v: &mut [u128]) -> u128 {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or(0)
-}
-
-fn pods_ns_count(prefix: &str, ns: &str) -> usize {
-    netns::list_with_prefix(&format!("{prefix}{ns}")).len()
-}
 
 fn story() -> Result<()> {
     cluster::check_prereqs().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -212,24 +47,14 @@ fn story() -> Result<()> {
     };
     let name = format!("node-test-{}", std::process::id());
     let work = tempfile::Builder::new().prefix("mlnode-test-").tempdir()?;
-    let log = work.path().join("agent.log");
-    let child = Command::new(&node_bin)
-        .arg("--cluster-env")
-        .arg(cp.state.join("cluster.env"))
-        .args(["--name", &name, "--subnet", &SUBNET.to_string()])
-        .args(["--token-refresh-seconds", "2"])
-        .arg("--state-dir")
-        .arg(work.path().join("state"))
-        .env("MESHLET_NODE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(std::fs::File::create(work.path().join("agent.err"))?)
-        .spawn()
-        .context("starting meshlet-node")?;
-    let mut agent = Agent {
-        child: Some(child),
-        log,
-    };
+    let mut agent = start_agent(
+        &node_bin,
+        &cp,
+        &name,
+        SUBNET,
+        &["--token-refresh-seconds", "2"],
+        work.path(),
+    )?;
     let prefix = format!("mlnode-{}-", agent.pid());
     let r = steps(&k, &name, &prefix, &mut agent, &bins, work.path());
     if r.is_err() {

@@ -186,18 +186,25 @@ impl Server {
             }
             let mut containers = Vec::new();
             let mut window = Duration::ZERO;
+            let mut complete = true;
             for c in st.containers.iter().filter(|c| c.kind != Kind::Init) {
-                if let Some((cpu, mem, w)) = samples
+                match samples
                     .by_container
                     .get(&(p.uid.clone(), c.name.clone()))
                     .and_then(usage)
                 {
-                    window = window.max(w);
-                    containers.push(json!({"name": c.name, "usage": {
-                        "cpu": format!("{cpu}n"), "memory": format!("{}Ki", mem / 1024)}}));
+                    Some((cpu, mem, w)) => {
+                        window = window.max(w);
+                        containers.push(json!({"name": c.name, "usage": {
+                            "cpu": format!("{cpu}n"), "memory": format!("{}Ki", mem / 1024)}}));
+                    }
+                    None if c.pid.is_some() => complete = false,
+                    None => {}
                 }
             }
-            if containers.is_empty() {
+            // Like metrics-server: a pod shows up once every running container has
+            // a measured window, never half of it.
+            if containers.is_empty() || !complete {
                 continue;
             }
             items.push(json!({

@@ -1,0 +1,256 @@
+//! The user's story on the real control plane with `meshlet-node` as its node:
+//! `helm install` the chart (the injector runs as pods on the node), `kubectl apply`
+//! the sample into its labelled namespace (the real webhook injects, reached through
+//! the API server's egress socket), traffic through the sidecars, `kubectl rollout
+//! restart`, `kubectl top pod --containers`, `helm uninstall`, nothing left behind.
+//!
+//! Needs root, the control plane (`bash tools/kube/build.sh`), Helm
+//! (`bash scripts/tools.sh ensure_helm`) and `cargo build --workspace --bins`;
+//! when something is missing it FAILS saying what to run.
+
+use std::{
+    path::Path,
+    process::{Command, ExitCode},
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use meshlet_e2e::cluster::{self, netns};
+use serde_json::Value;
+
+#[path = "support/kube.rs"]
+mod support;
+use support::*;
+
+const SUBNET: u8 = 79;
+
+fn helm_bin() -> Result<std::path::PathBuf> {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/tools.sh"))
+        .arg("ensure_helm")
+        .output()
+        .context("running scripts/tools.sh ensure_helm")?;
+    ensure!(
+        out.status.success(),
+        "no Helm: `bash scripts/tools.sh ensure_helm` failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = std::path::PathBuf::from(path.lines().last().unwrap_or(""));
+    ensure!(
+        path.is_file(),
+        "scripts/tools.sh ensure_helm printed {path:?}, not a file"
+    );
+    Ok(path)
+}
+
+fn helm(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let mut c = Command::new(bin);
+    c.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .current_dir(root());
+    let out = netns::run_with_timeout(&mut c, Duration::from_secs(180))?;
+    ensure!(
+        out.status.success(),
+        "helm {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn hello_pods(k: &Kubectl) -> Result<Vec<Value>> {
+    Ok(k.json(&["-n", "hello", "get", "pods"])?["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn story() -> Result<()> {
+    cluster::check_prereqs().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let kube = kube_bin_dir()?;
+    let helm_bin = helm_bin()?;
+    let bins = cluster::Binaries::locate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let node_bin = bins.dir.join("meshlet-node");
+    for b in [&node_bin, &bins.injector] {
+        ensure!(
+            b.is_file(),
+            "{} is missing: run `cargo build --workspace --bins` first",
+            b.display()
+        );
+    }
+    let t_all = Instant::now();
+    let cp = ControlPlane::up()?;
+    let k = Kubectl {
+        bin: kube.join("kubectl"),
+        kubeconfig: cp.state.join("kubeconfig"),
+    };
+    let name = format!("story-{}", std::process::id());
+    let work = tempfile::Builder::new().prefix("mlnode-story-").tempdir()?;
+    let mut agent = start_agent(&node_bin, &cp, &name, SUBNET, &[], work.path())?;
+    let prefix = format!("mlnode-{}-", agent.pid());
+    let r = steps(&k, &helm_bin, &prefix, &mut agent);
+    if r.is_err() {
+        eprintln!("--- meshlet-node log ---\n{}", agent.log());
+    }
+    r?;
+    drop(cp);
+    println!("whole story in {:.1} s", t_all.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Result<()> {
+    let t = Instant::now();
+    helm(
+        helm_bin,
+        &k.kubeconfig,
+        &[
+            "install",
+            "meshlet",
+            "charts/meshlet",
+            "-n",
+            "meshlet-system",
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    )?;
+    println!(
+        "ok   helm install: injector pods Ready on meshlet-node in {} ms",
+        t.elapsed().as_millis()
+    );
+
+    let t = Instant::now();
+    k.run(&[
+        "apply",
+        "-f",
+        &root().join("samples/hello.yaml").display().to_string(),
+    ])?;
+    let pods = wait_for("6 pods Ready in hello", Duration::from_secs(90), || {
+        let items = hello_pods(k)?;
+        Ok((items.len() == 6 && items.iter().all(ready)).then_some(items))
+    })?;
+    for p in &pods {
+        let n = p["metadata"]["name"].as_str().unwrap_or("");
+        let inits: Vec<&str> = p["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        let injected = p["metadata"]["annotations"]["meshlet.io/status"].is_string();
+        if n.starts_with("legacy-") {
+            ensure!(
+                !injected && inits.is_empty(),
+                "{n} opted out but was injected"
+            );
+        } else {
+            ensure!(
+                injected && inits == ["meshlet-init", "meshlet-proxy"],
+                "{n} not injected by the webhook: init containers {inits:?}"
+            );
+        }
+    }
+    println!(
+        "ok   webhook injected 5 pods (legacy opted out), all Ready {} ms after apply",
+        t.elapsed().as_millis()
+    );
+
+    let client = pods
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .find(|n| n.starts_with("client-"))
+        .context("no client pod")?
+        .to_string();
+    let ns = netns::Netns::existing(&format!("{prefix}hello.{client}"));
+    for _ in 0..3 {
+        let body = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://198.19.0.10/"])
+            .map_err(|e| anyhow::anyhow!("curl through the client's sidecar: {e}"))?;
+        ensure!(body.contains("backend-v"), "reply {body}");
+    }
+    println!("ok   client -> backend through both sidecars");
+
+    let old: Vec<String> = pods
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .filter(|n| n.starts_with("backend-v1-"))
+        .map(String::from)
+        .collect();
+    let t = Instant::now();
+    k.run(&["-n", "hello", "rollout", "restart", "deployment/backend-v1"])?;
+    k.run(&[
+        "-n",
+        "hello",
+        "rollout",
+        "status",
+        "deployment/backend-v1",
+        "--timeout=90s",
+    ])?;
+    wait_for(
+        "the old backend-v1 pod gone",
+        Duration::from_secs(60),
+        || {
+            let items = hello_pods(k)?;
+            let names: Vec<&str> = items
+                .iter()
+                .filter_map(|p| p["metadata"]["name"].as_str())
+                .collect();
+            Ok((items.len() == 6
+                && items.iter().all(ready)
+                && !old.iter().any(|o| names.contains(&o.as_str())))
+            .then_some(()))
+        },
+    )?;
+    println!(
+        "ok   rollout restart deployment/backend-v1 done in {} ms",
+        t.elapsed().as_millis()
+    );
+
+    let top = wait_for(
+        "kubectl top with meshlet-proxy rows",
+        Duration::from_secs(60),
+        || {
+            let out = k.run(&["-n", "hello", "top", "pod", "--containers"])?;
+            Ok(
+                (out.matches("meshlet-proxy").count() == 5 && out.lines().count() == 16)
+                    .then_some(out),
+            )
+        },
+    )?;
+    println!("ok   kubectl top pod --containers:\n{top}");
+
+    helm(
+        helm_bin,
+        &k.kubeconfig,
+        &["uninstall", "meshlet", "-n", "meshlet-system", "--wait"],
+    )?;
+    let hooks = k.run(&["get", "mutatingwebhookconfigurations", "-o", "name"])?;
+    ensure!(
+        !hooks.contains("meshlet"),
+        "webhook left after uninstall: {hooks}"
+    );
+    println!("ok   helm uninstall");
+
+    let st = agent.stop()?;
+    ensure!(st.success(), "meshlet-node exited {st}");
+    let left = netns::list_with_prefix(prefix);
+    ensure!(left.is_empty(), "namespaces left: {left:?}");
+    println!("ok   agent stopped, no namespace left");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match story() {
+        Ok(()) => {
+            println!("story: passed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("story: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! What the tests against the real control plane share: `tools/kube/cluster.sh`
+//! up/down, the `meshlet-node` process, kubectl, bounded waits.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use meshlet_e2e::cluster::netns;
+use serde_json::Value;
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The folder `tools/kube/build.sh` puts the binaries in (same hash as the script).
+pub fn kube_bin_dir() -> Result<PathBuf> {
+    let here = root().join("tools/kube");
+    let mut cat = Command::new("bash");
+    cat.arg("-c")
+        .arg("cat go.mod go.sum | sha256sum | cut -c1-12")
+        .current_dir(&here);
+    let hash = String::from_utf8(cat.output()?.stdout)?.trim().to_string();
+    let dir = root().join(format!("target/tools/kube-{hash}"));
+    for b in [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "etcd",
+        "kubectl",
+    ] {
+        ensure!(
+            dir.join(b).is_file(),
+            "{} is missing: build the control plane first with `bash tools/kube/build.sh` (needs Go 1.26, ~6 min cold)",
+            dir.join(b).display()
+        );
+    }
+    Ok(dir)
+}
+
+/// `tools/kube/cluster.sh up` in a state dir of our own; `down` on drop.
+pub struct ControlPlane {
+    /// Its state dir (cluster.env, kubeconfig).
+    pub state: PathBuf,
+}
+
+impl ControlPlane {
+    pub fn up() -> Result<Self> {
+        let state = root().join(format!("target/kube-node-test-{}", std::process::id()));
+        let me = Self { state };
+        let out = me.script("up")?;
+        ensure!(
+            out.status.success(),
+            "`tools/kube/cluster.sh up` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(me)
+    }
+
+    pub fn script(&self, cmd: &str) -> Result<std::process::Output> {
+        Command::new("bash")
+            .arg(root().join("tools/kube/cluster.sh"))
+            .arg(cmd)
+            .env("MESHLET_KUBE_DIR", &self.state)
+            .stdin(Stdio::null())
+            .output()
+            .context("running tools/kube/cluster.sh")
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.script("down");
+    }
+}
+
+/// The agent process; SIGTERM (then SIGKILL) on drop.
+pub struct Agent {
+    /// The process.
+    pub child: Option<Child>,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait up to 20 s; the exit status.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("meshlet-node ignored SIGTERM for 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+pub struct Kubectl {
+    /// The binary.
+    pub bin: PathBuf,
+    /// The admin kubeconfig.
+    pub kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let mut c = Command::new(&self.bin);
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        let out = netns::run_with_timeout(&mut c, Duration::from_secs(60))?;
+        ensure!(
+            out.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.run(&a)?)?)
+    }
+}
+
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+pub fn p50(v: &mut [u128]) -> u128 {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+pub fn pods_ns_count(prefix: &str, ns: &str) -> usize {
+    netns::list_with_prefix(&format!("{prefix}{ns}")).len()
+}
+
+/// Starts `meshlet-node` against `cp` with its log under `work`.
+pub fn start_agent(
+    node_bin: &Path,
+    cp: &ControlPlane,
+    name: &str,
+    subnet: u8,
+    extra: &[&str],
+    work: &Path,
+) -> Result<Agent> {
+    let log = work.join("agent.log");
+    let child = Command::new(node_bin)
+        .arg("--cluster-env")
+        .arg(cp.state.join("cluster.env"))
+        .args(["--name", name, "--subnet", &subnet.to_string()])
+        .args(extra)
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .env("MESHLET_NODE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(work.join("agent.err"))?)
+        .spawn()
+        .context("starting meshlet-node")?;
+    Ok(Agent {
+        child: Some(child),
+        log,
+    })
+}
