@@ -4,7 +4,7 @@
 //!
 //! An HTTPRoute that cannot be applied is left out with a problem that carries the
 //! reason the Gateway API would put in its status (`BackendNotFound`, `UnsupportedValue`,
-//! `InvalidKind`, `NoMatchingParent`); every other route still applies, as a controller
+//! `InvalidKind`, `NoMatchingParent`, `RefNotPermitted`); every other route still applies, as a controller
 //! would keep serving the valid routes.
 
 use std::{
@@ -154,6 +154,7 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
     let mut pods = Vec::new();
     let mut services = Vec::new();
     let mut routes = Vec::new();
+    let mut grants = Vec::new();
     for o in objects {
         let kind = s(o, &["kind"]).unwrap_or_default();
         let api = s(o, &["apiVersion"]).unwrap_or_default();
@@ -170,6 +171,10 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
             }
             "Service" if api == "v1" => {
                 services.push(o);
+                continue;
+            }
+            "ReferenceGrant" if api.starts_with("gateway.networking.k8s.io/") => {
+                grants.extend(grant(o));
                 continue;
             }
             "HTTPRoute" if api.starts_with("gateway.networking.k8s.io/") => {
@@ -207,7 +212,7 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
     let mut problems = Vec::new();
     let mut parsed: Vec<(HttpRoute, Parents)> = Vec::new();
     for o in routes {
-        match route(o, &out) {
+        match route(o, &out, &grants) {
             Ok(r) => parsed.push(r),
             Err(p) => problems.push(p),
         }
@@ -396,6 +401,46 @@ struct K8sBackendRef {
     filters: Vec<K8sFilter>,
 }
 
+/// A ReferenceGrant entry that lets HTTPRoutes of one namespace use Services of another.
+struct Grant {
+    from_namespace: String,
+    to_namespace: String,
+    /// `None`: every Service of `to_namespace`.
+    to_name: Option<String>,
+}
+
+/// The (from, to) pairs of a ReferenceGrant that concern HTTPRoutes and Services.
+fn grant(o: &Value) -> Vec<Grant> {
+    let to_namespace = namespace_of(o);
+    let list = |k: &str| {
+        o.get("spec")
+            .and_then(|s| s.get(k))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for from in list("from") {
+        let route_kind = s(&from, &["group"]) == Some("gateway.networking.k8s.io")
+            && s(&from, &["kind"]) == Some("HTTPRoute");
+        let Some(from_ns) = s(&from, &["namespace"]).filter(|_| route_kind) else {
+            continue;
+        };
+        for to in list("to") {
+            if matches!(s(&to, &["group"]), Some("" | "core"))
+                && s(&to, &["kind"]) == Some("Service")
+            {
+                out.push(Grant {
+                    from_namespace: from_ns.to_string(),
+                    to_namespace: to_namespace.clone(),
+                    to_name: s(&to, &["name"]).map(str::to_string),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The Services (namespace, name, parentRef port) a route attaches to.
 type Parents = Vec<(String, String, Option<u16>)>;
 
@@ -405,7 +450,11 @@ fn is_core_service(group: &Option<String>, kind: &Option<String>) -> bool {
 }
 
 /// One HTTPRoute, compiled, with the Services it attaches to.
-fn route(o: &Value, services: &[Service]) -> Result<(HttpRoute, Parents), Problem> {
+fn route(
+    o: &Value,
+    services: &[Service],
+    grants: &[Grant],
+) -> Result<(HttpRoute, Parents), Problem> {
     let namespace = namespace_of(o);
     let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
     let id = format!("{namespace}/{name}");
@@ -459,6 +508,21 @@ fn route(o: &Value, services: &[Service]) -> Result<(HttpRoute, Parents), Proble
                 ));
             }
             let ns = b.namespace.clone().unwrap_or_else(|| namespace.clone());
+            let granted = |g: &Grant| {
+                g.to_namespace == ns
+                    && g.from_namespace == namespace
+                    && g.to_name.as_ref().is_none_or(|n| *n == b.name)
+            };
+            if ns != namespace && !grants.iter().any(granted) {
+                return Err(problem(
+                    "RefNotPermitted",
+                    format!(
+                        "{bat}: Service {ns}/{} is in another namespace and no ReferenceGrant \
+                         in {ns} allows HTTPRoutes from {namespace}; add one",
+                        b.name
+                    ),
+                ));
+            }
             let Some(svc) = find(&ns, &b.name) else {
                 return Err(problem(
                     "BackendNotFound",

@@ -57,6 +57,7 @@ fn invalid_routes_are_reported_with_gateway_api_reasons_and_left_out() {
             ("bookinfo/bad-regex", "UnsupportedValue"),
             ("bookinfo/missing-backend", "BackendNotFound"),
             ("bookinfo/mirror", "UnsupportedValue"),
+            ("shop/reviews-from-shop", "RefNotPermitted"),
         ]
     );
     assert!(
@@ -75,8 +76,8 @@ fn invalid_routes_are_reported_with_gateway_api_reasons_and_left_out() {
     let names: Vec<&str> = reviews.routes.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
         names,
-        ["reviews", "reviews-redirect"],
-        "valid routes still apply"
+        ["reviews", "reviews-redirect", "reviews-from-frontend"],
+        "valid routes still apply, the granted consumer route too"
     );
 }
 

@@ -702,4 +702,13 @@ fn decides_on_the_compilers_golden_document() {
         },
         "redirect keeps the Service port; Host comes from the request"
     );
+    // The consumer route of frontend wins for its clients, header or not.
+    r.uri = "/reviews/1".parse().unwrap();
+    r.headers.insert("version", HeaderValue::from_static("v2"));
+    r.ns = Some("frontend");
+    let d = rs.decide(&r.info(), 0).unwrap();
+    assert_eq!(d.route.id(), "frontend/reviews-from-frontend");
+    let t = d.rule.timeouts.as_ref().unwrap().request;
+    assert_eq!(t, Some(meshlet_api::Duration::from_secs(3)));
+    assert_eq!(to(&rs, &r).as_deref(), Some("reviews-v1"));
 }
