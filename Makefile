@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build release test lint unit chart-test chart-install-test kube-up kube-down kube-test demo bench clean-netns help
+.PHONY: all deps tools build release test lint unit chart-test chart-install-test kube-up kube-down kube-test demo bench clean-netns help
 
 all: build
 
@@ -15,6 +15,11 @@ help: ## list the targets
 
 deps: ## install system packages (apt) the demo and tests use
 	@bash scripts/deps.sh
+
+tools: deps ## build the test tooling once (cached under target/tools): control plane, Helm, schema validator
+	@bash tools/kube/build.sh >/dev/null
+	@bash scripts/tools.sh ensure_helm >/dev/null
+	@bash scripts/tools.sh ensure_validator >/dev/null
 
 build: deps ## debug build of every binary
 	$(CARGO) build --workspace --bins
@@ -26,7 +31,7 @@ lint: deps ## rustfmt and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: build ## unit, golden, in-process and e2e tests (e2e needs root)
+unit: build tools ## unit, golden, in-process, e2e and real-control-plane tests (e2e needs root)
 	$(CARGO) test --workspace
 
 chart-test: deps ## helm lint/template, schema validation, Dockerfile and script checks
