@@ -239,6 +239,14 @@ jq -e '[.items[] | select(any(.spec.initContainers[]?; .name == "meshlet-proxy")
     "$WORK/pods-bench-plain.json" >/dev/null || die "pods in bench-plain were injected"
 
 kubectl get --raw /metrics >"$WORK/apiserver-metrics.txt"
+# The injector's own view of the same reviews (its review_duration histogram), through
+# the API server's pod proxy: what it does not see is transport (egress socket, node
+# agent, TLS, HTTP) and the API server's side of the call.
+for pod in $(kubectl -n meshlet-system get pods -o jsonpath='{.items[*].metadata.name}'); do
+    kubectl get --raw "/api/v1/namespaces/meshlet-system/pods/https:$pod:8443/proxy/metrics" \
+        >"$WORK/injector-metrics-$pod.txt" 2>"$WORK/injector-metrics-$pod.err" ||
+        echo "k8s.sh: could not read $pod's /metrics (see $WORK/injector-metrics-$pod.err); the injector-side row stays empty" >&2
+done
 grep -E '^apiserver_admission_webhook' "$WORK/apiserver-metrics.txt" >"$WORK/webhook-metrics.txt" || true
 for p in "${WATCH_PIDS[@]}"; do
     kill -TERM "$p" 2>/dev/null || true

@@ -155,6 +155,36 @@ def parse_metrics(path, names):
     return out, rejections, requests
 
 
+def injector_side(work):
+    """meshlet_injector_review_duration_seconds and reviews_total, summed over the injector pods."""
+    out = {"pods": 0, "count": 0, "sum_s": 0.0, "reviews": {}, "buckets": {}}
+    line_re = re.compile(r'^(\w+)(?:\{(.*)\})?\s+(\S+)$')
+    label_re = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+    for fn in sorted(os.listdir(work)):
+        if not (fn.startswith("injector-metrics-") and fn.endswith(".txt")) or not os.path.getsize(os.path.join(work, fn)):
+            continue
+        out["pods"] += 1
+        with open(os.path.join(work, fn)) as f:
+            for line in f:
+                m = line_re.match(line.strip())
+                if not m:
+                    continue
+                metric, labels, value = m.group(1), dict(label_re.findall(m.group(2) or "")), float(m.group(3))
+                if metric == "meshlet_injector_review_duration_seconds_count":
+                    out["count"] += int(value)
+                elif metric == "meshlet_injector_review_duration_seconds_sum":
+                    out["sum_s"] += value
+                elif metric == "meshlet_injector_review_duration_seconds_bucket":
+                    out["buckets"][labels["le"]] = out["buckets"].get(labels["le"], 0) + int(value)
+                elif metric == "meshlet_injector_reviews_total":
+                    k = ",".join(f"{a}={b}" for a, b in sorted(labels.items()))
+                    out["reviews"][k] = out["reviews"].get(k, 0) + int(value)
+    out["mean_s"] = out["sum_s"] / out["count"] if out["count"] else None
+    b = sorted(((math.inf if le == "+Inf" else float(le)), c) for le, c in out["buckets"].items())
+    out["p50_s"], out["p99_s"] = quantile(0.5, b), quantile(0.99, b)
+    return out
+
+
 def quantile(q, buckets):
     """Prometheus histogram_quantile: linear interpolation inside the bucket holding the rank."""
     if not buckets or buckets[-1][1] == 0:
@@ -240,6 +270,7 @@ def build(args):
             "per_pod_watch_s": {n: {k: round(v, 3) for k, v in st.items()} for n, st in sorted(watch.items())},
         }
     hist, rejections, requests = parse_metrics(os.path.join(work, "apiserver-metrics.txt"), names)
+    injector = injector_side(work)
     return {
         "date": args.date,
         "commit": args.commit,
@@ -249,7 +280,8 @@ def build(args):
                      "kube_version": args.kube_version, "helm_version": args.helm_version,
                      "helm_install_wait_s": float(args.helm_install_s), "webhooks": sorted(names)},
         "phases": phases,
-        "admission_webhook": {"duration_histograms": hist, "rejection_count": rejections, "request_total": requests},
+        "admission_webhook": {"duration_histograms": hist, "rejection_count": rejections, "request_total": requests,
+                              "injector_side": injector},
         "commands": [
             "bash tools/kube/cluster.sh up   # MESHLET_KUBE_DIR=target/kube-bench",
             "target/debug/meshlet-node --cluster-env target/kube-bench/cluster.env --name node-1 --state-dir $WORK/node",
@@ -354,6 +386,15 @@ def render(doc):
     lines += ["", f"Calls: {total} for {n_mesh} meshed pods created = {total / n_mesh:.2f} per pod."]
     lines += ["", "Buckets (le -> cumulative count): " + "; ".join(
         f"{h['labels'].get('operation')}: " + ", ".join(f"{le}: {c}" for le, c in h["buckets"]) for h in aw["duration_histograms"])]
+    inj = aw.get("injector_side") or {}
+    if inj.get("count"):
+        ms = (lambda v: "-" if v is None else f"{v * 1000:.2f} ms")
+        lines += ["", f"The injector's own `meshlet_injector_review_duration_seconds` (parse, mutate, serialize; summed "
+                  f"over its {inj['pods']} pods): {inj['count']} reviews, mean {ms(inj['mean_s'])}, p50 {ms(inj['p50_s'])}, "
+                  f"p99 {ms(inj['p99_s'])} (bucket estimates). Reviews by result: "
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(inj["reviews"].items())) + ". "
+                  "The rest of the API server's figure is transport (egress socket, meshlet-node's CONNECT "
+                  "splice into the pod, TLS, HTTP) and the API server's own encoding and waiting."]
     rej = aw["rejection_count"]
     lines += ["", "`apiserver_admission_webhook_rejection_count`: " + (
         "; ".join(f"{r['labels']} = {int(r['value'])}" for r in rej) if rej else "absent (no rejection was ever counted)")]
