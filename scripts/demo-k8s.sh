@@ -44,6 +44,8 @@ step "node agent (stands in for kubelet and kube-proxy)"
 "$bin/meshlet-node" --cluster-env "$MESHLET_KUBE_DIR/cluster.env" --name node-1 \
   --state-dir "$work/node" >"$work/node.log" 2>&1 &
 node_pid=$!
+# kubectl wait fails at once on a Node that does not exist yet: wait for it first.
+for _ in $(seq 1 300); do kubectl get node node-1 >/dev/null 2>&1 && break; sleep 0.2; done
 kubectl wait --for=condition=Ready node/node-1 --timeout=60s >/dev/null
 show kubectl get nodes -o wide
 
