@@ -458,7 +458,7 @@ impl Worker {
                 ]
                 .map(Into::into),
             );
-            argv.push(prep::mount_script(&c.mounts, &stage).into());
+            argv.push(prep::mount_script(&c.mounts, &stage, bin).into());
             argv.push("meshlet-mounts".into());
         }
         if c.uid != 0 || c.gid != 0 {

@@ -60,7 +60,7 @@ pub struct Prepared {
 /// only) by an overlay whose upper layer is in the pod's directory, or, without
 /// overlayfs, by a tmpfs with the original entries bound back; the missing
 /// directories are created there.
-pub fn mount_script(mounts: &[(PathBuf, String, bool)], stage: &Path) -> String {
+pub fn mount_script(mounts: &[(PathBuf, String, bool)], stage: &Path, bin: &Path) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let mut out = String::from(
         r#"set -e
@@ -107,6 +107,13 @@ mnt() {
 "#,
     );
     out.push_str(&format!("STAGE={}\n", q(&stage.display().to_string())));
+    // The container's binary is opened first too, for the same reason: with the
+    // checkout under /tmp, an emptyDir at /tmp would hide it (exit 127). The argument
+    // naming it is replaced by /proc/self/fd/N, which execve follows.
+    out.push_str(&format!(
+        "BIN={}\nexec {{fbin}}<\"$BIN\"\n",
+        q(&bin.display().to_string())
+    ));
     // Every source is opened before the first mount: a mount at /tmp (an emptyDir)
     // would hide sources under /tmp; /proc/self/fd/N still names them.
     for (i, (src, _, _)) in mounts.iter().enumerate() {
@@ -122,7 +129,9 @@ mnt() {
     for i in 0..mounts.len() {
         out.push_str(&format!("exec {{f{i}}}<&-\n"));
     }
-    out.push_str("exec \"$@\"\n");
+    out.push_str(
+        "args=()\nfor a in \"$@\"; do\n  if [ \"$a\" = \"$BIN\" ]; then args+=(\"/proc/self/fd/$fbin\"); else args+=(\"$a\"); fi\ndone\nexec \"${args[@]}\"\n",
+    );
     out
 }
 
@@ -721,14 +730,19 @@ mod tests {
         let s = mount_script(
             &[("/v/tok".into(), "/var/run/secrets/x's".into(), true)],
             Path::new("/p/stage"),
+            Path::new("/tmp/checkout/target/debug/app"),
         );
         assert!(s.contains("STAGE='/p/stage'"), "{s}");
+        assert!(
+            s.contains("BIN='/tmp/checkout/target/debug/app'\nexec {fbin}<\"$BIN\"\n"),
+            "{s}"
+        );
         assert!(s.contains("exec {f0}<'/v/tok'\n"), "{s}");
         assert!(
             s.contains("mnt \"/proc/self/fd/$f0\" '/var/run/secrets/x'\\''s' ro"),
             "{s}"
         );
-        assert!(s.ends_with("exec \"$@\"\n"));
+        assert!(s.ends_with("exec \"${args[@]}\"\n"), "{s}");
     }
 
     #[test]
