@@ -234,13 +234,9 @@ if has floor; then
     start "$PREFIX-fs" floor-server "${SERVER_CPU[@]}" "${AS_1337[@]}" "$BIN/meshlet-floor" --mode server \
         --listen 0.0.0.0:15006 --upstream "127.0.0.1:$PORT" --identity-dir "$WORK/id-server"
     PROXY_S[floor]=$STARTED_PID
-    # Through both floors (the client pod's redirect to 15001, the server pod's to 15006).
-    wait_http "$PREFIX-fc" "$URL" "floor pair"
 fi
-has meshlet-mtls && wait_http "$PREFIX-mc" "$URL" "meshlet mTLS pair"
 
-# Idle RSS. The meshlet proxies have served one readiness request through the pair at
-# most (wait_http above), i.e. they are measured after their first mTLS handshake.
+# Idle RSS: after /ready and a rest, before any request crossed either pair.
 sleep "$IDLE_SETTLE_S"
 IDLE="{}"
 for s in meshlet-mtls floor; do
@@ -252,6 +248,10 @@ for s in meshlet-mtls floor; do
     done
 done
 log "idle RSS (KiB): $IDLE"
+# Through both halves of each pair (the client pod's redirect to 15001, the server pod's
+# to 15006), so a pair that cannot carry a request fails here, not in the measurement.
+has floor && wait_http "$PREFIX-fc" "$URL" "floor pair"
+has meshlet-mtls && wait_http "$PREFIX-mc" "$URL" "meshlet mTLS pair"
 
 COUNTS="[]"
 for run in $RUNS; do
