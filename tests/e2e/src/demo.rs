@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod mtls;
+
 use crate::cluster::{self, metrics::Metrics, top, Cluster, ClusterBuilder, Error};
 
 const BACKEND: &str = "198.19.0.10";
@@ -53,6 +55,7 @@ pub fn run(manifests: &Path) -> Result<(), Error> {
         pids.iter().map(|(_, _, pid)| top::sample(*pid)).collect();
 
     sidecar_metrics(&c)?;
+    mtls::show(&c)?;
 
     section("kubectl top pod --containers (measured from /proc)");
     let rows: Vec<top::Row> = pids
