@@ -121,13 +121,14 @@ impl Capture {
         fs::read(&self.file).map_err(io_err(format!("reading {}", self.file.display())))
     }
 
-    /// The capture decoded by `tcpdump -A -r` (packet lines with printable payload),
-    /// at most `lines` lines; after [`Capture::stop`].
+    /// The packets that carry data (PSH), decoded by `tcpdump -A -r` (non-printable
+    /// bytes as `.`), at most `lines` lines; after [`Capture::stop`].
     pub fn ascii(&self, lines: usize) -> Result<Vec<String>, Error> {
         let mut cmd = Command::new("tcpdump");
         cmd.env("PATH", netns::search_path())
             .args(["-n", "-A", "-r"])
-            .arg(&self.file);
+            .arg(&self.file)
+            .arg("tcp[tcpflags] & tcp-push != 0");
         let out = netns::run_with_timeout(&mut cmd, Duration::from_secs(10))?;
         let text = netns::check(&cmd, out)?;
         Ok(text.lines().take(lines).map(str::to_string).collect())

@@ -68,6 +68,26 @@ pub(super) fn show(c: &Cluster) -> Result<(), Error> {
                 "no (encrypted)"
             }
         );
+        println!(
+            "ClientHello offering ALPN meshlet/1 in the capture: {}",
+            if capture::contains(&pcap, meshlet_api::MESH_ALPN) {
+                "yes (a new mTLS handshake)"
+            } else {
+                "no (a connection set up earlier was reused, or no mTLS)"
+            }
+        );
+        println!(
+            "TLS application-data record header (17 03 03) in the capture: {}",
+            if capture::contains(&pcap, b"\x17\x03\x03") {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+        println!(
+            "packets carrying data (each: a tcpdump line, then IP/TCP header and payload as \
+             ASCII, non-printable bytes shown as '.'):"
+        );
         for l in cap.ascii(EXCERPT)? {
             // Non-printable payload is dots already; keep lines short for a terminal.
             println!("  {}", l.chars().take(110).collect::<String>());
