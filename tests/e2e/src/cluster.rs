@@ -14,6 +14,8 @@
 //! completion, native sidecars until ready, then the app containers. [`Cluster`]'s Drop
 //! kills every process it started and deletes every namespace, also on panic.
 
+pub mod capture;
+pub mod identity;
 mod kubelet;
 pub mod kubeproxy;
 pub mod manifest;
@@ -316,6 +318,7 @@ pub struct ClusterBuilder {
     annotations: Vec<(String, String, String)>,
     proxy_env: Vec<(String, String)>,
     inject: InjectMode,
+    mtls: bool,
 }
 
 impl ClusterBuilder {
@@ -327,7 +330,15 @@ impl ClusterBuilder {
             annotations: Vec::new(),
             proxy_env: Vec::new(),
             inject: InjectMode::Auto,
+            mtls: true,
         }
+    }
+
+    /// Whether every sidecar gets a workload certificate (mesh mTLS; the default), or
+    /// none (plaintext between sidecars, for comparison).
+    pub fn mtls(mut self, on: bool) -> Self {
+        self.mtls = on;
+        self
     }
 
     /// Overrides the replicas of workload `name`.
@@ -400,6 +411,10 @@ impl ClusterBuilder {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
             .map_err(io_err("chmod of the temp dir"))?;
         fs::create_dir(dir.path().join("logs")).map_err(io_err("creating logs dir"))?;
+        let identities = match self.mtls {
+            true => Some(identity::Identities::init(&bins, dir.path())?),
+            false => None,
+        };
         // Registered for cleanup in the same breath as it is created.
         let node_name = format!("{prefix}-node");
         let node = Netns::create(&node_name)?;
@@ -417,6 +432,7 @@ impl ClusterBuilder {
             mesh: MeshConfig::default(),
             mesh_path: PathBuf::new(),
             proxy_env: self.proxy_env,
+            identities,
             dual_stack: false,
             next_pod: 0,
         };
@@ -584,6 +600,7 @@ pub struct Cluster {
     mesh: MeshConfig,
     mesh_path: PathBuf,
     proxy_env: Vec<(String, String)>,
+    identities: Option<identity::Identities>,
     dual_stack: bool,
     next_pod: usize,
 }

@@ -34,6 +34,11 @@ const SENT: &str = "meshlet_tcp_sent_bytes_total";
 const RECEIVED: &str = "meshlet_tcp_received_bytes_total";
 const T: Duration = Duration::from_secs(30);
 
+// Mesh mTLS cases live in a file of their own.
+#[path = "mesh/mtls.rs"]
+mod mtls;
+use mtls::*;
+
 type Case = (&'static str, fn() -> Result<()>);
 
 /// Names each case after its function.
@@ -67,6 +72,12 @@ const CASES: &[Case] = cases![
     excluded_outbound_cidr_bypasses_client_proxy,
     classic_sidecar_when_native_is_off,
     rewritten_app_probes_answer_from_the_node,
+    mtls_identity_provisioned_per_pod,
+    mtls_bytes_on_the_wire_are_tls,
+    mtls_strict_refuses_unmeshed_permissive_accepts,
+    mtls_server_sees_client_identity,
+    mtls_rotation_mid_traffic_loses_nothing,
+    mtls_strict_closes_garbage_and_foreign_tls,
 ];
 
 fn main() -> ExitCode {

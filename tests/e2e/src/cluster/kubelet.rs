@@ -152,6 +152,9 @@ impl Cluster {
                 menv::PROXY_CONFIG_PATH.into(),
                 self.mesh_path.display().to_string(),
             ));
+            if let Some(dir) = self.proxy_identity(pod)? {
+                env.push((menv::PROXY_IDENTITY_DIR.into(), dir.display().to_string()));
+            }
             for (k, v) in &self.proxy_env {
                 env.retain(|(ek, _)| ek != k);
                 env.push((k.clone(), v.clone()));
