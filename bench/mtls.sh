@@ -140,6 +140,10 @@ make_pair() {
     for ns in "$c" "$s"; do
         ip -n "$ns" link set lo up
         ip -n "$ns" link set eth0 up
+        # A new connection per request at 1000/s for 35 s is 35000 connections from one
+        # address to one port: the default 28k ephemeral ports in TIME_WAIT run out and
+        # connect() stalls. Both settings are per network namespace.
+        ip netns exec "$ns" sysctl -q -w net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
     done
 }
 
@@ -163,6 +167,10 @@ start() {
 }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# rss_split PID: {"anon": KiB, "file": KiB}: heap and stacks versus mapped code and data.
+rss_split() {
+    awk '/^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} END {printf "{\"anon\": %d, \"file\": %d}\n", a, f}' "/proc/$1/status"
+}
 
 # tls_requests NS DIRECTION: the sum of meshlet_requests_total{direction, tls="true"}.
 tls_requests() {
@@ -239,12 +247,14 @@ fi
 # Idle RSS: after /ready and a rest, before any request crossed either pair.
 sleep "$IDLE_SETTLE_S"
 IDLE="{}"
+IDLE_SPLIT="{}"
 for s in meshlet-mtls floor; do
     has "$s" || continue
     for side in client server; do
         [[ $side == client ]] && pid=${PROXY_C[$s]} || pid=${PROXY_S[$s]}
         awk '/^Uid:/ { exit !($2 == 1337) }' "/proc/$pid/status" || die "$s $side proxy $pid does not run as UID 1337"
         IDLE=$(jq -c --arg s "$s" --arg side "$side" --argjson k "$(rss_kib "$pid")" '.[$s][$side] = $k' <<<"$IDLE")
+        IDLE_SPLIT=$(jq -c --arg s "$s" --arg side "$side" --argjson k "$(rss_split "$pid")" '.[$s][$side] = $k' <<<"$IDLE_SPLIT")
     done
 done
 log "idle RSS (KiB): $IDLE"
@@ -309,7 +319,7 @@ jq -n \
     --arg scenarios "$SCENARIOS" --arg runs "$RUNS" --arg duration "$DURATION" --arg warmup "$WARMUP" \
     --arg conns "$CONNECTIONS" --arg threads "$PROXY_THREADS" --arg pin "$PIN" --arg rt "$RT" \
     --arg profile "$PROFILE" --arg tlsmode "$TLS_MODE" \
-    --argjson idle "$IDLE" --argjson after "$AFTER" --argjson counts "$COUNTS" \
+    --argjson idle "$IDLE" --argjson idlesplit "$IDLE_SPLIT" --argjson after "$AFTER" --argjson counts "$COUNTS" \
     '{
       date: $date, git_commit: $commit,
       machine: {nproc: ($nproc|tonumber), kernel: $kernel, cpu_model: $cpu, loadavg_at_start: $load},
@@ -324,7 +334,7 @@ jq -n \
         meshlet: "setpriv --reuid 1337 env MESHLET_IDENTITY_DIR=id-{client,server} MESHLET_TLS_MODE=\($tlsmode) MESHLET_WORKER_THREADS=\($threads) MESHLET_CONFIG_PATH=mesh.json meshlet-proxy",
         floor: "setpriv --reuid 1337 meshlet-floor --mode client --listen 0.0.0.0:15001 --upstream 198.18.200.2:8080 --identity-dir id-client | --mode server --listen 0.0.0.0:15006 --upstream 127.0.0.1:8080 --identity-dir id-server",
         identities: "meshlet-injector ca init --out ca; ca issue --ca ca --namespace bench-client --service-account client; ca issue --namespace bench --service-account server"},
-      rss_kib: {idle: $idle, after_load: $after},
+      rss_kib: {idle: $idle, idle_split: $idlesplit, after_load: $after},
       meshlet_tls_request_counts: $counts
     }' >"$WORK/facts.json"
 
