@@ -9,4 +9,5 @@ pub mod histogram;
 pub mod loadgen;
 pub mod procstat;
 pub mod server;
+mod timetable;
 pub mod webhook;

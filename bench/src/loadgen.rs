@@ -26,6 +26,7 @@ use tokio::{net::TcpStream, runtime};
 use crate::{
     histogram::{Histogram, Summary},
     procstat,
+    timetable::{self, Plan},
 };
 
 /// How requests are paced.
@@ -247,14 +248,6 @@ impl Conn {
     }
 }
 
-/// The shared timetable of one run.
-#[derive(Clone, Copy)]
-struct Plan {
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
-}
-
 fn worker(
     cfg: &Config,
     addr: SocketAddr,
@@ -445,59 +438,20 @@ pub fn run(cfg: &Config) -> Result<Report, LoadError> {
         procstat::sample(*pid)?;
     }
 
-    // Two barriers: every connection is up before the timetable is fixed, so connect
-    // time never lands in the first samples; then all workers read the same plan.
-    let connected = Barrier::new(cfg.connections + 1);
-    let go = Barrier::new(cfg.connections + 1);
-    let plan = OnceLock::new();
-    let (results, processes) = thread::scope(|s| -> Result<_, LoadError> {
-        let mut handles = Vec::with_capacity(cfg.connections);
-        for k in 0..cfg.connections {
-            let (connected, go, plan) = (&connected, &go, &plan);
-            let h = thread::Builder::new()
-                .name(format!("loadgen-conn-{k}"))
-                .spawn_scoped(s, move || worker(cfg, addr, k, connected, go, plan));
-            match h {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    // The workers already started wait at the barriers; they cannot be
-                    // released without a plan, so give them one that ends at once.
-                    let now = Instant::now();
-                    let _ = plan.set(Plan {
-                        start: now,
-                        measure_from: now,
-                        end: now,
-                    });
-                    for _ in handles.len()..cfg.connections {
-                        connected.wait();
-                        go.wait();
-                    }
-                    return Err(LoadError::Worker(e));
-                }
-            }
-        }
-        connected.wait();
-        let start = Instant::now() + Duration::from_millis(10);
-        let p = Plan {
-            start,
-            measure_from: start + cfg.warmup,
-            end: start + cfg.warmup + cfg.duration,
-        };
-        let _ = plan.set(p);
-        go.wait();
-        let processes = watch(&cfg.watch, p.measure_from, p.end);
-        let results: Vec<WorkerResult> = handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    let mut r = WorkerResult::default();
-                    r.error(true, "a worker thread panicked".into());
-                    r
-                })
-            })
-            .collect();
-        Ok((results, processes))
-    })?;
+    let (results, processes) = timetable::run(
+        cfg.connections,
+        cfg.warmup,
+        cfg.duration,
+        "loadgen-conn",
+        |t| worker(cfg, addr, t.k, t.connected, t.go, t.plan),
+        || {
+            let mut r = WorkerResult::default();
+            r.error(true, "a worker thread panicked".into());
+            r
+        },
+        |from, to| watch(&cfg.watch, from, to),
+    )
+    .map_err(LoadError::Worker)?;
 
     let mut total = WorkerResult::default();
     for r in results {

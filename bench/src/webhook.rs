@@ -41,6 +41,7 @@ use crate::{
     histogram::{Histogram, Summary},
     loadgen::ProcessReport,
     procstat,
+    timetable::{self, Plan},
 };
 
 /// Stands in for `request.uid` in the serialized review until each request gets its own.
@@ -482,14 +483,6 @@ impl Conn<'_> {
     }
 }
 
-/// The shared timetable of one run.
-#[derive(Clone, Copy)]
-struct Plan {
-    start: Instant,
-    measure_from: Instant,
-    end: Instant,
-}
-
 fn worker(
     cfg: &Config,
     target: &Target,
@@ -657,58 +650,20 @@ pub fn run(cfg: &Config) -> Result<Report, WebhookError> {
         procstat::sample(*pid)?;
     }
 
-    // As in loadgen: every connection is up before the timetable is fixed, then all
-    // workers read the same plan.
-    let connected = Barrier::new(cfg.connections + 1);
-    let go = Barrier::new(cfg.connections + 1);
-    let plan = OnceLock::new();
-    let (results, processes) = thread::scope(|s| -> Result<_, WebhookError> {
-        let mut handles = Vec::with_capacity(cfg.connections);
-        for k in 0..cfg.connections {
-            let (connected, go, plan, target) = (&connected, &go, &plan, &target);
-            let h = thread::Builder::new()
-                .name(format!("webhook-conn-{k}"))
-                .spawn_scoped(s, move || worker(cfg, target, k, connected, go, plan));
-            match h {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    // Release the workers already waiting with a plan that ends at once.
-                    let now = Instant::now();
-                    let _ = plan.set(Plan {
-                        start: now,
-                        measure_from: now,
-                        end: now,
-                    });
-                    for _ in handles.len()..cfg.connections {
-                        connected.wait();
-                        go.wait();
-                    }
-                    return Err(WebhookError::Worker(e));
-                }
-            }
-        }
-        connected.wait();
-        let start = Instant::now() + Duration::from_millis(10);
-        let p = Plan {
-            start,
-            measure_from: start + cfg.warmup,
-            end: start + cfg.warmup + cfg.duration,
-        };
-        let _ = plan.set(p);
-        go.wait();
-        let processes = watch(&cfg.watch, p.measure_from, p.end);
-        let results: Vec<WorkerResult> = handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| WorkerResult {
-                    errors: 1,
-                    first_error: Some("a worker thread panicked".into()),
-                    ..Default::default()
-                })
-            })
-            .collect();
-        Ok((results, processes))
-    })?;
+    let (results, processes) = timetable::run(
+        cfg.connections,
+        cfg.warmup,
+        cfg.duration,
+        "webhook-conn",
+        |t| worker(cfg, &target, t.k, t.connected, t.go, t.plan),
+        || WorkerResult {
+            errors: 1,
+            first_error: Some("a worker thread panicked".into()),
+            ..Default::default()
+        },
+        |from, to| watch(&cfg.watch, from, to),
+    )
+    .map_err(WebhookError::Worker)?;
 
     let mut total = WorkerResult::default();
     for r in results {
