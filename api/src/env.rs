@@ -61,3 +61,14 @@ pub const POD_NAMESPACE: &str = "MESHLET_POD_NAMESPACE";
 pub const POD_IP: &str = "MESHLET_POD_IP";
 /// Service account (downward API).
 pub const SERVICE_ACCOUNT: &str = "MESHLET_SERVICE_ACCOUNT";
+
+/// `host:port` of the control plane's mesh endpoint (identity issuer and config
+/// delivery, [`crate::ports::CONTROL_PLANE`]); unset means offline (identity and config
+/// from files).
+pub const CONTROL_PLANE_ADDR: &str = "MESHLET_CONTROL_PLANE_ADDR";
+/// The DNS name the control plane's certificate must carry (also sent as SNI).
+pub const CONTROL_PLANE_NAME: &str = "MESHLET_CONTROL_PLANE_NAME";
+/// PEM of the mesh trust anchors (root CA certificates), written by the injector.
+pub const TRUST_ANCHORS: &str = "MESHLET_TRUST_ANCHORS";
+/// Path of the projected service-account token the proxy presents to the issuer.
+pub const IDENTITY_TOKEN_PATH: &str = "MESHLET_IDENTITY_TOKEN";

@@ -152,3 +152,9 @@ mod tests {
         }
     }
 }
+
+/// Audience of the projected service-account token a proxy presents to the issuer;
+/// the issuer's TokenReview accepts no other.
+pub const TOKEN_AUDIENCE: &str = "meshlet";
+/// Default DNS name of the control plane's mesh endpoint (its certificate carries it).
+pub const CONTROL_PLANE_NAME: &str = "meshlet-injector.meshlet-system.svc";

@@ -7,6 +7,10 @@ pub const INBOUND: u16 = 15006;
 /// Admin server: ready, live, metrics, config, shutdown, app-health.
 pub const ADMIN: u16 = 15020;
 
+/// The control plane's mesh endpoint (meshlet-injector in meshlet-system): identity
+/// issuer and config delivery over TLS.
+pub const CONTROL_PLANE: u16 = 15012;
+
 /// Ports an application container may not use, because the sidecar binds them.
 pub const RESERVED: [u16; 3] = [OUTBOUND, INBOUND, ADMIN];
 
