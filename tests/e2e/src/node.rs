@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod egress;
+pub mod exec;
 pub mod metrics;
 pub mod net;
 pub mod pod;
