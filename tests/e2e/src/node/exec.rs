@@ -23,7 +23,6 @@ pub mod spdy;
 use std::{
     io::{Read, Write},
     os::unix::process::{CommandExt, ExitStatusExt},
-    path::PathBuf,
     process::{ExitStatus, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -505,7 +504,7 @@ pub fn status_json(result: &Result<ExitStatus, String>) -> Value {
             "status": "Failure",
             "reason": "InternalError",
             "code": 500,
-            "message": format!("Internal error occurred: error executing command in container: {e}"),
+            "message": format!("error executing command in container: {e}"),
         }),
     }
 }
@@ -588,22 +587,27 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
         args: None,
         ..c.spec.clone()
     };
-    let (bin, args) = agent
-        .cfg
-        .bins
-        .resolve(&asked)
-        .unwrap_or_else(|_| (PathBuf::from(&req.command[0]), req.command[1..].to_vec()));
-    let ns = Netns::existing(&target.exec.netns);
-    let mut cmd = container_command(&ns, &target.exec.dir, &target.shared.name, c, &bin, &args);
-    let piped = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
-    cmd.stdin(piped(streams.stdin.is_some()))
-        .stdout(piped(streams.stdout.is_some()))
-        .stderr(piped(
-            streams.stderr.is_some() || (req.tty && streams.stdout.is_some()),
-        ))
-        // A group of its own, so ending the session ends what the command started.
-        .process_group(0);
-    let spawned = cmd.spawn();
+    let resolved = agent.cfg.bins.resolve(&asked).or_else(|_| {
+        let first = &req.command[0];
+        super::prep::which(first)
+            .map(|bin| (bin, req.command[1..].to_vec()))
+            // runc's wording, which kubectl users know.
+            .ok_or_else(|| format!("exec: {first:?}: executable file not found in $PATH"))
+    });
+    let spawned = resolved.and_then(|(bin, args)| {
+        let ns = Netns::existing(&target.exec.netns);
+        let mut cmd = container_command(&ns, &target.exec.dir, &target.shared.name, c, &bin, &args);
+        let piped = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
+        cmd.stdin(piped(streams.stdin.is_some()))
+            .stdout(piped(streams.stdout.is_some()))
+            .stderr(piped(
+                streams.stderr.is_some() || (req.tty && streams.stdout.is_some()),
+            ))
+            // A group of its own, so ending the session ends what the command started.
+            .process_group(0);
+        cmd.spawn()
+            .map_err(|e| format!("starting {:?}: {e}", req.command))
+    });
     let kill = Arc::new(AtomicBool::new(false));
     let mut pumps: Vec<oneshot::Receiver<()>> = Vec::new();
     let mut stdin_tx: Option<mpsc::Sender<Bytes>> = None;
@@ -664,7 +668,7 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
                 .map_err(|e| format!("starting the wait thread: {e}"))?;
         }
         Err(e) => {
-            let _ = exit_tx.send(Err(format!("starting {:?}: {e}", req.command)));
+            let _ = exit_tx.send(Err(e));
         }
     }
 

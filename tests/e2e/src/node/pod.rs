@@ -584,12 +584,10 @@ impl Worker {
             command: Some(argv.to_vec()),
             ..c.spec.clone()
         };
-        let (bin, args) = self
-            .agent
-            .cfg
-            .bins
-            .resolve(&probe_c)
-            .unwrap_or_else(|_| (PathBuf::from(first), argv[1..].to_vec()));
+        let (bin, args) = self.agent.cfg.bins.resolve(&probe_c).unwrap_or_else(|_| {
+            let bin = prep::which(first).unwrap_or_else(|| PathBuf::from(first));
+            (bin, argv[1..].to_vec())
+        });
         let mut cmd = self.command(ns, c, Some((&bin, &args)));
         let out = netns::run_with_timeout(&mut cmd, t).map_err(|e| e.to_string())?;
         if out.status.success() {

@@ -149,6 +149,82 @@ impl Kubectl {
     }
 }
 
+/// How a `kubectl` run ended.
+pub struct Ran {
+    /// Exit code (-1 when killed).
+    pub code: i32,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+impl Kubectl {
+    /// Runs kubectl with `stdin` fed to it, whatever its exit code; killed after
+    /// `timeout`.
+    pub fn ran(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<Ran> {
+        use std::io::{Read, Write};
+        let mut child = Command::new(&self.bin)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        let input = stdin.map(<[u8]>::to_vec);
+        let mut pipe_in = child.stdin.take();
+        let writer = std::thread::spawn(move || {
+            if let (Some(p), Some(b)) = (pipe_in.as_mut(), input) {
+                let _ = p.write_all(&b);
+            }
+        });
+        let mut so = child.stdout.take().context("kubectl stdout")?;
+        let mut se = child.stderr.take().context("kubectl stderr")?;
+        let r_out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = so.read_to_end(&mut v);
+            v
+        });
+        let r_err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = se.read_to_end(&mut v);
+            v
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = writer.join();
+        let stdout = String::from_utf8_lossy(&r_out.join().unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&r_err.join().unwrap_or_default()).into_owned();
+        let Some(status) = status else {
+            bail!(
+                "kubectl {} did not end within {timeout:?}; stderr: {stderr}",
+                args.join(" ")
+            );
+        };
+        Ok(Ran {
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr,
+        })
+    }
+}
+
 pub fn wait_for<T>(
     what: &str,
     timeout: Duration,
