@@ -11,7 +11,7 @@
 
 use std::{
     path::Path,
-    process::{Command, ExitCode},
+    process::ExitCode,
     time::{Duration, Instant},
 };
 
@@ -24,42 +24,6 @@ mod support;
 use support::*;
 
 const SUBNET: u8 = 79;
-
-fn helm_bin() -> Result<std::path::PathBuf> {
-    let out = Command::new("bash")
-        .arg(root().join("scripts/tools.sh"))
-        .arg("ensure_helm")
-        .output()
-        .context("running scripts/tools.sh ensure_helm")?;
-    ensure!(
-        out.status.success(),
-        "no Helm: `bash scripts/tools.sh ensure_helm` failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let path = std::path::PathBuf::from(path.lines().last().unwrap_or(""));
-    ensure!(
-        path.is_file(),
-        "scripts/tools.sh ensure_helm printed {path:?}, not a file"
-    );
-    Ok(path)
-}
-
-fn helm(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let mut c = Command::new(bin);
-    c.arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .current_dir(root());
-    let out = netns::run_with_timeout(&mut c, Duration::from_secs(180))?;
-    ensure!(
-        out.status.success(),
-        "helm {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn hello_pods(k: &Kubectl) -> Result<Vec<Value>> {
     Ok(k.json(&["-n", "hello", "get", "pods"])?["items"]

@@ -60,9 +60,14 @@ impl ControlPlane {
     }
 
     pub fn script(&self, cmd: &str) -> Result<std::process::Output> {
+        self.script_args(&[cmd])
+    }
+
+    /// `tools/kube/cluster.sh ARGS...` on this control plane.
+    pub fn script_args(&self, args: &[&str]) -> Result<std::process::Output> {
         Command::new("bash")
             .arg(root().join("tools/kube/cluster.sh"))
-            .arg(cmd)
+            .args(args)
             .env("MESHLET_KUBE_DIR", &self.state)
             .stdin(Stdio::null())
             .output()
@@ -289,4 +294,42 @@ pub fn start_agent(
         child: Some(child),
         log,
     })
+}
+
+/// Helm from `scripts/tools.sh ensure_helm` (built once, cached).
+pub fn helm_bin() -> Result<std::path::PathBuf> {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/tools.sh"))
+        .arg("ensure_helm")
+        .output()
+        .context("running scripts/tools.sh ensure_helm")?;
+    ensure!(
+        out.status.success(),
+        "no Helm: `bash scripts/tools.sh ensure_helm` failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = std::path::PathBuf::from(path.lines().last().unwrap_or(""));
+    ensure!(
+        path.is_file(),
+        "scripts/tools.sh ensure_helm printed {path:?}, not a file"
+    );
+    Ok(path)
+}
+
+/// Runs helm against the cluster of `kubeconfig`; fails on a non-zero exit.
+pub fn helm(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let mut c = Command::new(bin);
+    c.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .current_dir(root());
+    let out = netns::run_with_timeout(&mut c, Duration::from_secs(180))?;
+    ensure!(
+        out.status.success(),
+        "helm {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
