@@ -240,6 +240,35 @@ fn exec_steps(k: &Kubectl, client: &str) -> Result<()> {
         "ok   kubectl exec: stdout, stderr and exit code 3 in {} ms",
         t.elapsed().as_millis()
     );
+    // kubectl speaks WebSocket and the API server translates it to SPDY; client-go's
+    // SPDY executor (the Gateway API conformance suite's) is proxied through as is.
+    let r = k.ran_env(
+        &[
+            "-n",
+            "hello",
+            "exec",
+            client,
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "-c",
+            "echo spdy; exit 4",
+        ],
+        None,
+        Duration::from_secs(30),
+        &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")],
+    )?;
+    ensure!(
+        r.code == 4 && r.stdout == "spdy\n",
+        "kubectl exec over SPDY end to end: exit {}, stdout {:?}, stderr {:?}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    println!(
+        "ok   kubectl exec with SPDY all the way (client-go's executor): stdout and exit code 4"
+    );
     // Stdin to EOF, and more than one frame of it each way.
     let input: Vec<u8> = (0..200_000u32)
         .flat_map(|i| format!("{i}\n").into_bytes())

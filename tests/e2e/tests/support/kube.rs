@@ -168,8 +168,20 @@ impl Kubectl {
     /// Runs kubectl with `stdin` fed to it, whatever its exit code; killed after
     /// `timeout`.
     pub fn ran(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<Ran> {
+        self.ran_env(args, stdin, timeout, &[])
+    }
+
+    /// [`Kubectl::ran`] with extra environment variables.
+    pub fn ran_env(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+        env: &[(&str, &str)],
+    ) -> Result<Ran> {
         use std::io::{Read, Write};
         let mut child = Command::new(&self.bin)
+            .envs(env.iter().copied())
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
