@@ -289,6 +289,12 @@ fn find(agent: &Agent, r: &ExecRequest) -> Result<Target, (StatusCode, String)> 
 /// Answers an exec request: refuses it with a plain-text reason, or switches to
 /// SPDY/3.1 and runs the session on the upgraded connection.
 pub fn serve(agent: &Agent, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.version() != hyper::Version::HTTP_11 {
+        return text(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "exec upgrades the connection, which needs HTTP/1.1 (offer http/1.1 in ALPN)",
+        );
+    }
     let r = match ExecRequest::parse(req.uri().path(), req.uri().query()) {
         Ok(r) => r,
         Err(e) => return text(StatusCode::BAD_REQUEST, &e),
