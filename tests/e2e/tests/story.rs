@@ -11,7 +11,7 @@
 
 use std::{
     path::Path,
-    process::ExitCode,
+    process::{Command, ExitCode},
     time::{Duration, Instant},
 };
 
@@ -269,6 +269,26 @@ fn exec_steps(k: &Kubectl, client: &str) -> Result<()> {
     println!(
         "ok   kubectl exec with SPDY all the way (client-go's executor): stdout and exit code 4"
     );
+    // A terminal: kubectl -it needs one itself, so it runs under util-linux
+    // `script`, whose pty is set to 30x100 first; kubectl sends that size, and the
+    // command sees a pty of that size.
+    let inner = format!(
+        "stty rows 30 cols 100; exec {} --kubeconfig {} -n hello exec -it {client} -c app -- \
+         sh -c 'for i in $(seq 50); do s=$(stty size); [ \"$s\" != \"0 0\" ] && break; sleep 0.1; done; \
+         echo size $s; tty; exit 5'",
+        k.bin.display(),
+        k.kubeconfig.display()
+    );
+    let mut tty = Command::new("script");
+    tty.args(["-qec", &inner, "/dev/null"]);
+    let out = netns::run_with_timeout(&mut tty, Duration::from_secs(30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(5) && text.contains("size 30 100") && text.contains("/dev/pts/"),
+        "kubectl exec -it: exit {:?}, output {text:?}",
+        out.status.code()
+    );
+    println!("ok   kubectl exec -it: a pty of the client's size (30x100), exit code 5");
     // Stdin to EOF, and more than one frame of it each way.
     let input: Vec<u8> = (0..200_000u32)
         .flat_map(|i| format!("{i}\n").into_bytes())

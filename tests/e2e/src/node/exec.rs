@@ -14,8 +14,9 @@
 //! for the client to close the connection, so output still in flight is not cut
 //! off by a reset.
 //!
-//! Not served: a terminal (`tty=1` runs the command on pipes, stderr merged into
-//! stdout, resize events ignored), WebSocket upgrades, attach and port-forward.
+//! A terminal (`tty=1`) is a pty that util-linux `script` makes for the command
+//! (stderr then shares it with stdout, as on a terminal); resize events set its
+//! size with `stty`. Not served: WebSocket upgrades, attach and port-forward.
 
 mod dictionary;
 pub mod spdy;
@@ -602,7 +603,37 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
     });
     let spawned = resolved.and_then(|(bin, args)| {
         let ns = Netns::existing(&target.exec.netns);
-        let mut cmd = container_command(&ns, &target.exec.dir, &target.shared.name, c, &bin, &args);
+        let mut cmd = if req.tty {
+            // A terminal: util-linux `script` runs the command on a pty of its own
+            // and relays it to our pipes (its exit code with -e).
+            let script = super::prep::which("script").ok_or_else(|| {
+                "a terminal needs `script` (apt-get install -y bsdutils)".to_string()
+            })?;
+            let line = std::iter::once(bin.display().to_string())
+                .chain(args.iter().cloned())
+                .map(|a| shell_quote(&a))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let script_args = vec![
+                "-qefc".to_string(),
+                format!("exec {line}"),
+                "/dev/null".to_string(),
+            ];
+            let mut with_term = c.clone();
+            if !with_term.env.iter().any(|(k, _)| k == "TERM") {
+                with_term.env.push(("TERM".into(), "xterm".into()));
+            }
+            container_command(
+                &ns,
+                &target.exec.dir,
+                &target.shared.name,
+                &with_term,
+                &script,
+                &script_args,
+            )
+        } else {
+            container_command(&ns, &target.exec.dir, &target.shared.name, c, &bin, &args)
+        };
         let piped = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
         cmd.stdin(piped(streams.stdin.is_some()))
             .stdout(piped(streams.stdout.is_some()))
@@ -618,8 +649,10 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
     let mut pumps: Vec<oneshot::Receiver<()>> = Vec::new();
     let mut stdin_tx: Option<mpsc::Sender<Bytes>> = None;
     let (exit_tx, mut exit_rx) = oneshot::channel();
+    let mut child_pid = None;
     match spawned {
         Ok(mut child) => {
+            child_pid = Some(child.id() as i32);
             // stderr goes to the stdout stream when a terminal was asked for.
             let outs = [
                 (
@@ -685,7 +718,7 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
             st = &mut exit_rx => break st.unwrap_or_else(|_| Err("the wait thread ended".into())),
             f = next_frame(&mut rd, &mut dec, &mut buf), if reading => match f {
                 Ok(Some(frame)) => {
-                    let gone = on_frame(frame, &streams, &mut stdin_tx, &tx).await;
+                    let gone = on_frame(frame, &streams, &mut stdin_tx, &tx, child_pid).await;
                     if gone {
                         kill.store(true, Ordering::SeqCst);
                     }
@@ -772,14 +805,69 @@ async fn session<IO: AsyncRead + AsyncWrite + Send + 'static>(
     result.map(|_| ())
 }
 
+/// Quotes `s` for `sh -c`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The terminal sizes (width, height) in a resize stream's data: JSON objects
+/// `{"Width":80,"Height":24}` back to back.
+pub fn parse_resizes(data: &[u8]) -> Vec<(u16, u16)> {
+    serde_json::Deserializer::from_slice(data)
+        .into_iter::<Value>()
+        .map_while(Result::ok)
+        .filter_map(|v| {
+            let w = u16::try_from(v["Width"].as_u64()?).ok()?;
+            let h = u16::try_from(v["Height"].as_u64()?).ok()?;
+            Some((w, h))
+        })
+        .collect()
+}
+
+/// Sets the size of the pty `script` (pid `pid`) made: its child's stdin is the
+/// terminal; the kernel then sends SIGWINCH to the foreground group, as on a
+/// resized window.
+fn resize(pid: i32, width: u16, height: u16) {
+    // script forks its child right after starting; give it a moment.
+    for _ in 0..50 {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let pty = children.split_whitespace().find_map(|c| {
+            let p = std::fs::read_link(format!("/proc/{c}/fd/0")).ok()?;
+            p.to_string_lossy().starts_with("/dev/pts/").then_some(p)
+        });
+        if let Some(pty) = pty {
+            let _ = std::process::Command::new("stty")
+                .arg("-F")
+                .arg(&pty)
+                .args(["rows", &height.to_string(), "cols", &width.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Handles a frame while the command runs; true when the client is going away.
 async fn on_frame(
     frame: Frame,
     streams: &Streams,
     stdin_tx: &mut Option<mpsc::Sender<Bytes>>,
     tx: &mpsc::Sender<Frame>,
+    pid: Option<i32>,
 ) -> bool {
     match frame {
+        Frame::Data {
+            stream_id, data, ..
+        } if Some(stream_id) == streams.resize => {
+            let sizes = parse_resizes(&data);
+            if let (Some(&(w, h)), Some(pid)) = (sizes.last(), pid) {
+                tokio::task::spawn_blocking(move || resize(pid, w, h));
+            }
+        }
         Frame::Data {
             stream_id,
             flags,
@@ -812,7 +900,7 @@ async fn on_frame(
             .await;
         }
         Frame::GoAway { .. } => return true,
-        // Resize events (no terminal here), window updates, settings.
+        // Window updates, settings, frames of closed streams.
         _ => {}
     }
     false
@@ -902,6 +990,24 @@ mod tests {
         let (code, msg) = negotiate(&headers(&ws)).unwrap_err();
         assert_eq!(code, StatusCode::BAD_REQUEST);
         assert!(msg.contains("SPDY"), "{msg}");
+    }
+
+    #[test]
+    fn terminal_helpers() {
+        // kubectl writes one JSON object per resize, sometimes several per frame.
+        assert_eq!(
+            parse_resizes(br#"{"Width":100,"Height":30}{"Width":120,"Height":40}"#),
+            vec![(100, 30), (120, 40)]
+        );
+        assert_eq!(parse_resizes(br#"{"Width":-1,"Height":30}"#), vec![]);
+        assert_eq!(parse_resizes(b"garbage"), vec![]);
+        assert_eq!(shell_quote("it's"), r#"'it'\''s'"#);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote("a 'b' $HOME \\n")))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a 'b' $HOME \\n");
     }
 
     #[test]
