@@ -7,6 +7,8 @@
 //!   bound, injected and runs);
 //! - a namespace labelled after its pods were created: nothing changes until the
 //!   pods are replaced, `kubectl rollout restart` then gives them the sidecar;
+//! - an injector container killed (SIGKILL): the node restarts it and injection
+//!   works again;
 //! - no injector pod with `failurePolicy: Fail`: new pods in a meshed namespace are
 //!   refused with a message naming the webhook and saying why;
 //! - no injector pod with `failurePolicy: Ignore` (a chart value): pods start
@@ -203,6 +205,7 @@ fn steps(
 
     apiserver_restart(k, cp, &hello, node, prefix)?;
     label_late(k, &late)?;
+    injector_killed(k)?;
     injector_down(k, helm_bin)?;
 
     helm(
@@ -402,6 +405,54 @@ fn label_late(k: &Kubectl, late: &[Value]) -> Result<()> {
     println!(
         "ok   rollout restart in late: 2 new pods with the sidecar, Ready in {} ms",
         t.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// An injector container killed with SIGKILL: the node restarts it, and new
+/// pods are injected again.
+fn injector_killed(k: &Kubectl) -> Result<()> {
+    let injectors: Vec<Value> = pods(k, "meshlet-system")?
+        .into_iter()
+        .filter(|p| name(p).starts_with("meshlet-injector"))
+        .collect();
+    let victim = injectors.first().context("no injector pod")?;
+    let victim_name = name(victim).to_string();
+    let cs = &victim["status"]["containerStatuses"][0];
+    let restarts = cs["restartCount"].as_i64().unwrap_or(0);
+    // meshlet://<pod uid>/<container>/<pid>
+    let pid: i32 = cs["containerID"]
+        .as_str()
+        .and_then(|id| id.rsplit('/').next())
+        .and_then(|p| p.parse().ok())
+        .context("the injector's containerID names no pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .with_context(|| format!("killing the injector process {pid}"))?;
+    let t = Instant::now();
+    wait_for(
+        "the killed injector restarted and Ready",
+        Duration::from_secs(60),
+        || {
+            let p = k.json(&["-n", "meshlet-system", "get", "pod", &victim_name])?;
+            let n = p["status"]["containerStatuses"][0]["restartCount"]
+                .as_i64()
+                .unwrap_or(0);
+            Ok((n > restarts && ready(&p)).then_some(()))
+        },
+    )?;
+    let restarted_ms = t.elapsed().as_millis();
+    apply(k, &plain_pod("after-kill"))?;
+    let p = k.json(&["-n", "hello", "get", "pod", "after-kill"])?;
+    ensure!(
+        injected(&p),
+        "a pod created after the injector came back has no sidecar"
+    );
+    k.run(&["-n", "hello", "delete", "pod", "after-kill", "--wait=false"])?;
+    println!(
+        "ok   injector container SIGKILLed: the node restarted it, Ready again in {restarted_ms} ms; new pods injected"
     );
     Ok(())
 }
