@@ -11,6 +11,7 @@
 pub mod ca;
 pub mod compile;
 pub mod config;
+pub mod controller;
 pub mod mutate;
 pub mod offline;
 pub mod serve;
