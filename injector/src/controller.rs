@@ -473,6 +473,59 @@ impl Reconciler {
     }
 }
 
+/// Why `meshlet-injector controller` could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No client could be made (no kubeconfig, no in-cluster credentials).
+    #[error(
+        "cannot connect to the Kubernetes API: {0}; set KUBECONFIG (e.g. `eval \
+         \"$(tools/kube/cluster.sh env)\"`) or run in a pod with a ServiceAccount"
+    )]
+    Client(#[source] kube::Error),
+    /// The first document did not come in time.
+    #[error(
+        "no mesh config within {0:?}: the Services, EndpointSlices and Pods could not be \
+         listed; is the API server reachable and may this user list them? (see the log above)"
+    )]
+    Timeout(Duration),
+}
+
+/// Flags of `meshlet-injector controller`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// Print the first compiled document (JSON) to stdout and exit; writes no status.
+    #[arg(long)]
+    pub print: bool,
+    /// With --print: how long to wait for the cluster to be listed, e.g. 30s.
+    #[arg(long, default_value = "30s")]
+    pub timeout: meshlet_api::Duration,
+    /// Do not write HTTPRoute status (read-only).
+    #[arg(long)]
+    pub no_status: bool,
+}
+
+/// `meshlet-injector controller`: with `--print`, returns the first document; else runs
+/// until SIGTERM or Ctrl-C and returns `None`.
+pub async fn command(args: &ControllerArgs) -> Result<Option<Arc<MeshConfig>>, Error> {
+    let client = Client::try_default().await.map_err(Error::Client)?;
+    let options = Options {
+        write_status: !(args.print || args.no_status),
+        ..Options::default()
+    };
+    let mut rx = spawn(client, options);
+    if args.print {
+        let limit: Duration = args.timeout.into();
+        let first = tokio::time::timeout(limit, rx.wait_for(|c| c.generation > 0))
+            .await
+            .map_err(|_| Error::Timeout(limit))?
+            .map_err(|_| Error::Timeout(limit))?
+            .clone();
+        return Ok(Some(first));
+    }
+    crate::serve::shutdown_signal().await;
+    Ok(None)
+}
+
 /// The document to publish after `current`: `new` one generation up, or `None` when
 /// nothing changed. The first document (after generation 0, "not synced") is always
 /// published, even when empty.
