@@ -85,19 +85,39 @@ impl Kind {
         )
     }
 
-    /// What to do when the API server does not know the kind.
-    fn install_hint(self) -> &'static str {
+    /// The kind as Kubernetes spells it.
+    fn name(self) -> &'static str {
         match self {
-            Kind::BackendTrafficPolicy => {
-                "it is in the Gateway API experimental channel: `tools/kube/cluster.sh \
-                 gateway-api experimental` or the upstream experimental-install.yaml; \
-                 until then retry policies and session persistence are not applied"
-            }
-            _ => {
-                "install the Gateway API CRDs: `tools/kube/cluster.sh gateway-api` or \
-                 `kubectl apply --server-side -f standard-install.yaml` of a Gateway API \
-                 release; until then routes are not applied"
-            }
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::BackendTrafficPolicy => "XBackendTrafficPolicy",
+        }
+    }
+
+    /// Logs, once, that the API server does not serve the kind and what to do. Only
+    /// HTTPRoute warns: the rest of the standard CRDs come in the same bundle, and
+    /// XBackendTrafficPolicy is experimental and optional.
+    fn log_missing(self) {
+        match self {
+            Kind::HttpRoute => tracing::warn!(
+                "the Gateway API CRDs are not installed (no HTTPRoute): install them with \
+                 `tools/kube/cluster.sh gateway-api` or `kubectl apply --server-side -f \
+                 standard-install.yaml` of a Gateway API release; until then no route is \
+                 applied; retrying"
+            ),
+            Kind::ReferenceGrant => tracing::info!(
+                "ReferenceGrant (v1beta1) is not served: cross-namespace backendRefs are \
+                 refused until the Gateway API CRDs are installed; retrying"
+            ),
+            _ => tracing::info!(
+                "{} is not served (Gateway API experimental channel: `tools/kube/cluster.sh \
+                 gateway-api experimental`); retry and session persistence policies are not \
+                 applied until it is; retrying",
+                self.name()
+            ),
         }
     }
 }
@@ -296,7 +316,7 @@ async fn watch_kind<K>(
                 shared.with(kind, |c| {
                     c.objects = c.relist.take().unwrap_or_default();
                     if c.phase != Phase::Synced {
-                        tracing::info!(?kind, objects = c.objects.len(), "listed");
+                        tracing::info!(kind = kind.name(), objects = c.objects.len(), "listed");
                     }
                     c.phase = Phase::Synced;
                     c.last_error = None;
@@ -348,18 +368,15 @@ fn on_error(kind: Kind, e: &watcher::Error, shared: &Shared) -> bool {
         match code {
             Some(404) if kind.optional() => {
                 if first {
-                    if kind == Kind::BackendTrafficPolicy {
-                        tracing::info!("{kind:?} is not served by the API server (CRD not installed); {}; retrying", kind.install_hint());
-                    } else {
-                        tracing::warn!("{kind:?} is not served by the API server (CRD not installed); {}; retrying", kind.install_hint());
-                    }
+                    kind.log_missing();
                 }
             }
             Some(403) => {
                 if first {
                     tracing::warn!(
-                        "not allowed to list/watch {kind:?}: {text}; grant get/list/watch on it \
-                         to the controller's ServiceAccount (the chart's ClusterRole does); retrying"
+                        "not allowed to list/watch {}: {text}; grant get/list/watch on it \
+                         to the controller's ServiceAccount (the chart's ClusterRole does); retrying",
+                        kind.name()
                     );
                 }
                 if !kind.optional() {
@@ -368,9 +385,9 @@ fn on_error(kind: Kind, e: &watcher::Error, shared: &Shared) -> bool {
             }
             _ => {
                 if first {
-                    tracing::warn!(?kind, error = %text, "watch failed; retrying");
+                    tracing::warn!(kind = kind.name(), error = %text, "watch failed; retrying");
                 } else {
-                    tracing::debug!(?kind, error = %text, "watch failed again; retrying");
+                    tracing::debug!(kind = kind.name(), error = %text, "watch failed again; retrying");
                 }
                 return false;
             }
