@@ -290,12 +290,22 @@ pub async fn run(args: &ServeArgs) -> Result<(), Error> {
     let config = args.to_config()?;
     // Held for as long as the server runs: the controller stops when it is dropped.
     let _mesh_config = if args.controller_enabled() {
-        let client = kube::Client::try_default().await.map_err(Error::Kube)?;
-        tracing::info!("config controller started");
-        Some(crate::controller::spawn(
-            client,
-            crate::controller::Options::default(),
-        ))
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                tracing::info!("config controller started");
+                Some(crate::controller::spawn(
+                    client,
+                    crate::controller::Options::default(),
+                ))
+            }
+            // Asked for: refuse to start without it.
+            Err(e) if args.controller => return Err(Error::Kube(e)),
+            // Guessed from the pod's environment: the webhook matters more.
+            Err(error) => {
+                tracing::warn!(%error, "config controller off: no usable in-cluster credentials; pass --controller to require it");
+                None
+            }
+        }
     } else {
         tracing::info!("config controller off (no in-cluster credentials, or --no-controller)");
         None
@@ -329,5 +339,33 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .expect("flags parse")
+            .serve
+    }
+
+    #[test]
+    fn controller_flags_override_each_other_and_the_guess() {
+        assert!(parse(&["--controller"]).controller_enabled());
+        assert!(!parse(&["--no-controller"]).controller_enabled());
+        // The last one wins, so a chart's default can be overridden by extra args.
+        assert!(parse(&["--no-controller", "--controller"]).controller_enabled());
+        assert!(!parse(&["--controller", "--no-controller"]).controller_enabled());
     }
 }
