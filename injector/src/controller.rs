@@ -326,16 +326,21 @@ async fn watch_kind<K>(
             Ok(watcher::Event::Apply(o)) => {
                 let k = key(&o);
                 let v = slim(o);
-                shared.with(kind, |c| match v {
-                    Some(v) => c.objects.insert(k, v),
-                    None => c.objects.remove(&k),
+                // Most pod updates (conditions, container statuses) leave the cut-down
+                // object as it was: no rebuild for those.
+                let changed = shared.with(kind, |c| match v {
+                    Some(v) => c.objects.insert(k, v.clone()).as_ref() != Some(&v),
+                    None => c.objects.remove(&k).is_some(),
                 });
-                shared.changed.notify_one();
+                if changed {
+                    shared.changed.notify_one();
+                }
             }
             Ok(watcher::Event::Delete(o)) => {
                 let k = key(&o);
-                shared.with(kind, |c| c.objects.remove(&k));
-                shared.changed.notify_one();
+                if shared.with(kind, |c| c.objects.remove(&k).is_some()) {
+                    shared.changed.notify_one();
+                }
             }
             Err(e) => {
                 if on_error(kind, &e, &shared) {
