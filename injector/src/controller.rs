@@ -388,6 +388,11 @@ fn on_error(kind: Kind, e: &watcher::Error, shared: &Shared) -> bool {
                     return false;
                 }
             }
+            // Expired resourceVersion (etcd compaction): the watcher re-lists by itself.
+            Some(410) => {
+                tracing::debug!(kind = kind.name(), "watch expired; re-listing");
+                return false;
+            }
             _ => {
                 if first {
                     tracing::warn!(kind = kind.name(), error = %text, "watch failed; retrying");
