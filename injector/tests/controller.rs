@@ -8,7 +8,7 @@
 //! gets ResolvedRefs=False/BackendNotFound and never reaches the document while the
 //! good route does; observedGeneration follows the route; another controller's parent
 //! status is kept; an unchanged world writes no status; `controller --print` prints
-//! the document; deleting the route removes it.
+//! the document; deleting the route removes it; deleting the CRD removes every route.
 //!
 //! Needs root, Go (for the Gateway API module) and the control-plane binaries
 //! (`bash tools/kube/build.sh`); when they are missing it FAILS saying so.
@@ -21,6 +21,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     api::{Api, DeleteParams, DynamicObject, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
@@ -507,6 +508,32 @@ async fn story(cp: &ControlPlane) -> Result<()> {
     })
     .await?;
     println!("ok   deleted route web left the document");
+
+    // (8) The CRD goes away while the controller runs: its routes leave the document.
+    apply(&client, route("keep", "/keep", "web")).await?;
+    wait_doc(&mut rx, "route keep", Duration::from_secs(10), |d| {
+        has_route(d, "keep")
+    })
+    .await?;
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .delete(
+            "httproutes.gateway.networking.k8s.io",
+            &DeleteParams::default(),
+        )
+        .await?;
+    let t = Instant::now();
+    let doc = wait_doc(&mut rx, "no routes", Duration::from_secs(60), |d| {
+        route_names(d).is_empty()
+    })
+    .await?;
+    ensure!(
+        doc.services.iter().any(|s| s.name == "web"),
+        "Services stay when the CRD goes"
+    );
+    println!(
+        "ok   HTTPRoute CRD deleted: routes gone from the document after {} ms, Services stay",
+        t.elapsed().as_millis()
+    );
 
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
     ensure!(
