@@ -156,7 +156,11 @@ def check_rbac(kinds, values):
     check(("", "secrets", "create", ()) in rg, "Role must allow creating secrets (identity CA)")
     check(("", "secrets", "get", ("meshlet-identity-ca",)) in rg and ("", "secrets", "update", ("meshlet-identity-ca",)) in rg,
           "Role must allow get/update of the identity CA secret only")
-    check(all(g[1] == "secrets" for g in rg), f"Role grants more than secrets: {sorted(rg)}")
+    lease = {("coordination.k8s.io", "leases", "create", ())}
+    lease |= {("coordination.k8s.io", "leases", v, ("meshlet-controller",)) for v in ("get", "update")}
+    check(lease <= rg, f"Role must allow the controller Lease: missing {sorted(lease - rg)}")
+    rg -= lease
+    check(all(g[1] == "secrets" for g in rg), f"Role grants more than secrets and the Lease: {sorted(rg)}")
     check(not any(g[2] in ("list", "watch", "delete") for g in rg), "Role must not list, watch or delete secrets")
     check(role["metadata"].get("namespace") == NS, "Role must live in the release namespace")
     for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):

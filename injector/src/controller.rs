@@ -14,13 +14,17 @@
 //! retrying (with the watcher's backoff, at most 30 s apart), so installing the CRDs
 //! later needs no restart.
 
+pub mod lease;
 pub mod status;
 pub mod world;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -54,6 +58,9 @@ pub struct Options {
     pub write_status: bool,
     /// How long a burst of changes may go on before the document is rebuilt.
     pub debounce: Duration,
+    /// Write status only while holding this Lease (one writer among replicas);
+    /// `None` writes whenever status differs.
+    pub lease: Option<lease::LeaseOptions>,
 }
 
 impl Default for Options {
@@ -61,6 +68,7 @@ impl Default for Options {
         Self {
             write_status: true,
             debounce: Duration::from_millis(75),
+            lease: None,
         }
     }
 }
@@ -268,11 +276,26 @@ async fn run(client: Client, options: Options, tx: watch::Sender<Arc<MeshConfig>
         }));
     }
 
+    let leader = match options.lease.clone().filter(|_| options.write_status) {
+        Some(lease) => {
+            let leader = Arc::new(AtomicBool::new(false));
+            let wake = shared.clone();
+            tasks.spawn(lease::run(
+                client.clone(),
+                lease,
+                leader.clone(),
+                move || wake.changed.notify_one(),
+            ));
+            Some(leader)
+        }
+        None => None,
+    };
     let mut reconciler = Reconciler {
         client,
         options,
         tx,
         problems: Vec::new(),
+        leader,
     };
     loop {
         tokio::select! {
@@ -416,6 +439,8 @@ struct Reconciler {
     options: Options,
     tx: watch::Sender<Arc<MeshConfig>>,
     problems: Vec<Problem>,
+    /// Whether this replica holds the Lease; `None` without election.
+    leader: Option<Arc<AtomicBool>>,
 }
 
 impl Reconciler {
@@ -439,7 +464,11 @@ impl Reconciler {
             }
             self.problems = compiled.problems;
         }
-        if self.options.write_status {
+        let holds = self
+            .leader
+            .as_ref()
+            .is_none_or(|l| l.load(Ordering::SeqCst));
+        if self.options.write_status && holds {
             self.write_statuses(world).await;
         }
     }

@@ -293,10 +293,11 @@ pub async fn run(args: &ServeArgs) -> Result<(), Error> {
         match kube::Client::try_default().await {
             Ok(client) => {
                 tracing::info!("config controller started");
-                Some(crate::controller::spawn(
-                    client,
-                    crate::controller::Options::default(),
-                ))
+                let options = crate::controller::Options {
+                    lease: crate::controller::lease::LeaseOptions::from_env(),
+                    ..crate::controller::Options::default()
+                };
+                Some(crate::controller::spawn(client, options))
             }
             // Asked for: refuse to start without it.
             Err(e) if args.controller => return Err(Error::Kube(e)),

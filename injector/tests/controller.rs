@@ -8,7 +8,8 @@
 //! gets ResolvedRefs=False/BackendNotFound and never reaches the document while the
 //! good route does; observedGeneration follows the route; another controller's parent
 //! status is kept; an unchanged world writes no status; `controller --print` prints
-//! the document; deleting the route removes it; deleting the CRD removes every route.
+//! the document; deleting the route removes it; deleting the CRD removes every route;
+//! of two controllers sharing a Lease, the one that got it keeps it.
 //!
 //! Needs root, Go (for the Gateway API module) and the control-plane binaries
 //! (`bash tools/kube/build.sh`); when they are missing it FAILS saying so.
@@ -21,7 +22,10 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::{
+    api::coordination::v1::Lease,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
 use kube::{
     api::{Api, DeleteParams, DynamicObject, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
@@ -29,7 +33,11 @@ use kube::{
     Client, Config,
 };
 use meshlet_api::{MeshConfig, CONTROLLER_NAME};
-use meshlet_injector::controller::{self, route_names, Options};
+use meshlet_injector::controller::{
+    self,
+    lease::{LeaseOptions, LEASE_NAME},
+    route_names, Options,
+};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -293,11 +301,25 @@ async fn story(cp: &ControlPlane) -> Result<()> {
 
     // (1) No Gateway API CRDs yet: the controller still publishes.
     let t = Instant::now();
+    let lease = |identity: &str| LeaseOptions {
+        namespace: NS.into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(15),
+    };
     let mut rx = controller::spawn(
         client.clone(),
         Options {
             write_status: true,
             debounce: Duration::from_millis(75),
+            lease: Some(lease("ctl-a")),
+        },
+    );
+    // A second replica: it compiles too; only one of the two holds the Lease.
+    let rx_b = controller::spawn(
+        client.clone(),
+        Options {
+            lease: Some(lease("ctl-b")),
+            ..Options::default()
         },
     );
     let seen: Arc<Mutex<Vec<Arc<MeshConfig>>>> = Arc::default();
@@ -351,6 +373,23 @@ async fn story(cp: &ControlPlane) -> Result<()> {
         .iter()
         .all(|ip| ip.to_string().starts_with("198.19.")));
     println!("ok   endpoint 198.18.5.10 -> 8080, identity of ServiceAccount web");
+    // Both replicas race to create the Lease; whoever wins must keep it.
+    let leases = Api::<Lease>::namespaced(client.clone(), NS);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first_holder = loop {
+        let holder = leases
+            .get_opt(LEASE_NAME)
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity);
+        match holder {
+            Some(h) => break h,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            None => bail!("no controller created Lease {NS}/{LEASE_NAME} within 10 s"),
+        }
+    };
 
     // (2) CRDs installed while the controller runs; routes follow without a restart.
     cp.script(&["gateway-api", "standard"])?;
@@ -534,6 +573,18 @@ async fn story(cp: &ControlPlane) -> Result<()> {
         "ok   HTTPRoute CRD deleted: routes gone from the document after {} ms, Services stay",
         t.elapsed().as_millis()
     );
+
+    let spec = leases.get(LEASE_NAME).await?.spec.unwrap_or_default();
+    ensure!(
+        spec.holder_identity.as_deref() == Some(first_holder.as_str())
+            && spec.lease_transitions == Some(0),
+        "the Lease moved from {first_holder}, which kept renewing it: {spec:?}"
+    );
+    ensure!(
+        rx_b.borrow().generation > 0,
+        "the replica without the Lease still publishes"
+    );
+    println!("ok   Lease held by {first_holder} throughout, never taken over");
 
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
     ensure!(

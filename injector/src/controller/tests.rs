@@ -449,3 +449,30 @@ fn a_large_world_builds_whole_with_every_endpoint() {
         .iter()
         .all(|s| s.endpoints.len() == 3 && s.endpoints.iter().all(|e| e.identity.is_some())));
 }
+
+#[test]
+fn the_lease_is_created_renewed_taken_over_only_when_stale() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+
+    use super::lease::{step, Step};
+    let held_by = |h: &str| Lease {
+        spec: Some(LeaseSpec {
+            holder_identity: Some(h.into()),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        }),
+        ..Lease::default()
+    };
+    let d = std::time::Duration::from_secs;
+    assert_eq!(step(None, "a", d(0), d(15)), Step::Create);
+    assert_eq!(step(Some(&held_by("a")), "a", d(100), d(15)), Step::Renew);
+    assert_eq!(step(Some(&held_by("b")), "a", d(14), d(15)), Step::Follow);
+    assert_eq!(step(Some(&held_by("b")), "a", d(16), d(15)), Step::TakeOver);
+    assert_eq!(step(Some(&held_by("")), "a", d(0), d(15)), Step::TakeOver);
+    // The holder's own duration counts, not ours.
+    let mut long = held_by("b");
+    if let Some(s) = long.spec.as_mut() {
+        s.lease_duration_seconds = Some(60);
+    }
+    assert_eq!(step(Some(&long), "a", d(30), d(15)), Step::Follow);
+}
