@@ -6,7 +6,8 @@
 //! change wakes the reconciler, which waits out the burst ([`Options::debounce`]),
 //! compiles the whole document ([`crate::compile`] is fast) and publishes it on a
 //! `watch` channel only when it changed, with `generation` bumped. Then it writes the
-//! status of the routes whose status differs ([`status`]).
+//! status of the routes whose status differs ([`status`]); among replicas, only the
+//! holder of the `meshlet-controller` Lease writes ([`lease`]).
 //!
 //! Gateway API kinds are read as `DynamicObject`s: `compile` takes JSON anyway, and the
 //! `gateway-api` crate is built for another k8s-openapi than ours. A kind whose CRD is
