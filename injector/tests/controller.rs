@@ -255,6 +255,16 @@ async fn wait_doc(
     })
 }
 
+/// A process we started, killed (SIGKILL) and reaped when the test ends or fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn has_route(doc: &MeshConfig, name: &str) -> bool {
     route_names(doc).contains(&format!("{NS}/{name}"))
 }
@@ -537,6 +547,40 @@ async fn story(cp: &ControlPlane) -> Result<()> {
         "a fresh controller prints generation 1"
     );
     println!("ok   controller --print: {:?}", route_names(&printed));
+
+    // (6b) `serve --controller` runs the controller next to the webhook.
+    let work = tempfile::tempdir()?;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    std::fs::write(work.path().join("tls.crt"), ck.cert.pem())?;
+    std::fs::write(work.path().join("tls.key"), ck.signing_key.serialize_pem())?;
+    let log = work.path().join("serve.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_meshlet-injector"))
+        .args(["serve", "--controller", "--addr", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(work.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(work.path().join("tls.key"))
+        .env("KUBECONFIG", cp.kubeconfig())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let _serve = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("mesh config changed") && text.contains("webhook listening") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "serve --controller published no mesh config within 30 s; its log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(_serve);
+    println!("ok   serve --controller: webhook listening and mesh config published");
 
     // (7) Deleting the route removes it.
     api_for(&client, "HTTPRoute")?
