@@ -51,6 +51,15 @@ use tokio::{
 use self::world::World;
 use crate::compile::Problem;
 
+/// Histogram: seconds one rebuild of the whole document takes.
+pub const BUILD_SECONDS: &str = "meshlet_controller_build_seconds";
+/// Gauge: generation of the published document.
+pub const GENERATION: &str = "meshlet_controller_generation";
+/// Gauge: routes left out of the document.
+pub const ROUTE_PROBLEMS: &str = "meshlet_controller_route_problems";
+/// Counter: route status writes by `result` (`ok`, `conflict`, `error`).
+pub const STATUS_WRITES: &str = "meshlet_controller_status_writes_total";
+
 /// How the controller runs.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -322,7 +331,8 @@ async fn watch_kind<K>(
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    // `any_semantic`: lists come from the API server's watch cache, not from etcd.
+    let stream = watcher(api, watcher::Config::default().any_semantic()).default_backoff();
     futures_util::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
@@ -446,7 +456,10 @@ struct Reconciler {
 
 impl Reconciler {
     async fn reconcile(&mut self, world: &World) {
-        let compiled = match world::build(world) {
+        let start = std::time::Instant::now();
+        let built = world::build(world);
+        metrics::histogram!(BUILD_SECONDS).record(start.elapsed().as_secs_f64());
+        let compiled = match built {
             Ok(c) => c,
             Err(error) => {
                 // The previous document keeps serving; a fix in the cluster wakes us.
@@ -464,6 +477,7 @@ impl Reconciler {
                 tracing::info!("{p}");
             }
             self.problems = compiled.problems;
+            metrics::gauge!(ROUTE_PROBLEMS).set(self.problems.len() as f64);
         }
         let holds = self
             .leader
@@ -487,6 +501,7 @@ impl Reconciler {
             routes,
             "mesh config changed"
         );
+        metrics::gauge!(GENERATION).set(config.generation as f64);
         self.tx.send_replace(Arc::new(config));
     }
 
@@ -518,11 +533,16 @@ impl Reconciler {
                 .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                Ok(_) => tracing::debug!(route = %format!("{ns}/{name}"), "status written"),
+                Ok(_) => {
+                    metrics::counter!(STATUS_WRITES, "result" => "ok").increment(1);
+                    tracing::debug!(route = %format!("{ns}/{name}"), "status written");
+                }
                 Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                    metrics::counter!(STATUS_WRITES, "result" => "conflict").increment(1);
                     tracing::debug!(route = %format!("{ns}/{name}"), "route changed meanwhile; status follows on the next event")
                 }
                 Err(error) => {
+                    metrics::counter!(STATUS_WRITES, "result" => "error").increment(1);
                     tracing::warn!(route = %format!("{ns}/{name}"), %error, "cannot write route status; the controller needs patch on httproutes/status")
                 }
             }

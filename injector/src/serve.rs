@@ -288,6 +288,8 @@ async fn connection<S>(
 /// Runs `serve` until SIGTERM or Ctrl-C.
 pub async fn run(args: &ServeArgs) -> Result<(), Error> {
     let config = args.to_config()?;
+    // Before the controller starts, so its first build is counted.
+    let _ = metrics_handle();
     // Held for as long as the server runs: the controller stops when it is dropped.
     let _mesh_config = if args.controller_enabled() {
         match kube::Client::try_default().await {
