@@ -6,7 +6,7 @@ use std::io::Read;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshlet_api::SpiffeId;
-use meshlet_injector::{ca, compile, offline, serve, DefaultsArgs};
+use meshlet_injector::{ca, compile, controller, offline, serve, DefaultsArgs};
 
 /// meshlet's control plane: the sidecar-injecting admission webhook and offline injection.
 #[derive(Parser, Debug)]
@@ -40,6 +40,10 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Run the config controller against the cluster of the current kubeconfig: watch
+    /// Services, EndpointSlices, Pods and Gateway API routes, write HTTPRoute status;
+    /// `--print` prints the compiled mesh config once and exits.
+    Controller(controller::ControllerArgs),
     /// Offline mesh CA: make a root CA, issue workload certificates from it.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -116,6 +120,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => std::fs::write(&path, json)
                     .with_context(|| format!("cannot write {}", path.display()))?,
                 None => print!("{json}"),
+            }
+            Ok(())
+        }
+        Command::Controller(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            if let Some(doc) = rt.block_on(controller::command(&args))? {
+                print!("{}", serde_json::to_string_pretty(&*doc)? + "\n");
             }
             Ok(())
         }
