@@ -11,6 +11,7 @@
 pub mod ca;
 pub mod compile;
 pub mod config;
+pub mod delivery;
 pub mod mutate;
 pub mod offline;
 pub mod serve;
