@@ -346,5 +346,8 @@ fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+pub mod publish;
+pub mod server;
+
 #[cfg(test)]
 mod tests;

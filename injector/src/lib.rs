@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod mutate;
 pub mod offline;
 pub mod serve;
+pub mod serve_config;
 pub mod tls;
 pub mod validate;
 pub mod webhook;

@@ -13,8 +13,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use meshlet_api::MeshConfig;
+use tokio::sync::watch;
+
 use crate::{
     config::{Defaults, DefaultsArgs},
+    delivery,
     tls::{self, ReloadingCert},
     webhook::{self, AppState},
 };
@@ -133,6 +137,7 @@ pub struct Server {
     cert: Arc<ReloadingCert>,
     acceptor: TlsAcceptor,
     config: ServeConfig,
+    mesh_config: Option<watch::Receiver<Arc<MeshConfig>>>,
 }
 
 impl Server {
@@ -151,7 +156,15 @@ impl Server {
             cert,
             acceptor,
             config,
+            mesh_config: None,
         })
+    }
+
+    /// Also serves config delivery (`GET /v1/config`, [`delivery`]) from `rx`: the
+    /// seam the config controller publishes through.
+    pub fn with_mesh_config(mut self, rx: watch::Receiver<Arc<MeshConfig>>) -> Self {
+        self.mesh_config = Some(rx);
+        self
     }
 
     /// The bound address (useful with port 0).
@@ -166,7 +179,11 @@ impl Server {
             defaults: self.config.defaults.clone(),
             metrics: metrics_handle(),
         });
-        let service = TowerToHyperService::new(webhook::router(state));
+        let mut app = webhook::router(state);
+        if let Some(rx) = self.mesh_config.clone() {
+            app = app.merge(delivery::router(rx, delivery::Options::default()));
+        }
+        let service = TowerToHyperService::new(app);
         let watcher = tokio::spawn(self.cert.clone().watch(self.config.tls_reload_interval));
         // Flipped on shutdown: every connection finishes its request in flight and closes.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -271,7 +288,8 @@ pub async fn run(args: &ServeArgs) -> Result<(), Error> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
