@@ -84,6 +84,9 @@ pub enum Error {
     /// Plaintext asked for on an address other hosts can reach.
     #[error("--plaintext-loopback needs a loopback --addr (127.0.0.1 or ::1), not {0}; plaintext would hand every host the mesh config unverified")]
     PlaintextNotLoopback(SocketAddr),
+    /// A heartbeat the proxies would take for a dead connection.
+    #[error("--heartbeat {0} is out of range: proxies reconnect after 45s of silence, so use more than 0 and at most 15s")]
+    Heartbeat(meshlet_api::Duration),
     /// The address cannot be bound.
     #[error("cannot listen on {addr}: {source}; is another process using the port?")]
     Bind {
@@ -121,6 +124,10 @@ pub async fn run(
     if args.plaintext_loopback && !args.addr.ip().is_loopback() {
         return Err(Error::PlaintextNotLoopback(args.addr));
     }
+    let heartbeat = args.heartbeat.as_std();
+    if heartbeat.is_zero() || heartbeat > delivery::HEARTBEAT {
+        return Err(Error::Heartbeat(args.heartbeat));
+    }
     let tls = if args.plaintext_loopback {
         None
     } else {
@@ -144,7 +151,7 @@ pub async fn run(
     let _ = metrics_handle();
     let (rx, publisher) = publish::publish(source, args.poll_interval.as_std())?;
     let options = delivery::Options {
-        heartbeat: args.heartbeat.as_std(),
+        heartbeat,
         require_identity: args.require_identity,
         metrics: delivery::DeliveryMetrics::global(),
     };

@@ -166,3 +166,42 @@ where
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_spiffe_id_of_a_workload_certificate_only() {
+        let ca = crate::ca::Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/front/sa/app".parse().unwrap();
+        let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(spiffe_id(&der), Some(id));
+
+        let key = rcgen::KeyPair::generate().unwrap();
+        let dns = rcgen::CertificateParams::new(vec!["web.shop.svc".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(spiffe_id(dns.der()), None, "no URI SAN");
+        assert_eq!(spiffe_id(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn client_ca_must_hold_a_certificate() {
+        let cert = crate::tls::ReloadingCert::load(
+            std::path::Path::new("/nonexistent/tls.crt"),
+            std::path::Path::new("/nonexistent/tls.key"),
+        );
+        assert!(cert.is_err());
+        let ca = crate::ca::Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let resolver: Arc<dyn ResolvesServerCert> =
+            Arc::new(rustls::server::ResolvesServerCertUsingSni::new());
+        assert!(tls_config(resolver.clone(), Some(ca.cert_pem().as_bytes())).is_ok());
+        assert!(matches!(
+            tls_config(resolver, Some(b"no pem here")),
+            Err(TlsSetupError::ClientCa)
+        ));
+    }
+}
