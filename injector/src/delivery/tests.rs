@@ -265,3 +265,32 @@ async fn identity_decides_the_view_and_a_foreign_namespace_is_refused() {
         "{body}"
     );
 }
+
+/// Many proxies of a few namespaces: every one gets the change, each namespace's view
+/// is serialised once per document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_every_watcher() {
+    const WATCHERS: usize = 200;
+    let (tx, rx) = watch::channel(doc(1));
+    let (addr, metrics) = server(rx, Duration::from_secs(60), None).await;
+    let mut streams = Vec::new();
+    for i in 0..WATCHERS {
+        let ns = ["front", "batch", "shop", "other"][i % 4];
+        let mut l = Lines {
+            body: get(addr, &format!("/v1/config?namespace={ns}"))
+                .await
+                .into_body(),
+            buf: BytesMut::new(),
+        };
+        assert_eq!(l.doc().await.generation, 1);
+        streams.push(l);
+    }
+    let t = std::time::Instant::now();
+    tx.send(doc(2)).unwrap();
+    let all = futures_util::future::join_all(streams.iter_mut().map(|l| l.doc())).await;
+    let took = t.elapsed();
+    assert!(all.iter().all(|d| d.generation == 2));
+    println!("{WATCHERS} watchers got the change in {took:?}");
+    assert_eq!(metric(&metrics, super::WATCHERS), WATCHERS as f64);
+    assert_eq!(metric(&metrics, DOCUMENTS_SENT), 2.0 * WATCHERS as f64);
+}
