@@ -10,6 +10,9 @@
 //! - one line per document: the client's view of the [`MeshConfig`], compact JSON
 //!   (which has no raw newline), terminated by `\n`. The first line is the document in
 //!   force when the request arrives; each later line replaces the previous one whole.
+//!   A document of `generation` 0 is the publisher's "not synced yet" (the config
+//!   controller starts with one): it is never sent, the client waits (heartbeats
+//!   only) for the first real document.
 //! - an empty line (`\n` alone) is a heartbeat, sent after [`HEARTBEAT`] without a
 //!   document, so both ends notice a dead connection; clients skip it. A client that
 //!   hears nothing for three heartbeats should reconnect.
@@ -182,13 +185,19 @@ impl Watch {
         let mut changed = self.last.is_none();
         loop {
             if changed {
+                changed = false;
                 let doc = self.rx.borrow_and_update().clone();
-                let line = self.state.line(&doc, &self.namespace);
-                if self.last.as_ref() != Some(&line) {
-                    self.last = Some(line.clone());
-                    self.heartbeat.reset();
-                    self.state.options.metrics.sent.increment(1);
-                    return Some((Ok(line), self));
+                // Generation 0 is the publisher's "not synced yet": an empty document
+                // would make the proxy ready with no services, so only heartbeats go
+                // out until the first real document.
+                if doc.generation > 0 {
+                    let line = self.state.line(&doc, &self.namespace);
+                    if self.last.as_ref() != Some(&line) {
+                        self.last = Some(line.clone());
+                        self.heartbeat.reset();
+                        self.state.options.metrics.sent.increment(1);
+                        return Some((Ok(line), self));
+                    }
                 }
             }
             tokio::select! {

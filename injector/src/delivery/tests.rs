@@ -226,6 +226,24 @@ async fn streams_the_current_view_then_each_change() {
 }
 
 #[tokio::test]
+async fn nothing_is_sent_before_the_publisher_has_synced() {
+    let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
+    let (addr, metrics) = server(rx, Duration::from_millis(50), None).await;
+    let mut lines = Lines {
+        body: get(addr, "/v1/config?namespace=front").await.into_body(),
+        buf: BytesMut::new(),
+    };
+    assert_eq!(
+        lines.next().await.unwrap(),
+        "",
+        "a heartbeat, not the empty document"
+    );
+    assert_eq!(metric(&metrics, DOCUMENTS_SENT), 0.0);
+    tx.send(doc(1)).unwrap();
+    assert_eq!(lines.doc().await.generation, 1);
+}
+
+#[tokio::test]
 async fn heartbeats_keep_a_quiet_stream_alive() {
     let (_tx, rx) = watch::channel(doc(1));
     let (addr, _) = server(rx, Duration::from_millis(50), None).await;
