@@ -185,7 +185,6 @@ impl Watch {
         let mut changed = self.last.is_none();
         loop {
             if changed {
-                changed = false;
                 let doc = self.rx.borrow_and_update().clone();
                 // Generation 0 is the publisher's "not synced yet": an empty document
                 // would make the proxy ready with no services, so only heartbeats go
