@@ -267,6 +267,34 @@ async fn a_namespace_other_than_the_identity_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_without_config_delivery_leaves_the_proxy_ready_and_empty() {
+    let pki = Pki::new();
+    let id = pki.identity("spiffe://cluster.local/ns/front/sa/app");
+    let addr = free_port();
+    let cert = ReloadingCert::load(
+        &pki.dir.path().join("tls.crt"),
+        &pki.dir.path().join("tls.key"),
+    )
+    .unwrap();
+    let tls = server::tls_config(cert, Some(pki.mesh.cert_pem().as_bytes())).unwrap();
+    // Only the issuer's kind of routes: /v1/config answers 404.
+    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(server::serve(
+        bind(addr).await,
+        Some(Arc::new(tls)),
+        app,
+        std::future::pending(),
+    ));
+    let p = proxy(&pki, addr, "front", id.path());
+    eventually("ready on an empty config", || {
+        p.admin_get("/ready").0 == 200
+    })
+    .await;
+    assert_eq!(generation(&p), 0);
+    assert!(served(&p)["services"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_a_certificate_for_another_name_is_not_trusted() {
     let pki = Pki::new();
     let id = pki.identity("spiffe://cluster.local/ns/front/sa/app");

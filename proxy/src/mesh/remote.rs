@@ -7,7 +7,9 @@
 //! (`meshlet_config_reloads_total{result="error"}`) while the last good one keeps
 //! serving. When the stream ends, fails or stays silent for longer than three
 //! heartbeats, the watch reconnects with capped exponential backoff and jitter; the
-//! proxy keeps serving the last good document all along.
+//! proxy keeps serving the last good document all along. A control plane that answers
+//! 404 (no config delivery, e.g. its controller is off) leaves the proxy on an empty
+//! document, ready, asking again every `backoff_max`.
 
 use std::{
     hash::{BuildHasher, Hasher},
@@ -139,6 +141,25 @@ pub async fn watch(
     let mut backoff = Backoff::new(options.backoff_min, options.backoff_max);
     loop {
         let error = session(&mesh, &control, &path, &metrics, &options, &mut backoff).await;
+        if let WatchError::Refused {
+            status: StatusCode::NOT_FOUND,
+            ..
+        } = error
+        {
+            // A control plane without config delivery (its controller is off): run as
+            // without a config file instead of never becoming ready, and keep asking
+            // at the slowest pace in case it comes.
+            if !mesh.is_loaded() {
+                tracing::warn!(
+                    control_plane = control.addr(),
+                    "the control plane does not serve {PATH}; running with an empty mesh \
+                     config (no services) and asking again"
+                );
+                mesh.store(MeshConfig::default());
+            }
+            tokio::time::sleep(options.backoff_max).await;
+            continue;
+        }
         let delay = backoff.next();
         tracing::warn!(
             %error,
