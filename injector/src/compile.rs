@@ -295,6 +295,7 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
         identities: identities.into_iter().collect(),
         endpoints: Vec::new(),
         routes: Vec::new(),
+        retry_constraint: None,
     }
 }
 
