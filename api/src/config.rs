@@ -364,7 +364,9 @@ impl Endpoint {
 // === impl RetryConstraint ===
 
 impl RetryConstraint {
-    fn validate(&self, svc: &str) -> Result<(), ConfigError> {
+    /// Checks the ranges the Gateway API's CRD allows; `svc` names the Service in the
+    /// message.
+    pub fn validate(&self, svc: &str) -> Result<(), ConfigError> {
         if self.budget.percent > 100 {
             return Err(ConfigError::Invalid(format!(
                 "service {svc}: retryConstraint.budget.percent is {}; write 0 to 100",
