@@ -59,6 +59,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             .ok_or_else(|| Error::Protocol(format!("--header {h:?} is not `name: value`")))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
+    let connect_to = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
     let body = Bytes::from(vec![0u8; args.body_bytes]);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
 
@@ -76,9 +77,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
         let start = Instant::now();
         let one = async {
             if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                let stream = tokio::net::TcpStream::connect(connect_to.as_str())
                     .await
-                    .map_err(io_ctx(format!("connecting to {authority}")))?;
+                    .map_err(io_ctx(format!("connecting to {connect_to}")))?;
                 let (tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                     .await
                     .map_err(|e| Error::Protocol(format!("handshake: {e}")))?;
