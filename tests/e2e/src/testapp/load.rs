@@ -59,7 +59,11 @@ pub async fn run(args: Args) -> Result<(), Error> {
             .ok_or_else(|| Error::Protocol(format!("--header {h:?} is not `name: value`")))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
-    let connect_to = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+    let connect_to = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
     let body = Bytes::from(vec![0u8; args.body_bytes]);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
 
