@@ -19,6 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::future;
 use http::{request::Parts, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Full};
@@ -144,7 +145,11 @@ where
 {
     type Response = Response<Either<L, Full<Bytes>>>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ProxyError>> + Send>>;
+    // Requests without a retry policy pay no allocation here.
+    type Future = future::Either<
+        S::Future,
+        Pin<Box<dyn Future<Output = Result<Self::Response, ProxyError>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -156,7 +161,7 @@ where
         // Upgrades and CONNECT hand the connection over; they are never replayed.
         let tunnel = req.method() == Method::CONNECT || headers::is_upgrade(&req);
         let Some(routed) = retry.filter(|_| !tunnel) else {
-            return Box::pin(self.inner.call(req.map(ReplayBody::passthrough)));
+            return future::Either::Left(self.inner.call(req.map(ReplayBody::passthrough)));
         };
         // The request is counted before it is sent: it is what earns the budget.
         routed.backend.budget.deposit();
@@ -166,7 +171,7 @@ where
         let spare = body.replay();
         let first = self.inner.call(Request::from_parts(parts, body));
         let inner = self.inner.clone();
-        Box::pin(async move {
+        future::Either::Right(Box::pin(async move {
             let Some(policy) = routed.policy.retry.as_ref() else {
                 return first.await;
             };
@@ -217,7 +222,7 @@ where
                 res = inner.clone().oneshot(req).await;
             }
             res
-        })
+        }))
     }
 }
 

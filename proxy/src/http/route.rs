@@ -22,6 +22,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::future;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use meshlet_api::route::HeaderModifier;
@@ -240,7 +241,11 @@ where
 {
     type Response = Response<Either<L, Full<Bytes>>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    // Requests no rule selects pay no allocation here.
+    type Future = future::Either<
+        S::Future,
+        Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -249,12 +254,12 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let start = Instant::now();
         match self.decide(&req) {
-            Outcome::Pass => Box::pin(self.inner.call(req)),
+            Outcome::Pass => future::Either::Left(self.inner.call(req)),
             Outcome::Answer(label, rsp) => {
                 if let Some(m) = &self.shared.metrics {
                     m.record_route(rsp.status(), start.elapsed(), Some(&label));
                 }
-                Box::pin(async move { Ok(rsp.map(Either::Right)) })
+                future::Either::Right(Box::pin(async move { Ok(rsp.map(Either::Right)) }))
             }
             Outcome::Forward {
                 routed,
@@ -272,18 +277,20 @@ where
                     if let Some(m) = &self.shared.metrics {
                         m.record_route(rsp.status(), start.elapsed(), Some(&routed.label));
                     }
-                    return Box::pin(async move { Ok(rsp.map(Either::Right)) });
+                    return future::Either::Right(Box::pin(
+                        async move { Ok(rsp.map(Either::Right)) },
+                    ));
                 }
                 req.extensions_mut().insert(dst);
                 req.extensions_mut().insert(routed);
                 let fut = self.inner.call(req);
-                Box::pin(async move {
+                future::Either::Right(Box::pin(async move {
                     let mut rsp = fut.await?;
                     for m in &response_headers {
                         modify_headers(rsp.headers_mut(), m);
                     }
                     Ok(rsp)
-                })
+                }))
             }
         }
     }

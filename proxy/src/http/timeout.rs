@@ -14,6 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::future;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 
@@ -100,7 +101,11 @@ where
 {
     type Response = Response<Either<L, Full<Bytes>>>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ProxyError>> + Send>>;
+    // Requests without a timeout pay no timer and no allocation.
+    type Future = future::Either<
+        S::Future,
+        Pin<Box<dyn Future<Output = Result<Self::Response, ProxyError>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -111,11 +116,11 @@ where
         let routed = req.extensions().get::<Routed>();
         let limit = routed.and_then(|r| kind.limit(r));
         let Some(limit) = limit else {
-            return Box::pin(self.inner.call(req));
+            return future::Either::Left(self.inner.call(req));
         };
         let routed = routed.cloned();
         let fut = self.inner.call(req);
-        Box::pin(async move {
+        future::Either::Right(Box::pin(async move {
             match tokio::time::timeout(limit, fut).await {
                 Ok(res) => res,
                 Err(_) => {
@@ -140,7 +145,7 @@ where
                     Ok(rsp.map(Either::Right))
                 }
             }
-        })
+        }))
     }
 }
 
