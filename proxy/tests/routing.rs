@@ -60,6 +60,39 @@ async fn upstream(name: &'static str, fail_every: usize) -> (SocketAddr, Arc<Ato
     (addr, requests)
 }
 
+/// An HTTP/2 upstream that refuses every odd stream (`REFUSED_STREAM`, before reading
+/// anything of it) and answers the others `refusing`; counts the refusals.
+async fn refusing_h2() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                let mut n = 0;
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    n += 1;
+                    if n % 2 == 1 {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let rsp = Response::new(());
+                    if let Ok(mut body) = respond.send_response(rsp, false) {
+                        let _ = body.send_data(Bytes::from_static(b"refusing"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
 fn service(name: &str, ip: &str, endpoint: Option<SocketAddr>) -> serde_json::Value {
     let eps: Vec<serde_json::Value> = endpoint
         .iter()
@@ -69,7 +102,13 @@ fn service(name: &str, ip: &str, endpoint: Option<SocketAddr>) -> serde_json::Va
                        "ports": [{"port": 80}], "endpoints": eps})
 }
 
-fn write_config(path: &Path, v1: SocketAddr, v2: SocketAddr, flaky: SocketAddr) {
+fn write_config(
+    path: &Path,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    flaky: SocketAddr,
+    refusing: SocketAddr,
+) {
     let mut web = service("web", "127.0.0.20", None);
     web["routes"] = serde_json::json!([{"name": "web", "namespace": "shop", "rules": [
         {"matches": [{"headers": [{"name": "version", "value": "v2"}]}],
@@ -80,6 +119,9 @@ fn write_config(path: &Path, v1: SocketAddr, v2: SocketAddr, flaky: SocketAddr) 
         {"matches": [{"path": {"type": "PathPrefix", "value": "/flaky"}}],
          "backendRefs": [{"name": "web-flaky", "namespace": "shop", "port": 80}],
          "retry": {"codes": [503], "attempts": 2, "backoff": "10ms"}},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/refused"}}],
+         "backendRefs": [{"name": "web-refusing", "namespace": "shop", "port": 80}],
+         "retry": {"attempts": 1, "backoff": "1ms"}},
         {"backendRefs": [{"name": "web-v1", "namespace": "shop", "port": 80}]}
     ]}]);
     let mut flaky_svc = service("web-flaky", "127.0.0.23", Some(flaky));
@@ -91,6 +133,7 @@ fn write_config(path: &Path, v1: SocketAddr, v2: SocketAddr, flaky: SocketAddr) 
         service("web-v1", "127.0.0.21", Some(v1)),
         service("web-v2", "127.0.0.22", Some(v2)),
         flaky_svc,
+        service("web-refusing", "127.0.0.24", Some(refusing)),
     ]});
     std::fs::write(path, doc.to_string()).unwrap();
 }
@@ -126,6 +169,7 @@ async fn send(
 struct Setup {
     proxy: TestProxy,
     flaky_requests: Arc<AtomicUsize>,
+    refused_streams: Arc<AtomicUsize>,
     _dir: tempfile::TempDir,
 }
 
@@ -133,9 +177,10 @@ async fn setup() -> Setup {
     let (v1, _) = upstream("v1", 0).await;
     let (v2, _) = upstream("v2", 0).await;
     let (flaky, flaky_requests) = upstream("flaky", 3).await;
+    let (refusing, refused_streams) = refusing_h2().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mesh.json");
-    write_config(&path, v1, v2, flaky);
+    write_config(&path, v1, v2, flaky, refusing);
     let proxy = TestProxy::start(&[("MESHLET_CONFIG_PATH", path.to_str().unwrap())]);
     proxy
         .orig_dst
@@ -143,6 +188,7 @@ async fn setup() -> Setup {
     Setup {
         proxy,
         flaky_requests,
+        refused_streams,
         _dir: dir,
     }
 }
@@ -179,6 +225,28 @@ async fn request_timeout_answers_504() {
     let text = s.proxy.metrics();
     let line = r#"meshlet_timeouts_total{direction="outbound",service="shop/web",route="shop/web",kind="request"}"#;
     assert_eq!(test_util::metric_value(&text, line), Some(1.0), "{text}");
+}
+
+#[tokio::test]
+async fn refused_streams_are_retried_even_without_codes() {
+    let s = setup().await;
+    // One HTTP/2 connection from the client, so the proxy keeps one upstream too: its
+    // odd streams are refused.
+    let mut tx = test_util::h2_client(s.proxy.outbound).await;
+    for i in 0..4 {
+        let req = Request::post("http://web.shop/refused")
+            .body(Full::new(Bytes::from_static(b"not idempotent")))
+            .unwrap();
+        let rsp = tx.send_request(req).await.unwrap();
+        let status = rsp.status();
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, StatusCode::OK, "request {i}: {body:?}");
+        assert_eq!(&body[..], b"refusing");
+    }
+    assert_eq!(s.refused_streams.load(Ordering::SeqCst), 4);
+    let text = s.proxy.metrics();
+    let line = r#"meshlet_retries_total{direction="outbound",service="shop/web",route="shop/web",reason="refused"}"#;
+    assert_eq!(test_util::metric_value(&text, line), Some(4.0), "{text}");
 }
 
 #[tokio::test]

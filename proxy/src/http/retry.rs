@@ -2,7 +2,7 @@
 //! GEP-1731), safe by construction and within the backend Service's retry budget.
 //!
 //! An attempt is retried when it failed before reaching the app (connect refused or
-//! timed out, TLS or HTTP handshake failed: the request never left), or when its
+//! timed out, TLS or HTTP handshake failed, HTTP/2 stream refused), or when its
 //! response has one of the rule's `codes` (a 504 of the attempt timeout counts as 504,
 //! a broken exchange as 502). A request that may have reached the app is retried only
 //! when that is safe: its method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE)
@@ -111,11 +111,28 @@ fn verdict<L>(
             | ProxyError::Handshake { .. }
             | ProxyError::Tls { .. },
         ) => Verdict::Unsent(SharedString::const_str("connect")),
+        Err(e) if refused(e) => Verdict::Unsent(SharedString::const_str("refused")),
         Err(e) if codes.contains(&e.status().as_u16()) => {
             Verdict::Sent(SharedString::const_str("error"))
         }
         Err(_) => Verdict::Done,
     }
+}
+
+/// Whether the server refused the HTTP/2 stream (`REFUSED_STREAM`), which RFC 9113
+/// §8.7 guarantees means it processed nothing of the request.
+fn refused(e: &ProxyError) -> bool {
+    let ProxyError::Upstream { source, .. } = e else {
+        return false;
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// A request's head, kept to build each retry.
