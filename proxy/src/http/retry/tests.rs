@@ -272,3 +272,90 @@ async fn budget_bounds_retries_of_a_failing_backend() {
     assert!(attempts >= n + n / 5, "the budget is used: {attempts}");
     assert!(attempts <= n + n / 5 + 5, "{attempts}");
 }
+
+#[tokio::test]
+async fn attempt_timeouts_are_retried_and_the_request_timeout_bounds_all() {
+    use crate::http::timeout::{AttemptTimeoutLayer, RequestTimeoutLayer};
+    // The first attempt hangs; the attempt timeout cuts it and the retry answers.
+    let calls = Arc::new(Mutex::new(0u32));
+    let c = calls.clone();
+    let upstream = tower::service_fn(move |_req: Request<ReplayBody<Full<Bytes>>>| {
+        let n = {
+            let mut c = c.lock().unwrap();
+            *c += 1;
+            *c
+        };
+        async move {
+            if n == 1 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Ok::<_, ProxyError>(Response::new(Either::<OkBody, Full<Bytes>>::Left(
+                Full::new(Bytes::new()),
+            )))
+        }
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(RequestTimeoutLayer)
+        .layer(RetryLayer::default())
+        .layer(AttemptTimeoutLayer)
+        .service(upstream);
+    let on_504 = Some(RetryPolicy {
+        codes: vec![504],
+        retries: 1,
+        backoff: Duration::ZERO,
+    });
+    let start = std::time::Instant::now();
+    let r = routed(
+        Some(Duration::from_secs(2)),
+        Some(Duration::from_millis(50)),
+        on_504,
+    );
+    let rsp = svc
+        .clone()
+        .oneshot(request(Method::GET, full(b""), r))
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(*calls.lock().unwrap(), 2);
+    assert!(start.elapsed() < Duration::from_secs(1));
+
+    // Retries that keep failing stop at the request timeout, backoffs included.
+    let log = Log::default();
+    let svc = tower::ServiceBuilder::new()
+        .layer(RequestTimeoutLayer)
+        .layer(RetryLayer::default())
+        .service(upstream_always_503(log.clone()));
+    let slow_retries = Some(RetryPolicy {
+        codes: vec![503],
+        retries: 10,
+        backoff: Duration::from_millis(100),
+    });
+    let start = std::time::Instant::now();
+    let r = routed(Some(Duration::from_millis(150)), None, slow_retries);
+    let rsp = svc
+        .oneshot(request(Method::GET, full(b""), r))
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert_eq!(rsp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(rsp.headers()[ERROR_HEADER], "request-timeout");
+    assert!(took < Duration::from_millis(400), "{took:?}");
+    let attempts = log.lock().unwrap().len();
+    assert!(
+        (1..=2).contains(&attempts),
+        "{attempts} attempts; at most two fit 150 ms with 100 ms backoffs"
+    );
+}
+
+fn upstream_always_503(
+    log: Log,
+) -> impl tower::Service<
+    Request<ReplayBody<Full<Bytes>>>,
+    Response = Response<Either<OkBody, Full<Bytes>>>,
+    Error = ProxyError,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    upstream(&[Answer::Status(503); 100], log)
+}
