@@ -149,6 +149,26 @@ pub fn routing_by_headers_weights_redirects_rewrites_timeouts() -> Result<()> {
     all_ok(&v1, 20)?;
     ensure!(answered_by(&v1, "backend-v1") == 20, "version: v3 → {v1}");
 
+    // The same over HTTP/2 (h2c prior knowledge from the app).
+    let out = curl(
+        &c,
+        "client",
+        &[
+            "--http2-prior-knowledge",
+            "-H",
+            "version: v2",
+            "-w",
+            "\n%{http_version}",
+            &url,
+        ],
+    )?;
+    let (body, version) = out.rsplit_once('\n').context("no curl -w line")?;
+    let name = json(body)?["name"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        version == "2" && name.starts_with("backend-v2"),
+        "h2 with version: v2 went to {name} over HTTP/{version}"
+    );
+
     // Weighted split 80/20, by request (one keep-alive connection).
     let n = 2000;
     let split = load(
@@ -242,7 +262,7 @@ pub fn routing_by_headers_weights_redirects_rewrites_timeouts() -> Result<()> {
         &[("direction", "outbound"), ("route", ROUTE)],
     );
     ensure!(
-        routed == (20 + 20 + n + 1 + 1 + 3) as f64,
+        routed == (20 + 20 + 1 + n + 1 + 1 + 3) as f64,
         "client proxy counted {routed} requests with route={ROUTE}"
     );
     let timeouts = delta(
