@@ -25,6 +25,7 @@ pub mod loop_guard;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
+pub mod retry_budget;
 pub mod route;
 pub mod target;
 pub mod tcp;
@@ -208,7 +209,8 @@ impl Proxy {
             .layer(detect::DetectLayer::new(tcp::ForwardTcp))
             .service(
                 http::server::ServeHttp::new(http::Pool::new(), watch.clone())
-                    .with_balancer(mesh.clone()),
+                    .with_balancer(mesh.clone())
+                    .with_routing(identity.clone(), cfg.pod_namespace.as_deref()),
             );
         for (listeners, direction) in [
             (outbound, Direction::Outbound),

@@ -27,6 +27,7 @@ use metrics::SharedString;
 use crate::{
     balance::{Balancer, Endpoint, Pick},
     metrics::{Metrics, UNKNOWN_SERVICE},
+    route::table::{Budgets, RouteTable},
 };
 
 pub mod remote;
@@ -67,6 +68,10 @@ pub struct Snapshot {
     endpoint_services: HashMap<SocketAddr, SharedString>,
     /// ClusterIP:port -> its ready endpoints of the same IP family.
     balancers: HashMap<SocketAddr, Balancer>,
+    /// ClusterIP:port -> the Service's HTTPRoutes, resolved (Services with routes only).
+    routes: HashMap<SocketAddr, Arc<RouteTable>>,
+    /// Retry budgets of the Services routes send to, kept across reloads.
+    budgets: Budgets,
     opaque: Vec<u16>,
 }
 
@@ -114,6 +119,8 @@ impl Snapshot {
         let mut services = HashMap::new();
         let mut balancers = HashMap::new();
         let mut meshed = HashMap::new();
+        let mut routes = HashMap::new();
+        let mut budgets = Budgets::new();
         let mut ids: HashMap<usize, Arc<[SpiffeId]>> = HashMap::new();
         for (addr, r) in config.index() {
             services.insert(addr, labels[r.index].clone());
@@ -134,6 +141,22 @@ impl Snapshot {
                 .collect();
             if let Some(b) = Balancer::new(ready) {
                 balancers.insert(addr, b);
+            }
+            if !svc.routes.is_empty() {
+                match RouteTable::new(
+                    &config,
+                    r.index,
+                    addr,
+                    &mut budgets,
+                    prev.map(|p| &p.budgets),
+                ) {
+                    Ok(t) => {
+                        routes.insert(addr, Arc::new(t));
+                    }
+                    // Validation refuses such documents; one that bypassed it keeps
+                    // its Service unrouted rather than failing the whole snapshot.
+                    Err(error) => tracing::warn!(%error, "ignoring the routes of a service"),
+                }
             }
         }
         // Document order decides when two Services select the same pod and port, so
@@ -160,8 +183,15 @@ impl Snapshot {
             meshed,
             endpoint_services,
             balancers,
+            routes,
+            budgets,
             opaque,
         }
+    }
+
+    /// The resolved routes of ClusterIP:port `dst`, when its Service has any.
+    pub fn routes(&self, dst: SocketAddr) -> Option<&Arc<RouteTable>> {
+        self.routes.get(&dst)
     }
 
     /// The `service` label for a destination: `namespace/name` of the Service whose
@@ -255,6 +285,12 @@ impl Mesh {
         let snap = Snapshot::reload(config, self.opaque_override.as_deref(), Some(&prev));
         self.current.store(Arc::new(snap));
         self.loaded.store(true, Ordering::Release);
+    }
+
+    /// The routes of ClusterIP:port `dst` in the snapshot in force (looked up per
+    /// request, so keep-alive connections follow route changes).
+    pub fn routes(&self, dst: SocketAddr) -> Option<Arc<RouteTable>> {
+        self.current.load().routes(dst).cloned()
     }
 
     /// Picks an endpoint of ClusterIP:port `dst` for one request in the snapshot in

@@ -960,6 +960,7 @@ impl Cluster {
                 identities: identities.into_iter().collect(),
                 endpoints,
                 routes: Vec::new(),
+                retry_constraint: None,
             });
         }
         let cfg = MeshConfig {
