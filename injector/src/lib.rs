@@ -4,13 +4,16 @@
 //! The layering follows kube's admission example and linkerd's policy controller: the
 //! pure [`mutate::mutate`] core turns a pod into a JSON Patch; [`webhook`] only translates
 //! AdmissionReviews, [`offline`] only walks manifests, and [`serve`] only does HTTPS.
-//! [`ca`] is the mesh CA that issues workload identities.
+//! [`ca`] is the mesh CA that issues workload identities; [`issuer`] signs them online
+//! for proxies that present a service-account token, on [`control_plane`]'s port 15012.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod ca;
 pub mod compile;
 pub mod config;
+pub mod control_plane;
+pub mod issuer;
 pub mod mutate;
 pub mod offline;
 pub mod serve;
