@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the mutating admission webhook over HTTPS (POST /mutate, /healthz, /readyz, /metrics).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Print manifests with the sidecar injected, as the webhook would admit them.
     Inject {
         /// Manifest file (YAML, multi-document); `-` reads stdin.

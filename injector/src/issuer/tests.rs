@@ -119,7 +119,8 @@ async fn issues_exactly_the_reviewed_service_account() {
 #[tokio::test]
 async fn refusals_have_reasons() {
     let good = token(&["meshlet"], now() + 600);
-    let cases: Vec<(Result<Review, String>, Option<String>, String, Reason)> = vec![
+    type Case = (Result<Review, String>, Option<String>, String, Reason);
+    let cases: Vec<Case> = vec![
         (
             Ok(ok_review("system:serviceaccount:a:b")),
             None,
