@@ -69,10 +69,26 @@ pub struct Config {
     pub service_account: Option<String>,
     /// Workload identity directory (`cert.pem`, `key.pem`, `ca.pem`); `None`: no mTLS.
     pub identity_dir: Option<PathBuf>,
+    /// Where to get the identity online when there is no identity directory.
+    pub issuer: Option<IssuerConfig>,
     /// Whether inbound plaintext is accepted.
     pub tls_mode: TlsMode,
     /// The app's original httpGet probes, served under `/app-health/...`.
     pub app_probes: meshlet_api::probes::AppProbes,
+}
+
+/// The control plane's issuer: `MESHLET_CONTROL_PLANE_ADDR` and friends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerConfig {
+    /// `host:port` of the mesh endpoint (an IP literal needs no DNS).
+    pub address: String,
+    /// The name its certificate must carry (also the SNI).
+    pub name: String,
+    /// PEM trust anchors that sign the control plane's certificate.
+    pub trust_anchors: String,
+    /// The projected service-account token file, re-read at each request.
+    pub token_path: PathBuf,
 }
 
 /// An environment variable with a value the proxy cannot use.
@@ -202,13 +218,20 @@ impl Config {
                 )
             })?,
         };
-        if tls_mode == TlsMode::Strict && identity_dir.is_none() {
+        // A mounted identity directory wins over the issuer: files are what an
+        // operator set on purpose.
+        let issuer = match (&identity_dir, value(env, env::CONTROL_PLANE_ADDR)) {
+            (None, Some(address)) => Some(issuer_config(env, address)?),
+            _ => None,
+        };
+        if tls_mode == TlsMode::Strict && identity_dir.is_none() && issuer.is_none() {
             return Err(invalid(
                 env::PROXY_TLS_MODE,
                 "strict",
                 &format!(
-                    "strict mode refuses everything but mesh mTLS, which needs {}; set it or use permissive",
-                    env::PROXY_IDENTITY_DIR
+                    "strict mode refuses everything but mesh mTLS, which needs {} or {}; set one or use permissive",
+                    env::PROXY_IDENTITY_DIR,
+                    env::CONTROL_PLANE_ADDR
                 ),
             ));
         }
@@ -238,10 +261,61 @@ impl Config {
             pod_namespace: value(env, env::POD_NAMESPACE),
             service_account: value(env, env::SERVICE_ACCOUNT),
             identity_dir,
+            issuer,
             tls_mode,
             app_probes,
         })
     }
+}
+
+fn issuer_config(
+    env: &(impl Strings + ?Sized),
+    address: String,
+) -> Result<IssuerConfig, ConfigError> {
+    let has_port = address
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+    if !has_port {
+        return Err(invalid(
+            env::CONTROL_PLANE_ADDR,
+            &address,
+            "expected host:port, like meshlet-injector.meshlet-system.svc:15012 or 198.19.0.12:15012",
+        ));
+    }
+    let trust_anchors = value(env, env::TRUST_ANCHORS).ok_or_else(|| {
+        invalid(
+            env::TRUST_ANCHORS,
+            "",
+            &format!(
+                "{} is set, so the PEM CA certificate that signs the control plane is needed too (the injector writes both)",
+                env::CONTROL_PLANE_ADDR
+            ),
+        )
+    })?;
+    if !trust_anchors.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid(
+            env::TRUST_ANCHORS,
+            &trust_anchors,
+            "expected PEM certificates (-----BEGIN CERTIFICATE-----)",
+        ));
+    }
+    let token_path = value(env, env::IDENTITY_TOKEN_PATH).ok_or_else(|| {
+        invalid(
+            env::IDENTITY_TOKEN_PATH,
+            "",
+            &format!(
+                "{} is set, so the path of the projected service-account token is needed too",
+                env::CONTROL_PLANE_ADDR
+            ),
+        )
+    })?;
+    Ok(IssuerConfig {
+        address,
+        name: value(env, env::CONTROL_PLANE_NAME)
+            .unwrap_or_else(|| meshlet_api::identity::CONTROL_PLANE_NAME.to_string()),
+        trust_anchors,
+        token_path: token_path.into(),
+    })
 }
 
 /// A set, non-blank value; blank counts as unset, as Kubernetes writes empty strings
