@@ -17,6 +17,7 @@
 //! are missing it FAILS saying so.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
     sync::Arc,
@@ -204,7 +205,7 @@ fn csr(sans: &[&str]) -> Result<(String, rcgen::KeyPair)> {
 /// One HTTPS request to the mesh endpoint, verified against `anchors` for `name`,
 /// optionally presenting a client certificate.
 async fn request(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     anchors: &str,
     client_cert: Option<(&str, &str)>,
     method: &str,
@@ -255,7 +256,7 @@ async fn request(
 }
 
 async fn post_csr(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     anchors: &str,
     bearer: &str,
     csr_pem: &str,
@@ -476,16 +477,23 @@ async fn issuing(state: &Path, c: &kube::Client) -> Result<()> {
     let gone = token(c, "gone", "meshlet").await?;
     sas.delete("gone", &DeleteParams::default()).await?;
     let mut last = (0, serde_json::Value::Null);
-    // The API server's service-account lookup reads an informer cache: bounded wait.
-    for _ in 0..50 {
+    let deleted_at = std::time::Instant::now();
+    // The API server caches successful token authentications (about 10 s), so a
+    // deleted account's token keeps working for a moment: bounded wait, counted.
+    let mut granted_after_delete = 0;
+    for _ in 0..150 {
         last = post_csr(addr, &anchors, &gone, &csr_pem).await?;
         if last.0 != 200 {
             break;
         }
+        granted_after_delete += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     expect_refused(last, 401, "unauthenticated")?;
-    println!("ok   token of a deleted service account refused (401 unauthenticated)");
+    println!(
+        "ok   token of a deleted service account refused (401 unauthenticated) {:.1} s after the delete",
+        deleted_at.elapsed().as_secs_f64()
+    );
 
     // (f) no token, garbage CSR.
     let (st, b) = request(
@@ -508,7 +516,7 @@ async fn issuing(state: &Path, c: &kube::Client) -> Result<()> {
 
     let text = metrics.render();
     for (line, want) in [
-        ("meshlet_identity_issued_total", 2),
+        ("meshlet_identity_issued_total", 2 + granted_after_delete),
         (
             "meshlet_identity_refused_total{reason=\"identity_mismatch\"}",
             1,
@@ -570,7 +578,205 @@ async fn story(state: &Path) -> Result<()> {
         .await?;
     }
     ca_bootstrap(&c).await?;
-    issuing(state, &c).await
+    issuing(state, &c).await?;
+    binary(state, &c).await
+}
+
+/// `meshlet-injector serve --identity=true` as the chart runs it.
+struct Serve {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(state: &Path, dir: &Path, webhook: u16, mesh: u16, n: u32) -> Result<Self> {
+        let log = dir.join(format!("serve-{n}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_meshlet-injector"))
+            .args([
+                "serve",
+                &format!("--addr=127.0.0.1:{webhook}"),
+                &format!("--tls-cert={}", dir.join("tls.crt").display()),
+                &format!("--tls-key={}", dir.join("tls.key").display()),
+                "--identity=true",
+                &format!("--mesh-addr=127.0.0.1:{mesh}"),
+                &format!("--namespace={NS}"),
+                "--ca-secret=serve-ca",
+                "--cert-lifetime=2h",
+                "--control-plane-address=198.19.0.12:15012",
+            ])
+            .env("KUBECONFIG", state.join("kubeconfig"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting meshlet-injector serve")?;
+        Ok(Self { child, log })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and the exit status (bounded).
+    fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        bail!("meshlet-injector ignored SIGTERM for 10 s")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The value of env var `name` anywhere in a JSON Patch.
+fn env_value(v: &serde_json::Value, name: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("name").and_then(|n| n.as_str()) == Some(name) {
+                if let Some(s) = m.get("value").and_then(|x| x.as_str()) {
+                    return Some(s.to_string());
+                }
+            }
+            m.values().find_map(|x| env_value(x, name))
+        }
+        serde_json::Value::Array(a) => a.iter().find_map(|x| env_value(x, name)),
+        _ => None,
+    }
+}
+
+async fn mutate(addr: SocketAddr, anchors: &str) -> Result<serde_json::Value> {
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "3f0d1c4e-1b7a-4f55-9d7e-0c6a1d1f0a01",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "operation": "CREATE", "userInfo": {"username": "test"},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]}}
+        }
+    });
+    let (st, body) = request(
+        addr,
+        anchors,
+        None,
+        "POST",
+        "/mutate",
+        None,
+        review.to_string(),
+    )
+    .await?;
+    ensure!(st == 200, "/mutate: {st} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let patch = v["response"]["patch"].as_str().context("no patch")?;
+    Ok(serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD.decode(patch)?,
+    )?)
+}
+
+async fn binary(state: &Path, c: &kube::Client) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The webhook's own serving certificate, from a CA of the test's.
+    let web_ca = ca::Ca::generate(TD, ca::DEFAULT_CA_LIFETIME)?;
+    let who = SpiffeId::new(TD, "meshlet-system", "meshlet-injector")?;
+    let issued = web_ca.issue_server(
+        &[meshlet_api::identity::CONTROL_PLANE_NAME.to_string()],
+        &who,
+        Duration::from_secs(3600),
+    )?;
+    std::fs::write(dir.path().join("tls.crt"), &issued.cert_pem)?;
+    std::fs::write(dir.path().join("tls.key"), &issued.key_pem)?;
+    let (webhook, mesh) = (free_port()?, free_port()?);
+    let web_addr: SocketAddr = format!("127.0.0.1:{webhook}").parse()?;
+    let mesh_addr: SocketAddr = format!("127.0.0.1:{mesh}").parse()?;
+    let secrets: Api<Secret> = Api::namespaced(c.clone(), NS);
+    let web = token(c, "web", "meshlet").await?;
+
+    let mut anchors_seen = Vec::new();
+    for n in 0..2 {
+        let mut serve = Serve::start(state, dir.path(), webhook, mesh, n)?;
+        let r = async {
+            // Bounded wait for both listeners.
+            let mut patch = None;
+            for _ in 0..100 {
+                if let Ok(p) = mutate(web_addr, web_ca.cert_pem()).await {
+                    patch = Some(p);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let patch = patch.context("the webhook never answered")?;
+            let secret = secrets.get("serve-ca").await?;
+            let ca_pem = String::from_utf8(secret.data.context("no data")?["tls.crt"].0.clone())?;
+            ensure!(
+                env_value(&patch, "MESHLET_TRUST_ANCHORS").as_deref() == Some(ca_pem.as_str()),
+                "the injected trust anchors are not the CA in Secret serve-ca"
+            );
+            ensure!(
+                env_value(&patch, "MESHLET_CONTROL_PLANE_ADDR").as_deref()
+                    == Some("198.19.0.12:15012"),
+                "control plane address not injected: {patch}"
+            );
+            ensure!(
+                env_value(&patch, "MESHLET_IDENTITY_TOKEN").as_deref()
+                    == Some("/var/run/secrets/meshlet/tokens/token"),
+                "token path not injected"
+            );
+            let (csr_pem, _) = csr(&[])?;
+            let (st, v) = post_csr(mesh_addr, &ca_pem, &web, &csr_pem).await?;
+            ensure!(
+                st == 200,
+                "the binary's issuer refused a valid token: {st} {v}"
+            );
+            let chain = v["certificateChain"].as_str().context("no chain")?;
+            let der = CertificateDer::from_pem_slice(chain.as_bytes())?;
+            let (_, x) = x509_parser::parse_x509_certificate(&der)?;
+            let life = x.validity().not_after.timestamp() - x.validity().not_before.timestamp();
+            ensure!(
+                life == 2 * 3600 + 300,
+                "--cert-lifetime=2h (+5 min backdate) gave {life} s"
+            );
+            anchors_seen.push(ca_pem);
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = r {
+            bail!("{e:#}\n--- meshlet-injector log ---\n{}", serve.log());
+        }
+        let st = serve.stop()?;
+        ensure!(
+            st.success(),
+            "serve exited with {st} on SIGTERM:\n{}",
+            serve.log()
+        );
+    }
+    ensure!(
+        anchors_seen[0] == anchors_seen[1],
+        "a restarted injector made a new CA instead of reusing Secret serve-ca"
+    );
+    println!("ok   `meshlet-injector serve --identity=true`: creates the CA Secret, injects its anchors and address, issues 2 h certificates, reuses the CA after a restart, exits 0 on SIGTERM");
+    Ok(())
 }
 
 fn main() -> ExitCode {
