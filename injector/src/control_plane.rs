@@ -297,3 +297,6 @@ async fn connection(
     });
     serve_http(TokioIo::new(tls), peer, TowerToHyperService::new(svc), stop).await;
 }
+
+#[cfg(test)]
+mod tests;
