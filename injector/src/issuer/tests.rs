@@ -282,3 +282,34 @@ async fn the_route_answers_with_status_codes_and_json() {
     assert_eq!(v["reason"], "bad_csr");
     assert!(v["error"].as_str().unwrap().contains("csr"), "{v}");
 }
+
+#[test]
+fn a_ca_secret_round_trips_and_bad_ones_name_the_key() {
+    use k8s_openapi::{api::core::v1::Secret, ByteString};
+    use std::collections::BTreeMap;
+    let ca = Ca::generate("cluster.local", ca::DEFAULT_CA_LIFETIME).unwrap();
+    let secret = |crt: &str, key: &str| Secret {
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), ByteString(crt.as_bytes().to_vec())),
+            ("tls.key".to_string(), ByteString(key.as_bytes().to_vec())),
+        ])),
+        ..Default::default()
+    };
+    let back = ca_secret::parse(&secret(ca.cert_pem(), &ca.key_pem()), "ns", "s").unwrap();
+    assert_eq!(back.cert_pem(), ca.cert_pem());
+    for (crt, key, want) in [
+        ("junk".to_string(), ca.key_pem(), "tls.crt"),
+        (ca.cert_pem().to_string(), "junk".to_string(), "tls.key"),
+    ] {
+        let e = ca_secret::parse(&secret(&crt, &key), "ns", "s")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(want) && e.contains("ns/s"), "{e}");
+    }
+    let e = ca_secret::parse(&Secret::default(), "ns", "s")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tls.crt"), "{e}");
+}
