@@ -203,8 +203,10 @@ impl IntoResponse for Refusal {
         };
         let mut r = (self.reason.status(), Json(body)).into_response();
         if self.reason.status() == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         r
     }
