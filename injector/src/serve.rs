@@ -13,8 +13,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use meshlet_api::MeshConfig;
+use tokio::sync::watch;
+
 use crate::{
     config::{Defaults, DefaultsArgs},
+    delivery,
     tls::{self, ReloadingCert},
     webhook::{self, AppState},
 };
@@ -23,6 +27,8 @@ use crate::{
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight reviews may take after SIGTERM before connections are dropped.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where Kubernetes mounts a pod's ServiceAccount token.
+const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// Histogram buckets (seconds): reviews take microseconds to a few milliseconds.
 const BUCKETS: [f64; 10] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
@@ -61,6 +67,13 @@ pub struct ServeArgs {
     /// The identity issuer on the mesh endpoint.
     #[command(flatten)]
     pub identity: IdentityArgs,
+    /// Run the config controller (watch the cluster, compile the mesh config, write
+    /// HTTPRoute status). Default: on when in-cluster credentials exist.
+    #[arg(long, overrides_with = "no_controller")]
+    pub controller: bool,
+    /// Do not run the config controller.
+    #[arg(long, overrides_with = "controller")]
+    pub no_controller: bool,
 }
 
 /// Flags of the identity issuer and the mesh endpoint (port 15012).
@@ -127,9 +140,15 @@ pub enum Error {
     /// A default flag is invalid.
     #[error(transparent)]
     Defaults(#[from] crate::config::InvalidDefault),
-    /// No Kubernetes client could be built.
+    /// The config controller has no way to the API server.
+    #[error(
+        "cannot connect to the Kubernetes API for the config controller: {0}; run in a pod \
+         with a ServiceAccount, set KUBECONFIG, or pass --no-controller"
+    )]
+    Kube(#[source] kube::Error),
+    /// No Kubernetes client could be built for the identity issuer.
     #[error("cannot reach the Kubernetes API for the identity issuer: {0}; in a pod it uses the service account, elsewhere KUBECONFIG (or run with --identity=false)")]
-    Kube(#[source] Box<kube::Error>),
+    IssuerKube(#[source] Box<kube::Error>),
     /// The CA Secret could not be read or created.
     #[error(transparent)]
     CaSecret(#[from] crate::issuer::ca_secret::CaSecretError),
@@ -168,6 +187,17 @@ pub struct ServeConfig {
 }
 
 impl ServeArgs {
+    /// Whether to run the config controller: as the flags say, else when the process
+    /// runs in a pod with a ServiceAccount token (where the API server is at hand).
+    pub fn controller_enabled(&self) -> bool {
+        if self.no_controller {
+            return false;
+        }
+        self.controller
+            || (std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+                && std::path::Path::new(IN_CLUSTER_TOKEN).exists())
+    }
+
     /// Validates the flags.
     pub fn to_config(&self) -> Result<ServeConfig, Error> {
         Ok(ServeConfig {
@@ -206,6 +236,7 @@ pub struct Server {
     cert: Arc<ReloadingCert>,
     acceptor: TlsAcceptor,
     config: ServeConfig,
+    mesh_config: Option<watch::Receiver<Arc<MeshConfig>>>,
 }
 
 impl Server {
@@ -224,7 +255,15 @@ impl Server {
             cert,
             acceptor,
             config,
+            mesh_config: None,
         })
+    }
+
+    /// Also serves config delivery (`GET /v1/config`, [`delivery`]) from `rx`: the
+    /// seam the config controller publishes through.
+    pub fn with_mesh_config(mut self, rx: watch::Receiver<Arc<MeshConfig>>) -> Self {
+        self.mesh_config = Some(rx);
+        self
     }
 
     /// The bound address (useful with port 0).
@@ -239,7 +278,11 @@ impl Server {
             defaults: self.config.defaults.clone(),
             metrics: metrics_handle(),
         });
-        let service = TowerToHyperService::new(webhook::router(state));
+        let mut app = webhook::router(state);
+        if let Some(rx) = self.mesh_config.clone() {
+            app = app.merge(delivery::router(rx, delivery::Options::default()));
+        }
+        let service = TowerToHyperService::new(app);
         let watcher = tokio::spawn(self.cert.clone().watch(self.config.tls_reload_interval));
         // Flipped on shutdown: every connection finishes its request in flight and closes.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -359,9 +402,35 @@ pub async fn run(args: &ServeArgs) -> Result<(), Error> {
 }
 
 /// Runs `serve` with `mesh_routes` merged into the mesh endpoint's Router next to the
-/// issuer (config delivery goes here); they are served only with `--identity`.
+/// issuer and, when the config controller runs, config delivery (`GET /v1/config`);
+/// the mesh endpoint (port 15012) is served only with `--identity`.
 pub async fn run_with(args: &ServeArgs, mesh_routes: axum::Router) -> Result<(), Error> {
     let mut config = args.to_config()?;
+    // Before the controller starts, so its first build is counted.
+    let _ = metrics_handle();
+    // The controller stops when the last receiver is dropped: held until the end.
+    let mesh_config = if args.controller_enabled() {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                tracing::info!("config controller started");
+                let options = crate::controller::Options {
+                    lease: crate::controller::lease::LeaseOptions::from_env(),
+                    ..crate::controller::Options::default()
+                };
+                Some(crate::controller::spawn(client, options))
+            }
+            // Asked for: refuse to start without it.
+            Err(e) if args.controller => return Err(Error::Kube(e)),
+            // Guessed from the pod's environment: the webhook matters more.
+            Err(error) => {
+                tracing::warn!(%error, "config controller off: no usable in-cluster credentials; pass --controller to require it");
+                None
+            }
+        }
+    } else {
+        tracing::info!("config controller off (no in-cluster credentials, or --no-controller)");
+        None
+    };
     let mesh = if args.identity.enabled {
         let (endpoint, issuer, anchors) = identity(&args.identity).await?;
         config.defaults.identity = Some(crate::config::IdentityEnv {
@@ -370,9 +439,13 @@ pub async fn run_with(args: &ServeArgs, mesh_routes: axum::Router) -> Result<(),
             trust_anchors: anchors,
         });
         if let Ok(addr) = endpoint.local_addr() {
-            tracing::info!(%addr, "mesh endpoint (identity issuer) listening");
+            tracing::info!(%addr, delivery = mesh_config.is_some(), "mesh endpoint (identity issuer) listening");
         }
-        Some((endpoint, crate::issuer::router(issuer).merge(mesh_routes)))
+        let mut app = crate::issuer::router(issuer).merge(mesh_routes);
+        if let Some(rx) = mesh_config.clone() {
+            app = app.merge(delivery::router(rx, delivery::Options::default()));
+        }
+        Some((endpoint, app))
     } else {
         None
     };
@@ -395,6 +468,7 @@ pub async fn run_with(args: &ServeArgs, mesh_routes: axum::Router) -> Result<(),
     if let Some(t) = mesh_task {
         let _ = t.await;
     }
+    drop(mesh_config);
     tracing::info!("shut down");
     Ok(())
 }
@@ -414,7 +488,7 @@ pub async fn identity(
     use crate::{control_plane, issuer};
     let client = kube::Client::try_default()
         .await
-        .map_err(|e| Error::Kube(Box::new(e)))?;
+        .map_err(|e| Error::IssuerKube(Box::new(e)))?;
     let (ca, origin) = issuer::ca_secret::load_or_create(
         client.clone(),
         &args.namespace,
@@ -446,7 +520,8 @@ pub async fn identity(
     Ok((endpoint, issuer, anchors))
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -465,5 +540,33 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .expect("flags parse")
+            .serve
+    }
+
+    #[test]
+    fn controller_flags_override_each_other_and_the_guess() {
+        assert!(parse(&["--controller"]).controller_enabled());
+        assert!(!parse(&["--no-controller"]).controller_enabled());
+        // The last one wins, so a chart's default can be overridden by extra args.
+        assert!(parse(&["--no-controller", "--controller"]).controller_enabled());
+        assert!(!parse(&["--controller", "--no-controller"]).controller_enabled());
     }
 }

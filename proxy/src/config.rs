@@ -11,6 +11,7 @@ use std::{
 };
 
 use meshlet_api::{env, Duration};
+use rustls::pki_types::pem::PemObject as _;
 use serde::Serialize;
 
 use crate::tls::TlsMode;
@@ -75,6 +76,23 @@ pub struct Config {
     pub tls_mode: TlsMode,
     /// The app's original httpGet probes, served under `/app-health/...`.
     pub app_probes: meshlet_api::probes::AppProbes,
+    /// The control plane the mesh config is watched from, when no config file is set.
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// Where and how to reach the control plane's mesh endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlane {
+    /// `host:port` (`MESHLET_CONTROL_PLANE_ADDR`).
+    pub addr: String,
+    /// The name its certificate must carry, also sent as SNI
+    /// (`MESHLET_CONTROL_PLANE_NAME`).
+    pub name: String,
+    /// PEM of the trust anchors its certificate must chain to
+    /// (`MESHLET_TRUST_ANCHORS`); left out of the logged config, it is long.
+    #[serde(skip)]
+    pub trust_anchors: String,
 }
 
 /// The control plane's issuer: `MESHLET_CONTROL_PLANE_ADDR` and friends.
@@ -85,7 +103,9 @@ pub struct IssuerConfig {
     pub address: String,
     /// The name its certificate must carry (also the SNI).
     pub name: String,
-    /// PEM trust anchors that sign the control plane's certificate.
+    /// PEM trust anchors that sign the control plane's certificate; left out of the
+    /// logged config, it is long.
+    #[serde(skip)]
     pub trust_anchors: String,
     /// The projected service-account token file, re-read at each request.
     pub token_path: PathBuf,
@@ -218,10 +238,23 @@ impl Config {
                 )
             })?,
         };
-        // A mounted identity directory wins over the issuer: files are what an
-        // operator set on purpose.
-        let issuer = match (&identity_dir, value(env, env::CONTROL_PLANE_ADDR)) {
-            (None, Some(address)) => Some(issuer_config(env, address)?),
+        let control_plane = match value(env, env::CONTROL_PLANE_ADDR) {
+            None => None,
+            Some(addr) => Some(control_plane(env, addr)?),
+        };
+        // The issuer needs the control plane and a token to show it; a mounted
+        // identity directory wins over it: files are what an operator set on purpose.
+        let issuer = match (
+            &identity_dir,
+            &control_plane,
+            value(env, env::IDENTITY_TOKEN_PATH),
+        ) {
+            (None, Some(cp), Some(token)) => Some(IssuerConfig {
+                address: cp.addr.clone(),
+                name: cp.name.clone(),
+                trust_anchors: cp.trust_anchors.clone(),
+                token_path: token.into(),
+            }),
             _ => None,
         };
         if tls_mode == TlsMode::Strict && identity_dir.is_none() && issuer.is_none() {
@@ -229,9 +262,10 @@ impl Config {
                 env::PROXY_TLS_MODE,
                 "strict",
                 &format!(
-                    "strict mode refuses everything but mesh mTLS, which needs {} or {}; set one or use permissive",
+                    "strict mode refuses everything but mesh mTLS, which needs {} or {} with {}; set them or use permissive",
                     env::PROXY_IDENTITY_DIR,
-                    env::CONTROL_PLANE_ADDR
+                    env::CONTROL_PLANE_ADDR,
+                    env::IDENTITY_TOKEN_PATH
                 ),
             ));
         }
@@ -264,57 +298,59 @@ impl Config {
             issuer,
             tls_mode,
             app_probes,
+            control_plane,
         })
     }
 }
 
-fn issuer_config(
-    env: &(impl Strings + ?Sized),
-    address: String,
-) -> Result<IssuerConfig, ConfigError> {
-    let has_port = address
+fn control_plane(env: &(impl Strings + ?Sized), addr: String) -> Result<ControlPlane, ConfigError> {
+    let port_ok = addr
         .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-    if !has_port {
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if !port_ok {
         return Err(invalid(
             env::CONTROL_PLANE_ADDR,
-            &address,
-            "expected host:port, like meshlet-injector.meshlet-system.svc:15012 or 198.19.0.12:15012",
+            &addr,
+            &format!(
+                "expected host:port, like meshlet-injector.meshlet-system.svc:{}",
+                meshlet_api::ports::CONTROL_PLANE
+            ),
         ));
     }
-    let trust_anchors = value(env, env::TRUST_ANCHORS).ok_or_else(|| {
-        invalid(
+    let name = value(env, env::CONTROL_PLANE_NAME)
+        .unwrap_or_else(|| meshlet_api::identity::CONTROL_PLANE_NAME.to_string());
+    if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+        return Err(invalid(
+            env::CONTROL_PLANE_NAME,
+            &name,
+            "expected a DNS name (or IP address) the control plane's certificate carries",
+        ));
+    }
+    let Some(trust_anchors) = value(env, env::TRUST_ANCHORS) else {
+        return Err(invalid(
             env::TRUST_ANCHORS,
             "",
             &format!(
-                "{} is set, so the PEM CA certificate that signs the control plane is needed too (the injector writes both)",
-                env::CONTROL_PLANE_ADDR
+                "{} is set, so the control plane's certificate must be verified: set {} to \
+                 the PEM of the mesh trust anchors",
+                env::CONTROL_PLANE_ADDR,
+                env::TRUST_ANCHORS
             ),
-        )
-    })?;
-    if !trust_anchors.contains("-----BEGIN CERTIFICATE-----") {
+        ));
+    };
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(trust_anchors.as_bytes())
+        .collect::<Result<Vec<_>, _>>();
+    if !certs.is_ok_and(|c| !c.is_empty()) {
         return Err(invalid(
             env::TRUST_ANCHORS,
             &trust_anchors,
             "expected PEM certificates (-----BEGIN CERTIFICATE-----)",
         ));
     }
-    let token_path = value(env, env::IDENTITY_TOKEN_PATH).ok_or_else(|| {
-        invalid(
-            env::IDENTITY_TOKEN_PATH,
-            "",
-            &format!(
-                "{} is set, so the path of the projected service-account token is needed too",
-                env::CONTROL_PLANE_ADDR
-            ),
-        )
-    })?;
-    Ok(IssuerConfig {
-        address,
-        name: value(env, env::CONTROL_PLANE_NAME)
-            .unwrap_or_else(|| meshlet_api::identity::CONTROL_PLANE_NAME.to_string()),
+    Ok(ControlPlane {
+        addr,
+        name,
         trust_anchors,
-        token_path: token_path.into(),
     })
 }
 

@@ -1,4 +1,5 @@
-//! The mesh config in force, and the watcher that reloads it from its file.
+//! The mesh config in force, and the watchers that reload it from its file or from
+//! the control plane ([`remote`]).
 //!
 //! Connections take a snapshot ([`Mesh::load`]) when they are accepted and keep it,
 //! so a reload never changes the rules under a connection in flight. Reloads swap the
@@ -12,7 +13,10 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -24,6 +28,8 @@ use crate::{
     balance::{Balancer, Endpoint, Pick},
     metrics::{Metrics, UNKNOWN_SERVICE},
 };
+
+pub mod remote;
 
 /// How often the watcher looks at the file.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -68,6 +74,9 @@ pub struct Snapshot {
 pub struct Mesh {
     current: ArcSwap<Snapshot>,
     opaque_override: Option<Vec<u16>>,
+    /// Whether a document was loaded; false only while a remote watch waits for its
+    /// first document.
+    loaded: AtomicBool,
 }
 
 // === impl Snapshot ===
@@ -218,7 +227,21 @@ impl Mesh {
         Self {
             current: ArcSwap::from_pointee(snap),
             opaque_override,
+            loaded: AtomicBool::new(true),
         }
+    }
+
+    /// Starts empty, waiting for a first document ([`Mesh::is_loaded`] is false until
+    /// [`Mesh::store`]).
+    pub fn pending(opaque_override: Option<Vec<u16>>) -> Self {
+        let m = Self::new(MeshConfig::default(), opaque_override);
+        m.loaded.store(false, Ordering::Release);
+        m
+    }
+
+    /// Whether a document is in force (always, except before a remote watch's first).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// The snapshot in force.
@@ -231,6 +254,7 @@ impl Mesh {
         let prev = self.current.load();
         let snap = Snapshot::reload(config, self.opaque_override.as_deref(), Some(&prev));
         self.current.store(Arc::new(snap));
+        self.loaded.store(true, Ordering::Release);
     }
 
     /// Picks an endpoint of ClusterIP:port `dst` for one request in the snapshot in

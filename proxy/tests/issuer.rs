@@ -215,21 +215,30 @@ async fn sidecars_get_identities_from_the_issuer_and_speak_mtls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_the_first_certificate() {
-    // Nothing listens here yet: the proxy keeps retrying and stays unready.
-    let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = hold.local_addr().unwrap().to_string();
-    drop(hold);
-    let ca = Ca::generate("cluster.local", ca::DEFAULT_CA_LIFETIME).unwrap();
+    // The issuer refuses this token (the control plane has no config delivery, so the
+    // config part is settled at once): the proxy stays unready, saying why.
+    let (cp, anchors, _stop) = control_plane().await;
+    let cp = cp.to_string();
     let tokens = tempfile::tempdir().unwrap();
     let tok = tokens.path().join("token");
-    std::fs::write(&tok, "shop:web").unwrap();
+    std::fs::write(&tok, "not-a-service-account").unwrap();
     let p = TestProxy::start(&[
-        (env::CONTROL_PLANE_ADDR, addr.as_str()),
-        (env::TRUST_ANCHORS, ca.cert_pem()),
+        (env::CONTROL_PLANE_ADDR, cp.as_str()),
+        (env::TRUST_ANCHORS, anchors.as_str()),
         (env::IDENTITY_TOKEN_PATH, tok.to_str().unwrap()),
     ]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (st, body) = ready(&p).await;
-    assert_eq!(st, 503, "{body}");
-    assert!(body.contains("identity"), "{body}");
+    let start = Instant::now();
+    let body = loop {
+        let (st, body) = ready(&p).await;
+        assert_eq!(st, 503, "ready without a certificate: {body}");
+        if body.contains("identity") {
+            break body;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("control plane's issuer"), "{body}");
+    // Once the token is one the API server accepts, the next retry gets a certificate.
+    std::fs::write(&tok, "shop:web").unwrap();
+    eventually_ready(&p).await;
 }

@@ -167,6 +167,9 @@ ConfigMap for the settings the injector does not take as flags yet.
 - --control-plane-address={{ include "meshlet.controlPlane.address" . }}
 - --control-plane-name={{ include "meshlet.injector.name" . }}.{{ .Release.Namespace }}.svc
 {{- end }}
+{{- if not ((.Values.injector.controller | default dict).enabled | default false) }}
+- --no-controller
+{{- end }}
 {{- end }}
 
 {{/*

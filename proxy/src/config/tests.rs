@@ -145,7 +145,8 @@ fn issuer_from_the_control_plane_env() {
 
     for (drop, name) in [
         ("MESHLET_TRUST_ANCHORS", "MESHLET_TRUST_ANCHORS"),
-        ("MESHLET_IDENTITY_TOKEN", "MESHLET_IDENTITY_TOKEN"),
+        // Config delivery alone needs no token; strict mode then has no identity.
+        ("MESHLET_IDENTITY_TOKEN", "MESHLET_TLS_MODE"),
         ("MESHLET_CONTROL_PLANE_ADDR", "MESHLET_TLS_MODE"),
     ] {
         let env: Vec<_> = base.iter().copied().filter(|(k, _)| *k != drop).collect();
@@ -163,4 +164,62 @@ fn issuer_from_the_control_plane_env() {
     let mut env = base.to_vec();
     env[1].1 = "not pem";
     assert_eq!(parse(&env).unwrap_err().name, "MESHLET_TRUST_ANCHORS");
+}
+
+#[test]
+fn control_plane() {
+    let pem = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
+    assert_eq!(parse(&[]).unwrap().control_plane, None);
+    let c = parse(&[
+        (
+            "MESHLET_CONTROL_PLANE_ADDR",
+            "meshlet-injector.meshlet-system.svc:15012",
+        ),
+        ("MESHLET_TRUST_ANCHORS", pem),
+    ])
+    .unwrap()
+    .control_plane
+    .unwrap();
+    assert_eq!(c.addr, "meshlet-injector.meshlet-system.svc:15012");
+    assert_eq!(c.name, meshlet_api::identity::CONTROL_PLANE_NAME);
+    assert_eq!(c.trust_anchors, pem.trim());
+    let c = parse(&[
+        ("MESHLET_CONTROL_PLANE_ADDR", "[::1]:15012"),
+        ("MESHLET_CONTROL_PLANE_NAME", "cp.test"),
+        ("MESHLET_TRUST_ANCHORS", pem),
+    ])
+    .unwrap();
+    assert_eq!(c.control_plane.unwrap().name, "cp.test");
+
+    for (vars, name) in [
+        (
+            &[("MESHLET_CONTROL_PLANE_ADDR", "cp:15012")][..],
+            "MESHLET_TRUST_ANCHORS",
+        ),
+        (
+            &[
+                ("MESHLET_CONTROL_PLANE_ADDR", "cp"),
+                ("MESHLET_TRUST_ANCHORS", pem),
+            ][..],
+            "MESHLET_CONTROL_PLANE_ADDR",
+        ),
+        (
+            &[
+                ("MESHLET_CONTROL_PLANE_ADDR", "cp:15012"),
+                ("MESHLET_TRUST_ANCHORS", "not pem"),
+            ][..],
+            "MESHLET_TRUST_ANCHORS",
+        ),
+        (
+            &[
+                ("MESHLET_CONTROL_PLANE_ADDR", "cp:15012"),
+                ("MESHLET_CONTROL_PLANE_NAME", "not a name!"),
+                ("MESHLET_TRUST_ANCHORS", pem),
+            ][..],
+            "MESHLET_CONTROL_PLANE_NAME",
+        ),
+    ] {
+        let e = parse(vars).unwrap_err();
+        assert_eq!(e.name, name, "{e}");
+    }
 }

@@ -38,6 +38,9 @@ const T: Duration = Duration::from_secs(30);
 #[path = "mesh/mtls.rs"]
 mod mtls;
 use mtls::*;
+#[path = "mesh/config.rs"]
+mod config;
+use config::*;
 
 type Case = (&'static str, fn() -> Result<()>);
 
@@ -78,6 +81,7 @@ const CASES: &[Case] = cases![
     mtls_server_sees_client_identity,
     mtls_rotation_mid_traffic_loses_nothing,
     mtls_strict_closes_garbage_and_foreign_tls,
+    config_delivered_by_the_control_plane,
 ];
 
 fn main() -> ExitCode {
