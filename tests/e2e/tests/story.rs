@@ -84,6 +84,44 @@ fn identities(k: &Kubectl, prefix: &str, pods: &[Value]) -> Result<()> {
     Ok(())
 }
 
+/// The backends' sidecars counted the client's requests as mesh mTLS from the
+/// client's issued identity (the mesh config from the in-cluster controller says the
+/// backend is meshed, the identities come from the issuer).
+fn mtls(prefix: &str, pods: &[Value]) -> Result<()> {
+    let want = r#"tls="true",peer_identity="spiffe://cluster.local/ns/hello/sa/client"}"#;
+    let mut seen = 0.0;
+    let mut all = String::new();
+    for p in pods {
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        if !name.starts_with("backend-") {
+            continue;
+        }
+        let ns = netns::Netns::existing(&format!("{prefix}hello.{name}"));
+        let m = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://127.0.0.1:15020/metrics"])
+            .map_err(|e| anyhow::anyhow!("{name}: reading the sidecar's metrics: {e}"))?;
+        for l in m
+            .lines()
+            .filter(|l| l.starts_with("meshlet_requests_total{"))
+        {
+            all.push_str(&format!("{name}: {l}\n"));
+            if l.contains(r#"direction="inbound""#) && l.contains(want) {
+                seen += l
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    ensure!(
+        seen >= 3.0,
+        "the backends counted {seen} inbound mTLS requests from the client's identity, want 3:\n{all}"
+    );
+    println!("ok   client -> backend over mesh mTLS: the backends saw {seen} requests from spiffe://cluster.local/ns/hello/sa/client");
+    Ok(())
+}
+
 fn hello_pods(k: &Kubectl) -> Result<Vec<Value>> {
     Ok(k.json(&["-n", "hello", "get", "pods"])?["items"]
         .as_array()
@@ -201,6 +239,7 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
         ensure!(body.contains("backend-v"), "reply {body}");
     }
     println!("ok   client -> backend through both sidecars");
+    mtls(prefix, &pods)?;
 
     exec_steps(k, &client)?;
 
