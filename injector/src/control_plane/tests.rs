@@ -121,3 +121,47 @@ fn service_names_cover_what_proxies_dial() {
         ]
     );
 }
+
+/// The leaf certificate the endpoint serves now.
+async fn served_leaf(addr: SocketAddr, anchor: &Ca) -> Vec<u8> {
+    let mut roots = RootCertStore::empty();
+    roots.add(anchor.cert_der().clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn the_serving_certificate_rotates_before_it_expires() {
+    let ca = Arc::new(Ca::generate("cluster.local", ca::DEFAULT_CA_LIFETIME).unwrap());
+    let who = ServerIdentity {
+        dns_names: vec![NAME.to_string()],
+        id: SpiffeId::new("cluster.local", "meshlet-system", "meshlet-injector").unwrap(),
+        // Rotation at two thirds: after 2 s.
+        lifetime: Duration::from_secs(3),
+    };
+    let ep = Endpoint::bind("127.0.0.1:0".parse().unwrap(), ca.clone(), who)
+        .await
+        .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(ep.run(Router::new(), async move {
+        let _ = rx.await;
+    }));
+    let first = served_leaf(addr, &ca).await;
+    assert_eq!(served_leaf(addr, &ca).await, first);
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let second = served_leaf(addr, &ca).await;
+    assert_ne!(second, first, "not rotated at two thirds of its life");
+    let _ = tx.send(());
+}
