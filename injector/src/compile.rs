@@ -14,7 +14,8 @@ use std::{
 };
 
 use meshlet_api::{
-    config::{Service, ServicePort},
+    annotations as ann,
+    config::{OutlierDetection, Service, ServicePort},
     route::{
         BackendRef, Filter, HeaderModifier, HttpRoute, PathMatch, PathMatchType, PathModifier,
         RequestRedirect, Retry, RouteMatch, RouteRule, RouteTimeouts, UrlRewrite, ValueMatch,
@@ -42,6 +43,21 @@ pub enum CompileError {
         path: PathBuf,
         /// Why.
         source: serde_yaml::Error,
+    },
+    /// A Service annotation has a value meshlet cannot use.
+    #[error(
+        "Service {service}: annotation {name} has the invalid value {value:?}: {reason}; fix or \
+         remove the annotation"
+    )]
+    Annotation {
+        /// `namespace/name` of the Service.
+        service: String,
+        /// The annotation.
+        name: &'static str,
+        /// The value as written.
+        value: String,
+        /// What is wrong and what a valid value looks like.
+        reason: String,
     },
     /// The result breaks a rule of the mesh config (e.g. two Services on one ClusterIP).
     #[error("the compiled mesh config is invalid: {0}")]
@@ -206,7 +222,7 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
     let mut out: Vec<Service> = services
         .iter()
         .map(|o| service(o, &pods, &injected_namespaces))
-        .collect();
+        .collect::<Result<_, _>>()?;
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut problems = Vec::new();
@@ -237,8 +253,17 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
     Ok(Compiled { config, problems })
 }
 
-fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
+fn service(
+    o: &Value,
+    pods: &[PodInfo],
+    injected: &BTreeSet<&str>,
+) -> Result<Service, CompileError> {
     let namespace = namespace_of(o);
+    let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
+    let outlier_detection = outlier_detection(
+        &labels(o, &["metadata", "annotations"]),
+        &format!("{namespace}/{name}"),
+    )?;
     let spec = o.get("spec").cloned().unwrap_or_default();
     let mut cluster_ips: Vec<IpAddr> = spec
         .get("clusterIPs")
@@ -286,8 +311,8 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
             }
         }
     }
-    Service {
-        name: s(o, &["metadata", "name"]).unwrap_or_default().to_string(),
+    Ok(Service {
+        name,
         namespace,
         cluster_ips,
         ports,
@@ -295,7 +320,77 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
         identities: identities.into_iter().collect(),
         endpoints: Vec::new(),
         routes: Vec::new(),
+        outlier_detection,
+    })
+}
+
+/// The Service's `meshlet.io/outlier-*` annotations; `None` when it has none (the
+/// proxy's defaults apply). Unset ones keep their default.
+fn outlier_detection(
+    annotations: &BTreeMap<String, String>,
+    service: &str,
+) -> Result<Option<OutlierDetection>, CompileError> {
+    if !ann::SERVICE_ANNOTATIONS
+        .iter()
+        .any(|a| annotations.contains_key(*a))
+    {
+        return Ok(None);
     }
+    let bad = |name: &'static str, reason: String| CompileError::Annotation {
+        service: service.to_string(),
+        name,
+        value: annotations.get(name).cloned().unwrap_or_default(),
+        reason,
+    };
+    let mut od = OutlierDetection::default();
+    if let Some(v) = annotations.get(ann::OUTLIER_CONSECUTIVE_FAILURES) {
+        let v = v.trim();
+        od.consecutive_failures = v
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| v.parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                bad(
+                    ann::OUTLIER_CONSECUTIVE_FAILURES,
+                    "write a whole number of failures such as 5 (0 turns ejection off)".into(),
+                )
+            })?;
+    }
+    for (name, field) in [
+        (ann::OUTLIER_BASE_EJECTION, &mut od.base_ejection),
+        (ann::OUTLIER_MAX_EJECTION, &mut od.max_ejection),
+    ] {
+        if let Some(v) = annotations.get(name) {
+            *field = v.trim().parse().map_err(|e| bad(name, format!("{e}")))?;
+        }
+    }
+    if od.base_ejection.is_zero() {
+        return Err(bad(
+            ann::OUTLIER_BASE_EJECTION,
+            "an ejection must last more than zero; write a duration such as 1s".into(),
+        ));
+    }
+    if od.max_ejection < od.base_ejection {
+        // Name the annotation that was written; with both, the maximum.
+        let name = if annotations.contains_key(ann::OUTLIER_MAX_EJECTION) {
+            ann::OUTLIER_MAX_EJECTION
+        } else {
+            ann::OUTLIER_BASE_EJECTION
+        };
+        return Err(bad(
+            name,
+            format!(
+                "the longest ejection ({}) is shorter than the first ({}); make \
+                 {} at least {}",
+                od.max_ejection,
+                od.base_ejection,
+                ann::OUTLIER_MAX_EJECTION,
+                od.base_ejection
+            ),
+        ));
+    }
+    Ok(Some(od))
 }
 
 // The HTTPRoute subset meshlet reads; unknown fields are ignored as the API server's

@@ -944,6 +944,7 @@ impl Cluster {
                 identities: identities.into_iter().collect(),
                 endpoints,
                 routes: Vec::new(),
+                outlier_detection: None,
             });
         }
         let cfg = MeshConfig {
