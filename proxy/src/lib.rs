@@ -165,7 +165,11 @@ impl Proxy {
             Some(dir) => Some(tls::Identity::new(dir.clone(), metrics.clone())?),
             None => None,
         };
-        let mesh = Arc::new(Mesh::new(self.mesh_config, cfg.opaque_ports.clone()));
+        let mesh = Arc::new(Mesh::with_metrics(
+            self.mesh_config,
+            cfg.opaque_ports.clone(),
+            metrics.clone(),
+        ));
         let mut local_ips = listen::local_ips();
         local_ips.extend(cfg.pod_ip);
         let own_ports = vec![

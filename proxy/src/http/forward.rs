@@ -137,8 +137,9 @@ impl Forward {
             };
             match (sent, pick) {
                 (Ok((rsp, tx)), pick) => {
+                    // The status feeds outlier detection (a run of 503s ejects).
                     if let Some(p) = pick {
-                        p.answered();
+                        p.responded(rsp.status());
                     }
                     return Ok((rsp, tx, dst));
                 }
@@ -159,14 +160,16 @@ impl Forward {
                 }
                 (Err(f), pick) => {
                     // A blackholed endpoint (connect timeout) must lose the next
-                    // comparisons too; a failure after the request left says nothing
-                    // certain about the endpoint.
+                    // comparisons too, and every failure to reach it counts towards
+                    // ejecting it; a failure after the request left says nothing
+                    // certain about the endpoint (the client's body may have broken).
                     if let Some(p) = pick {
                         if matches!(
                             f.error,
                             ProxyError::Connect { .. }
                                 | ProxyError::ConnectTimeout { .. }
                                 | ProxyError::Handshake { .. }
+                                | ProxyError::Tls { .. }
                         ) {
                             p.failed();
                         }
