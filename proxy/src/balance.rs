@@ -6,8 +6,10 @@
 //! power of two choices (two endpoints at random, the cheaper wins) over a peak-EWMA
 //! cost, as Linkerd's balancer does with tower's `PeakEwma`.
 //!
-//! Cost = latency estimate x (requests in flight + 1). The estimate jumps to any
-//! slower observation (peak) and otherwise moves toward new observations with a
+//! Cost = latency estimate x (requests in flight + 1). The estimate jumps to a slower
+//! observation (peak) once the next one confirms it, and the peak fades within a
+//! fraction of a second (see [`Endpoint::observe_at`]); beneath it an average moves
+//! toward new observations with a
 //! weight that grows with the time since the last one; between observations it decays
 //! toward zero, so an endpoint nobody picked becomes cheap and gets probed again, and
 //! equally fast endpoints take turns. New endpoints start at [`DEFAULT_RTT`], so they
@@ -53,6 +55,12 @@ use crate::metrics::{Metrics, OUTLIER_EJECTIONS};
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Time constant of the estimate's decay (Linkerd's default).
 pub const DECAY: Duration = Duration::from_secs(10);
+/// The most one answer weighs in the average (tower weighs it by the time since the
+/// previous one, which after an idle while is nearly all of it).
+pub const MAX_SAMPLE_WEIGHT: f64 = 0.02;
+/// Time constant of a peak's decay: how soon an endpoint that answered slowly is
+/// tried again (see [`Endpoint::observe_at`]).
+pub const PEAK_DECAY: Duration = Duration::from_millis(100);
 /// Costs closer than this fraction of the larger one are a tie, decided at random.
 /// Estimates of equally fast endpoints differ by noise, and at low request rates an
 /// estimate moves slowly (it is weighted by time, `DECAY`), so an exact comparison
@@ -83,6 +91,13 @@ pub struct Endpoint {
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was written, in nanoseconds since `epoch`.
     at: AtomicU64,
+    /// Whether the last observation was slower than the estimate (a peak waiting
+    /// for confirmation).
+    slower: AtomicBool,
+    /// The last confirmed peak in nanoseconds (`f64` bits), as of `peak_since`.
+    peak_ns: AtomicU64,
+    /// When `peak_ns` was written, in nanoseconds since `epoch`.
+    peak_since: AtomicU64,
     /// Until when it is ejected, in nanoseconds since `epoch` (0: never was). Read on
     /// every pick, so an atomic rather than behind `health`'s lock.
     ejected_until: AtomicU64,
@@ -169,6 +184,9 @@ impl Endpoint {
             pending: AtomicU32::new(0),
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             at: AtomicU64::new(0),
+            slower: AtomicBool::new(false),
+            peak_ns: AtomicU64::new(0f64.to_bits()),
+            peak_since: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
             troubled: AtomicBool::new(false),
             health: Mutex::default(),
@@ -191,9 +209,10 @@ impl Endpoint {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate at `now`, in nanoseconds.
+    /// The latency estimate at `now`, in nanoseconds: the average or a recent peak,
+    /// whichever is higher.
     pub fn estimate_at(&self, now: Instant) -> f64 {
-        self.decayed(now).0
+        self.decayed(now).0.max(self.peak_at(now))
     }
 
     /// The load-weighted cost at `now`.
@@ -202,15 +221,37 @@ impl Endpoint {
     }
 
     /// Folds in an observed latency (time to response headers).
+    ///
+    /// Unlike tower's `PeakEwma`, a peak is kept apart from the average and decays
+    /// within [`PEAK_DECAY`] rather than [`DECAY`], and is taken only when the next
+    /// observation is slower than the estimate too. The costlier endpoint of a pair
+    /// always loses, so an endpoint whose estimate is too high gets no request that
+    /// could correct it: in tower a lone slow answer (a cold first request, the
+    /// scheduler of a loaded node) starves a healthy pod for tens of seconds. Here it
+    /// is ignored, and a real slowdown makes the endpoint lose comparisons until its
+    /// peak has decayed below the others, then it gets a request again: a slow
+    /// endpoint is re-checked a few times a second, and one that recovered is back
+    /// at its share within a fraction of a second. For the same reason one answer
+    /// moves the average by at most [`MAX_SAMPLE_WEIGHT`]: after an idle while, its
+    /// time weight would make the first answer (often a cold one) the whole average.
     pub fn observe_at(&self, now: Instant, rtt: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let (est, decay) = self.decayed(now);
-        let next = if rtt > est {
-            rtt
-        } else {
-            est + rtt * (1.0 - decay)
-        };
-        self.store(now, next);
+        let (avg, decay) = self.decayed(now);
+        let slower = rtt > avg.max(self.peak_at(now));
+        if self.slower.swap(slower, Ordering::Relaxed) && slower {
+            self.peak_ns.store(rtt.to_bits(), Ordering::Relaxed);
+            self.peak_since
+                .store(self.since_epoch(now), Ordering::Relaxed);
+        }
+        self.store(now, avg + rtt * (1.0 - decay).min(MAX_SAMPLE_WEIGHT));
+    }
+
+    /// The last peak, decayed toward zero by [`PEAK_DECAY`].
+    fn peak_at(&self, now: Instant) -> f64 {
+        let peak = f64::from_bits(self.peak_ns.load(Ordering::Relaxed));
+        let since = self.peak_since.load(Ordering::Relaxed);
+        let elapsed = self.since_epoch(now).saturating_sub(since) as f64;
+        peak * (-elapsed / PEAK_DECAY.as_nanos() as f64).exp()
     }
 
     /// Marks a failed connect: the endpoint becomes expensive until it decays.
