@@ -39,6 +39,11 @@ const T: Duration = Duration::from_secs(30);
 mod mtls;
 use mtls::*;
 
+// Outlier detection cases.
+#[path = "mesh/outlier.rs"]
+mod outlier;
+use outlier::*;
+
 type Case = (&'static str, fn() -> Result<()>);
 
 /// Names each case after its function.
@@ -78,6 +83,9 @@ const CASES: &[Case] = cases![
     mtls_server_sees_client_identity,
     mtls_rotation_mid_traffic_loses_nothing,
     mtls_strict_closes_garbage_and_foreign_tls,
+    outlier_one_h2_connection_spreads_evenly_over_three_endpoints,
+    outlier_failing_endpoint_is_ejected_and_returns,
+    outlier_opaque_tcp_goes_to_the_original_destination,
 ];
 
 fn main() -> ExitCode {
