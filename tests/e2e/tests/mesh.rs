@@ -44,6 +44,11 @@ use mtls::*;
 mod outlier;
 use outlier::*;
 
+// HTTP/1.1 multiplexed over HTTP/2 between sidecars.
+#[path = "mesh/multiplex.rs"]
+mod multiplex;
+use multiplex::*;
+
 type Case = (&'static str, fn() -> Result<()>);
 
 /// Names each case after its function.
@@ -86,6 +91,7 @@ const CASES: &[Case] = cases![
     outlier_one_h2_connection_spreads_evenly_over_three_endpoints,
     outlier_failing_endpoint_is_ejected_and_returns,
     outlier_opaque_tcp_goes_to_the_original_destination,
+    mtls_http1_connections_multiplex_over_one_h2_connection,
 ];
 
 fn main() -> ExitCode {
