@@ -1,4 +1,5 @@
-//! The mesh config in force, and the watcher that reloads it from its file.
+//! The mesh config in force, and the watchers that reload it from its file or from
+//! the control plane ([`remote`]).
 //!
 //! Connections take a snapshot ([`Mesh::load`]) when they are accepted and keep it,
 //! so a reload never changes the rules under a connection in flight. Reloads swap the
@@ -12,7 +13,10 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -25,6 +29,8 @@ use crate::{
     balance::{Balancer, Endpoint, Outlier, Pick},
     metrics::{Metrics, OUTLIER_EJECTED, UNKNOWN_SERVICE},
 };
+
+pub mod remote;
 
 /// How often the watcher looks at the file.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -74,6 +80,9 @@ pub struct Mesh {
     /// Services whose ejected-endpoints gauge was ever non-zero: they keep being
     /// reported (at zero) so the series falls back instead of freezing.
     reported: Mutex<HashSet<SharedString>>,
+    /// Whether a document was loaded; false only while a remote watch waits for its
+    /// first document.
+    loaded: AtomicBool,
 }
 
 // === impl Snapshot ===
@@ -245,30 +254,42 @@ impl Snapshot {
 impl Mesh {
     /// Starts with `config`.
     pub fn new(config: MeshConfig, opaque_override: Option<Vec<u16>>) -> Self {
-        Self::build(config, opaque_override, None)
-    }
-
-    /// Starts with `config`; outlier ejections are counted in `metrics`.
-    pub fn with_metrics(
-        config: MeshConfig,
-        opaque_override: Option<Vec<u16>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self::build(config, opaque_override, Some(metrics))
-    }
-
-    fn build(
-        config: MeshConfig,
-        opaque_override: Option<Vec<u16>>,
-        metrics: Option<Arc<Metrics>>,
-    ) -> Self {
-        let snap = Snapshot::build(config, opaque_override.as_deref(), None, metrics.as_ref());
+        let snap = Snapshot::new(config, opaque_override.as_deref());
         Self {
             current: ArcSwap::from_pointee(snap),
             opaque_override,
-            metrics,
+            metrics: None,
             reported: Mutex::default(),
+            loaded: AtomicBool::new(true),
         }
+    }
+
+    /// Counts outlier ejections in `metrics` from now on (the snapshot in force is
+    /// rebuilt with it, keeping its endpoints' state).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        let prev = self.current.load_full();
+        let snap = Snapshot::build(
+            prev.config.clone(),
+            self.opaque_override.as_deref(),
+            Some(&prev),
+            Some(&metrics),
+        );
+        self.current.store(Arc::new(snap));
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Starts empty, waiting for a first document ([`Mesh::is_loaded`] is false until
+    /// [`Mesh::store`]).
+    pub fn pending(opaque_override: Option<Vec<u16>>) -> Self {
+        let m = Self::new(MeshConfig::default(), opaque_override);
+        m.loaded.store(false, Ordering::Release);
+        m
+    }
+
+    /// Whether a document is in force (always, except before a remote watch's first).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// The snapshot in force.
@@ -286,6 +307,7 @@ impl Mesh {
             self.metrics.as_ref(),
         );
         self.current.store(Arc::new(snap));
+        self.loaded.store(true, Ordering::Release);
     }
 
     /// Sets the gauge of endpoints ejected right now, per Service. Ejections end by

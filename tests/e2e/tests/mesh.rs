@@ -38,6 +38,9 @@ const T: Duration = Duration::from_secs(30);
 #[path = "mesh/mtls.rs"]
 mod mtls;
 use mtls::*;
+#[path = "mesh/config.rs"]
+mod config;
+use config::*;
 
 // Outlier detection cases.
 #[path = "mesh/outlier.rs"]
@@ -92,6 +95,7 @@ const CASES: &[Case] = cases![
     outlier_failing_endpoint_is_ejected_and_returns,
     outlier_opaque_tcp_goes_to_the_original_destination,
     mtls_http1_connections_multiplex_over_one_h2_connection,
+    config_delivered_by_the_control_plane,
 ];
 
 fn main() -> ExitCode {
