@@ -44,21 +44,6 @@ pub enum CompileError {
         /// Why.
         source: serde_yaml::Error,
     },
-    /// A Service annotation has a value meshlet cannot use.
-    #[error(
-        "Service {service}: annotation {name} has the invalid value {value:?}: {reason}; fix or \
-         remove the annotation"
-    )]
-    Annotation {
-        /// `namespace/name` of the Service.
-        service: String,
-        /// The annotation.
-        name: &'static str,
-        /// The value as written.
-        value: String,
-        /// What is wrong and what a valid value looks like.
-        reason: String,
-    },
     /// The result breaks a rule of the mesh config (e.g. two Services on one ClusterIP).
     #[error("the compiled mesh config is invalid: {0}")]
     Invalid(#[from] meshlet_api::config::ConfigError),
@@ -85,13 +70,34 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// The compiled document and the routes left out.
+/// A Service annotation with a value meshlet cannot use. It is refused for that
+/// Service alone (its outlier detection keeps the defaults): one bad annotation must
+/// not stop the cluster's whole mesh config from being compiled.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Service {service}: annotation {name} has the invalid value {value:?}: {reason}; fix or \
+     remove the annotation (the defaults apply until then)"
+)]
+pub struct BadServiceAnnotation {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// The annotation.
+    pub name: &'static str,
+    /// The value as written.
+    pub value: String,
+    /// What is wrong and what a valid value looks like.
+    pub reason: String,
+}
+
+/// The compiled document and what was left out of it.
 #[derive(Debug)]
 pub struct Compiled {
     /// The mesh config, validated.
     pub config: MeshConfig,
     /// Routes that were left out.
     pub problems: Vec<Problem>,
+    /// Service annotations that were refused.
+    pub bad_annotations: Vec<BadServiceAnnotation>,
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file of `dir` (sorted by name) and compiles it.
@@ -219,10 +225,11 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
         });
     }
 
+    let mut bad_annotations = Vec::new();
     let mut out: Vec<Service> = services
         .iter()
-        .map(|o| service(o, &pods, &injected_namespaces))
-        .collect::<Result<_, _>>()?;
+        .map(|o| service(o, &pods, &injected_namespaces, &mut bad_annotations))
+        .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut problems = Vec::new();
@@ -250,20 +257,29 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
         ..MeshConfig::default()
     };
     config.validate()?;
-    Ok(Compiled { config, problems })
+    Ok(Compiled {
+        config,
+        problems,
+        bad_annotations,
+    })
 }
 
 fn service(
     o: &Value,
     pods: &[PodInfo],
     injected: &BTreeSet<&str>,
-) -> Result<Service, CompileError> {
+    bad: &mut Vec<BadServiceAnnotation>,
+) -> Service {
     let namespace = namespace_of(o);
     let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
     let outlier_detection = outlier_detection(
         &labels(o, &["metadata", "annotations"]),
         &format!("{namespace}/{name}"),
-    )?;
+    )
+    .unwrap_or_else(|e| {
+        bad.push(e);
+        None
+    });
     let spec = o.get("spec").cloned().unwrap_or_default();
     let mut cluster_ips: Vec<IpAddr> = spec
         .get("clusterIPs")
@@ -311,7 +327,7 @@ fn service(
             }
         }
     }
-    Ok(Service {
+    Service {
         name,
         namespace,
         cluster_ips,
@@ -321,7 +337,7 @@ fn service(
         endpoints: Vec::new(),
         routes: Vec::new(),
         outlier_detection,
-    })
+    }
 }
 
 /// The Service's `meshlet.io/outlier-*` annotations; `None` when it has none (the
@@ -329,14 +345,14 @@ fn service(
 fn outlier_detection(
     annotations: &BTreeMap<String, String>,
     service: &str,
-) -> Result<Option<OutlierDetection>, CompileError> {
+) -> Result<Option<OutlierDetection>, BadServiceAnnotation> {
     if !ann::SERVICE_ANNOTATIONS
         .iter()
         .any(|a| annotations.contains_key(*a))
     {
         return Ok(None);
     }
-    let bad = |name: &'static str, reason: String| CompileError::Annotation {
+    let bad = |name: &'static str, reason: String| BadServiceAnnotation {
         service: service.to_string(),
         name,
         value: annotations.get(name).cloned().unwrap_or_default(),

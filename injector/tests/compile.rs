@@ -147,25 +147,29 @@ fn cli_writes_the_file_and_reports_problems_on_stderr() {
     assert_eq!(cfg, compiled().config);
 }
 
-/// A Service with `annotations`, compiled alone.
-fn compile_service(
-    annotations: serde_json::Value,
-) -> Result<meshlet_injector::compile::Compiled, meshlet_injector::compile::CompileError> {
+/// A Service with `annotations`, compiled next to one without.
+fn compile_service(annotations: serde_json::Value) -> meshlet_injector::compile::Compiled {
     let svc = serde_json::json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
         "spec": {"clusterIP": "198.19.0.10", "ports": [{"port": 80}]}
     });
-    meshlet_injector::compile::compile(&[svc])
+    let other = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"clusterIP": "198.19.0.11", "ports": [{"port": 5432}]}
+    });
+    meshlet_injector::compile::compile(&[svc, other]).unwrap()
 }
 
 #[test]
 fn outlier_annotations_compile_into_the_service() {
     use meshlet_api::{config::OutlierDetection, Duration};
     let od = |a| {
-        compile_service(a).unwrap().config.services[0]
-            .outlier_detection
-            .clone()
+        let c = compile_service(a);
+        assert!(c.bad_annotations.is_empty(), "{:?}", c.bad_annotations);
+        let web = c.config.services.iter().find(|s| s.name == "web").unwrap();
+        web.outlier_detection.clone()
     };
     assert_eq!(
         od(serde_json::json!({})),
@@ -218,12 +222,22 @@ fn bad_outlier_annotations_are_refused_naming_annotation_and_value() {
         ),
     ];
     for (annotations, want) in cases {
-        let e = compile_service(annotations).unwrap_err().to_string();
+        // Refused for this Service alone: the document still compiles, with the
+        // defaults for it, and the other Service is untouched.
+        let c = compile_service(annotations);
+        assert_eq!(c.bad_annotations.len(), 1, "{want}");
+        let e = c.bad_annotations[0].to_string();
         assert!(
             e.starts_with("Service shop/web: ")
                 && e.contains(want)
-                && e.ends_with("fix or remove the annotation"),
+                && e.contains("fix or remove the annotation"),
             "{e}"
         );
+        assert_eq!(c.config.services.len(), 2);
+        assert!(c
+            .config
+            .services
+            .iter()
+            .all(|s| s.outlier_detection.is_none()));
     }
 }
