@@ -14,7 +14,8 @@ use std::{
 };
 
 use meshlet_api::{
-    config::{RetryConstraint, Service, ServicePort},
+    annotations as ann,
+    config::{OutlierDetection, RetryConstraint, Service, ServicePort},
     route::{
         BackendRef, Filter, HeaderModifier, HttpRoute, PathMatch, PathMatchType, PathModifier,
         RequestRedirect, Retry, RouteMatch, RouteRule, RouteTimeouts, UrlRewrite, ValueMatch,
@@ -71,13 +72,34 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// The compiled document and the routes left out.
+/// A Service annotation with a value meshlet cannot use. It is refused for that
+/// Service alone (its outlier detection keeps the defaults): one bad annotation must
+/// not stop the cluster's whole mesh config from being compiled.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Service {service}: annotation {name} has the invalid value {value:?}: {reason}; fix or \
+     remove the annotation (the defaults apply until then)"
+)]
+pub struct BadServiceAnnotation {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// The annotation.
+    pub name: &'static str,
+    /// The value as written.
+    pub value: String,
+    /// What is wrong and what a valid value looks like.
+    pub reason: String,
+}
+
+/// The compiled document and what was left out of it.
 #[derive(Debug)]
 pub struct Compiled {
     /// The mesh config, validated.
     pub config: MeshConfig,
     /// Routes that were left out.
     pub problems: Vec<Problem>,
+    /// Service annotations that were refused.
+    pub bad_annotations: Vec<BadServiceAnnotation>,
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file of `dir` (sorted by name) and compiles it.
@@ -210,9 +232,10 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
         });
     }
 
+    let mut bad_annotations = Vec::new();
     let mut out: Vec<Service> = services
         .iter()
-        .map(|o| service(o, &pods, &injected_namespaces))
+        .map(|o| service(o, &pods, &injected_namespaces, &mut bad_annotations))
         .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
@@ -246,11 +269,29 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
         ..MeshConfig::default()
     };
     config.validate()?;
-    Ok(Compiled { config, problems })
+    Ok(Compiled {
+        config,
+        problems,
+        bad_annotations,
+    })
 }
 
-fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
+fn service(
+    o: &Value,
+    pods: &[PodInfo],
+    injected: &BTreeSet<&str>,
+    bad: &mut Vec<BadServiceAnnotation>,
+) -> Service {
     let namespace = namespace_of(o);
+    let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
+    let outlier_detection = outlier_detection(
+        &labels(o, &["metadata", "annotations"]),
+        &format!("{namespace}/{name}"),
+    )
+    .unwrap_or_else(|e| {
+        bad.push(e);
+        None
+    });
     let spec = o.get("spec").cloned().unwrap_or_default();
     let mut cluster_ips: Vec<IpAddr> = spec
         .get("clusterIPs")
@@ -299,7 +340,7 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
         }
     }
     Service {
-        name: s(o, &["metadata", "name"]).unwrap_or_default().to_string(),
+        name,
         namespace,
         cluster_ips,
         ports,
@@ -308,7 +349,77 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
         endpoints: Vec::new(),
         routes: Vec::new(),
         retry_constraint: None,
+        outlier_detection,
     }
+}
+
+/// The Service's `meshlet.io/outlier-*` annotations; `None` when it has none (the
+/// proxy's defaults apply). Unset ones keep their default.
+fn outlier_detection(
+    annotations: &BTreeMap<String, String>,
+    service: &str,
+) -> Result<Option<OutlierDetection>, BadServiceAnnotation> {
+    if !ann::SERVICE_ANNOTATIONS
+        .iter()
+        .any(|a| annotations.contains_key(*a))
+    {
+        return Ok(None);
+    }
+    let bad = |name: &'static str, reason: String| BadServiceAnnotation {
+        service: service.to_string(),
+        name,
+        value: annotations.get(name).cloned().unwrap_or_default(),
+        reason,
+    };
+    let mut od = OutlierDetection::default();
+    if let Some(v) = annotations.get(ann::OUTLIER_CONSECUTIVE_FAILURES) {
+        let v = v.trim();
+        od.consecutive_failures = v
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| v.parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                bad(
+                    ann::OUTLIER_CONSECUTIVE_FAILURES,
+                    "write a whole number of failures such as 5 (0 turns ejection off)".into(),
+                )
+            })?;
+    }
+    for (name, field) in [
+        (ann::OUTLIER_BASE_EJECTION, &mut od.base_ejection),
+        (ann::OUTLIER_MAX_EJECTION, &mut od.max_ejection),
+    ] {
+        if let Some(v) = annotations.get(name) {
+            *field = v.trim().parse().map_err(|e| bad(name, format!("{e}")))?;
+        }
+    }
+    if od.base_ejection.is_zero() {
+        return Err(bad(
+            ann::OUTLIER_BASE_EJECTION,
+            "an ejection must last more than zero; write a duration such as 1s".into(),
+        ));
+    }
+    if od.max_ejection < od.base_ejection {
+        // Name the annotation that was written; with both, the maximum.
+        let name = if annotations.contains_key(ann::OUTLIER_MAX_EJECTION) {
+            ann::OUTLIER_MAX_EJECTION
+        } else {
+            ann::OUTLIER_BASE_EJECTION
+        };
+        return Err(bad(
+            name,
+            format!(
+                "the longest ejection ({}) is shorter than the first ({}); make \
+                 {} at least {}",
+                od.max_ejection,
+                od.base_ejection,
+                ann::OUTLIER_MAX_EJECTION,
+                od.base_ejection
+            ),
+        ));
+    }
+    Ok(Some(od))
 }
 
 // The HTTPRoute subset meshlet reads; unknown fields are ignored as the API server's

@@ -467,6 +467,9 @@ impl Reconciler {
                 return;
             }
         };
+        for b in &compiled.bad_annotations {
+            tracing::warn!(problem = %b, "Service annotation refused");
+        }
         self.publish(compiled.config);
         if compiled.problems != self.problems {
             for p in compiled

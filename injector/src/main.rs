@@ -118,6 +118,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for p in &compiled.problems {
                 eprintln!("meshlet-injector: {p}");
             }
+            for b in &compiled.bad_annotations {
+                eprintln!("meshlet-injector: {b}");
+            }
             let json = serde_json::to_string_pretty(&compiled.config)? + "\n";
             match out {
                 Some(path) => std::fs::write(&path, json)

@@ -214,3 +214,98 @@ fn cli_writes_the_file_and_reports_problems_on_stderr() {
     let cfg = MeshConfig::from_json(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(cfg, compiled().config);
 }
+
+/// A Service with `annotations`, compiled next to one without.
+fn compile_service(annotations: serde_json::Value) -> meshlet_injector::compile::Compiled {
+    let svc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
+        "spec": {"clusterIP": "198.19.0.10", "ports": [{"port": 80}]}
+    });
+    let other = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"clusterIP": "198.19.0.11", "ports": [{"port": 5432}]}
+    });
+    meshlet_injector::compile::compile(&[svc, other]).unwrap()
+}
+
+#[test]
+fn outlier_annotations_compile_into_the_service() {
+    use meshlet_api::{config::OutlierDetection, Duration};
+    let od = |a| {
+        let c = compile_service(a);
+        assert!(c.bad_annotations.is_empty(), "{:?}", c.bad_annotations);
+        let web = c.config.services.iter().find(|s| s.name == "web").unwrap();
+        web.outlier_detection.clone()
+    };
+    assert_eq!(
+        od(serde_json::json!({})),
+        None,
+        "no annotation: proxy defaults"
+    );
+    assert_eq!(
+        od(serde_json::json!({"meshlet.io/outlier-consecutive-failures": " 3 "})),
+        Some(OutlierDetection {
+            consecutive_failures: 3,
+            ..OutlierDetection::default()
+        })
+    );
+    assert_eq!(
+        od(serde_json::json!({
+            "meshlet.io/outlier-consecutive-failures": "0",
+            "meshlet.io/outlier-base-ejection": "500ms",
+            "meshlet.io/outlier-max-ejection": "1m",
+        })),
+        Some(OutlierDetection {
+            consecutive_failures: 0,
+            base_ejection: Duration::from_millis(500),
+            max_ejection: Duration::from_secs(60),
+        })
+    );
+}
+
+#[test]
+fn bad_outlier_annotations_are_refused_naming_annotation_and_value() {
+    let cases = [
+        (
+            serde_json::json!({"meshlet.io/outlier-consecutive-failures": "five"}),
+            "annotation meshlet.io/outlier-consecutive-failures has the invalid value \"five\": write a whole number",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-consecutive-failures": "-1"}),
+            "meshlet.io/outlier-consecutive-failures has the invalid value \"-1\"",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-base-ejection": "1 second"}),
+            "meshlet.io/outlier-base-ejection has the invalid value \"1 second\": invalid duration",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-base-ejection": "0s"}),
+            "meshlet.io/outlier-base-ejection has the invalid value \"0s\": an ejection must last more than zero",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-max-ejection": "500ms"}),
+            "meshlet.io/outlier-max-ejection has the invalid value \"500ms\": the longest ejection (500ms) is shorter than the first (1s)",
+        ),
+    ];
+    for (annotations, want) in cases {
+        // Refused for this Service alone: the document still compiles, with the
+        // defaults for it, and the other Service is untouched.
+        let c = compile_service(annotations);
+        assert_eq!(c.bad_annotations.len(), 1, "{want}");
+        let e = c.bad_annotations[0].to_string();
+        assert!(
+            e.starts_with("Service shop/web: ")
+                && e.contains(want)
+                && e.contains("fix or remove the annotation"),
+            "{e}"
+        );
+        assert_eq!(c.config.services.len(), 2);
+        assert!(c
+            .config
+            .services
+            .iter()
+            .all(|s| s.outlier_detection.is_none()));
+    }
+}

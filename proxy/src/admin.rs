@@ -135,6 +135,7 @@ impl Admin {
             }
             "/live" => text(StatusCode::OK, "live\n"),
             "/metrics" => {
+                self.mesh.record_ejected(&self.metrics);
                 let mut rsp = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 rsp.headers_mut().insert(
                     header::CONTENT_TYPE,

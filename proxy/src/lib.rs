@@ -192,11 +192,12 @@ impl Proxy {
             )?),
             _ => None,
         };
-        let mesh = Arc::new(if remote.is_some() {
+        let mesh = if remote.is_some() {
             Mesh::pending(cfg.opaque_ports.clone())
         } else {
             Mesh::new(self.mesh_config, cfg.opaque_ports.clone())
-        });
+        };
+        let mesh = Arc::new(mesh.with_metrics(metrics.clone()));
         let mut local_ips = listen::local_ips();
         local_ips.extend(cfg.pod_ip);
         let own_ports = vec![

@@ -46,6 +46,16 @@ use config::*;
 mod routing;
 use routing::*;
 
+// Outlier detection cases.
+#[path = "mesh/outlier.rs"]
+mod outlier;
+use outlier::*;
+
+// HTTP/1.1 multiplexed over HTTP/2 between sidecars.
+#[path = "mesh/multiplex.rs"]
+mod multiplex;
+use multiplex::*;
+
 type Case = (&'static str, fn() -> Result<()>);
 
 /// Names each case after its function.
@@ -85,6 +95,10 @@ const CASES: &[Case] = cases![
     mtls_server_sees_client_identity,
     mtls_rotation_mid_traffic_loses_nothing,
     mtls_strict_closes_garbage_and_foreign_tls,
+    outlier_one_h2_connection_spreads_evenly_over_three_endpoints,
+    outlier_failing_endpoint_is_ejected_and_returns,
+    outlier_opaque_tcp_goes_to_the_original_destination,
+    mtls_http1_connections_multiplex_over_one_h2_connection,
     config_delivered_by_the_control_plane,
     routing_by_headers_weights_redirects_rewrites_timeouts,
     routing_retries_are_safe_and_within_budget,
