@@ -102,7 +102,6 @@ pub struct OutlierDetection {
     pub max_ejection: Duration,
 }
 
-
 /// A retry budget (Gateway API `XBackendTrafficPolicy` `retryConstraint`, GEP-3388):
 /// retries to a Service are allowed while they stay within `budget.percent` of its
 /// requests over `budget.interval`, and always up to `minRetryRate`.
