@@ -115,6 +115,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for p in &compiled.problems {
                 eprintln!("meshlet-injector: {p}");
             }
+            for c in &compiled.conflicts {
+                eprintln!("meshlet-injector: {c}");
+            }
             let json = serde_json::to_string_pretty(&compiled.config)? + "\n";
             match out {
                 Some(path) => std::fs::write(&path, json)
