@@ -354,6 +354,13 @@ impl std::fmt::Display for RouteKind {
     }
 }
 
+/// Where a gRPC method match ranks ([`GrpcMethodMatch::precedence`]); lower first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GrpcPrecedence {
+    service: (u8, std::cmp::Reverse<usize>),
+    method: (u8, std::cmp::Reverse<usize>),
+}
+
 // === impl GrpcMethodMatch ===
 
 /// One path element: what "any service" and "any method" match.
@@ -404,7 +411,7 @@ impl GrpcMethodMatch {
     /// "Characters in a matching service" is read as: an exact name counts all its
     /// characters; a regex (implementation-specific) ranks after every exact name, by
     /// pattern length; no service ranks last.
-    pub fn precedence(m: Option<&Self>) -> impl Ord {
+    pub fn precedence(m: Option<&Self>) -> GrpcPrecedence {
         let part = |m: Option<&Self>, f: fn(&Self) -> Option<&String>| match m
             .and_then(|m| Some((m.kind, f(m)?)))
         {
@@ -412,10 +419,10 @@ impl GrpcMethodMatch {
             Some((ValueMatchType::RegularExpression, v)) => (1, std::cmp::Reverse(v.len())),
             None => (2, std::cmp::Reverse(0)),
         };
-        (
-            part(m, |m| m.service.as_ref()),
-            part(m, |m| m.method.as_ref()),
-        )
+        GrpcPrecedence {
+            service: part(m, |m| m.service.as_ref()),
+            method: part(m, |m| m.method.as_ref()),
+        }
     }
 
     fn validate(&self, at: &str) -> Result<(), FieldError> {
