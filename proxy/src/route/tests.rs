@@ -741,7 +741,8 @@ fn grpc_call(path: &str, headers: &[(&str, &str)], port: u16) -> Req {
 fn compiled_grpc_routes_send_each_call_by_gep_1016_precedence() {
     let rs = compiled_greeter_routes();
     // (path, headers, rule that must win, backend)
-    let cases: [(&str, &[(&str, &str)], &str, &str); 8] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: [Case<'_>; 8] = [
         // Service and method, with its header: the most specific.
         (
             "/pkg.Greeter/SayHello",
