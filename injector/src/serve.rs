@@ -13,8 +13,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use meshlet_api::MeshConfig;
+use tokio::sync::watch;
+
 use crate::{
     config::{Defaults, DefaultsArgs},
+    delivery,
     tls::{self, ReloadingCert},
     webhook::{self, AppState},
 };
@@ -159,6 +163,7 @@ pub struct Server {
     cert: Arc<ReloadingCert>,
     acceptor: TlsAcceptor,
     config: ServeConfig,
+    mesh_config: Option<watch::Receiver<Arc<MeshConfig>>>,
 }
 
 impl Server {
@@ -177,7 +182,15 @@ impl Server {
             cert,
             acceptor,
             config,
+            mesh_config: None,
         })
+    }
+
+    /// Also serves config delivery (`GET /v1/config`, [`delivery`]) from `rx`: the
+    /// seam the config controller publishes through.
+    pub fn with_mesh_config(mut self, rx: watch::Receiver<Arc<MeshConfig>>) -> Self {
+        self.mesh_config = Some(rx);
+        self
     }
 
     /// The bound address (useful with port 0).
@@ -192,7 +205,11 @@ impl Server {
             defaults: self.config.defaults.clone(),
             metrics: metrics_handle(),
         });
-        let service = TowerToHyperService::new(webhook::router(state));
+        let mut app = webhook::router(state);
+        if let Some(rx) = self.mesh_config.clone() {
+            app = app.merge(delivery::router(rx, delivery::Options::default()));
+        }
+        let service = TowerToHyperService::new(app);
         let watcher = tokio::spawn(self.cert.clone().watch(self.config.tls_reload_interval));
         // Flipped on shutdown: every connection finishes its request in flight and closes.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -14,7 +14,8 @@
 //! matches go before HTTPRoute ones, as a GRPCRoute takes a Service port first
 //! (GEP-1294); the compiler never puts both kinds on one port.
 //! Consumer routes (in the client's namespace, not the Service's) are tried before the
-//! producer routes. Wiring into `http/` comes later.
+//! producer routes. [`table`] resolves backends and per-rule policies against the mesh
+//! config; `http::route` applies decisions to requests.
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use meshlet_api::route::{
@@ -22,6 +23,8 @@ use meshlet_api::route::{
     PathMatchType, PathModifier, Regex, RequestRedirect, RouteError, RouteKind, RouteRule,
     UrlRewrite, ValueMatchType,
 };
+
+pub mod table;
 
 /// The routes of one destination Service, compiled and ordered by precedence.
 #[derive(Debug)]
@@ -52,6 +55,8 @@ pub struct RequestInfo<'a> {
 pub struct Decision<'a> {
     /// The route (`id()` is `namespace/name`).
     pub route: &'a HttpRoute,
+    /// The route's index in the list `Routes::new` was given.
+    pub route_index: usize,
     /// The rule.
     pub rule: &'a RouteRule,
     /// The rule's index in the route, for metrics when it has no name.
@@ -253,6 +258,7 @@ impl Routes {
         };
         Some(Decision {
             route,
+            route_index: entry.route,
             rule,
             rule_index: entry.rule,
             action: action(rule, req, prefix, random),
