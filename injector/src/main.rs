@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the mutating admission webhook over HTTPS (POST /mutate, /healthz, /readyz, /metrics).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Serve proxies their mesh config (GET /v1/config, a watch) compiled from manifest
     /// files, re-published when the files change.
     ServeConfig(serve_config::ServeConfigArgs),
