@@ -121,6 +121,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for b in &compiled.bad_annotations {
                 eprintln!("meshlet-injector: {b}");
             }
+            for c in &compiled.conflicts {
+                eprintln!("meshlet-injector: {c}");
+            }
             let json = serde_json::to_string_pretty(&compiled.config)? + "\n";
             match out {
                 Some(path) => std::fs::write(&path, json)

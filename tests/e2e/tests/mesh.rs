@@ -103,6 +103,7 @@ const CASES: &[Case] = cases![
     routing_by_headers_weights_redirects_rewrites_timeouts,
     routing_retries_are_safe_and_within_budget,
     routing_change_under_traffic_loses_no_request,
+    routing_grpc_route_by_service_and_method,
 ];
 
 fn main() -> ExitCode {
