@@ -6,13 +6,15 @@
 //! containers in order, native sidecars, then the app containers, as processes from
 //! the image table), probes them and reports the pod's status; on delete it sends
 //! SIGTERM, waits the grace period, kills, and removes the pod object. It programs
-//! ClusterIP DNAT in the node namespace from Services and EndpointSlices, serves
+//! ClusterIP DNAT in the node namespace from Services and EndpointSlices and cluster
+//! DNS for their names (`dns`), serves
 //! `metrics.k8s.io` (per-container CPU and memory from /proc) through the
 //! aggregation layer, and answers the API server's "cluster" egress (webhooks,
 //! aggregated APIs, kubelet calls) by dialing inside the node namespace, so the
 //! host's root namespace is never changed.
 
 pub mod api;
+pub mod dns;
 pub mod egress;
 pub mod metrics;
 pub mod net;
@@ -141,6 +143,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     tasks.spawn(api::heartbeat(agent.clone()));
     tasks.spawn(status::writer(agent.clone(), status_rx));
     tasks.spawn(proxy::run(agent.clone()));
+    tasks.spawn(dns::run(agent.clone()));
     tasks.spawn(metrics::run(agent.clone()));
     if let Some(sock) = agent.cfg.egress_socket.clone() {
         tasks.spawn(egress::run(agent.clone(), sock));

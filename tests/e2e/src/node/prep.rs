@@ -2,7 +2,8 @@
 //! table), its environment (values, the downward API, ConfigMap and Secret keys,
 //! `$(VAR)` references), its user, and the pod's volumes as files under the pod's
 //! directory (ConfigMaps, Secrets, projected service-account tokens from
-//! TokenRequest with the spec's audience and expiry, downward API, emptyDir).
+//! TokenRequest with the spec's audience and expiry, downward API, emptyDir), and the
+//! pod's `/etc/resolv.conf` naming the node's cluster DNS (`super::dns`).
 
 use std::{
     collections::BTreeMap,
@@ -51,6 +52,10 @@ pub struct Prepared {
     /// Volume mounts: (directory or file on the host, mountPath, read-only).
     pub mounts: Vec<(PathBuf, String, bool)>,
 }
+
+/// The key of the pod's cluster-DNS resolv.conf among its volumes: no volume of a
+/// pod can have this name (`~` is not allowed in a volume name).
+pub const RESOLV_CONF: &str = "meshlet-node~resolv.conf";
 
 /// The bash script that makes a container's volume mounts in its own mount
 /// namespace (`unshare --mount --propagation private`), then execs the container.
@@ -448,6 +453,10 @@ pub async fn containers(
             };
             mounts.push((src, m.mount_path.clone(), m.read_only == Some(true)));
         }
+        // As the kubelet does: the pod's resolv.conf over the image's.
+        if let Some(conf) = volumes.get(RESOLV_CONF) {
+            mounts.push((conf.clone(), "/etc/resolv.conf".into(), true));
+        }
         let env = env_of(&agent.client, c, &fields, &pod_name).await?;
         let args = args.iter().map(|a| expand(a, &env)).collect();
         let sc = c.security_context.clone().unwrap_or_default();
@@ -640,6 +649,14 @@ pub async fn volumes(
                 .map_err(|e| Error::Other(format!("chmod {}: {e}", vdir.display())))?;
         }
         out.insert(v.name.clone(), vdir);
+    }
+    if super::dns::uses_cluster_dns(pod) {
+        let conf = dir.join("resolv.conf");
+        let text = super::dns::resolv_conf(&ns, agent.net.node_ip());
+        fs::write(&conf, text)
+            .and_then(|_| fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)))
+            .map_err(|e| Error::Other(format!("writing {}: {e}", conf.display())))?;
+        out.insert(RESOLV_CONF.to_string(), conf);
     }
     Ok((out, tokens))
 }
