@@ -118,7 +118,7 @@ rc=${PIPESTATUS[0]}
 set -e
 step "result (go test exit $rc)"
 if [ -f "$report" ]; then
-  grep -E '^\s+(name|summary|result):' "$report" || true
+  sed -n '/^profiles:/,$p' "$report"
   echo "report: $report"
 else
   echo "no report written (the suite stopped before its cleanup wrote one)"
