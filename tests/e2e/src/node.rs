@@ -7,13 +7,15 @@
 //! the image table), probes them and reports the pod's status; on delete it sends
 //! SIGTERM, waits the grace period, kills, and removes the pod object. It programs
 //! ClusterIP DNAT in the node namespace from Services and EndpointSlices and cluster
-//! DNS for their names (`dns`), serves
+//! DNS for their names (`dns`), relays the `kubernetes` Service to the API server
+//! (`apiserver`), serves
 //! `metrics.k8s.io` (per-container CPU and memory from /proc) through the
 //! aggregation layer, and answers the API server's "cluster" egress (webhooks,
 //! aggregated APIs, kubelet calls) by dialing inside the node namespace, so the
 //! host's root namespace is never changed.
 
 pub mod api;
+pub mod apiserver;
 pub mod dns;
 pub mod egress;
 pub mod metrics;
@@ -144,6 +146,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     tasks.spawn(status::writer(agent.clone(), status_rx));
     tasks.spawn(proxy::run(agent.clone()));
     tasks.spawn(dns::run(agent.clone()));
+    tasks.spawn(apiserver::run(agent.clone()));
     tasks.spawn(metrics::run(agent.clone()));
     if let Some(sock) = agent.cfg.egress_socket.clone() {
         tasks.spawn(egress::run(agent.clone(), sock));
@@ -158,6 +161,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     tasks.abort_all();
     stop_all(&agent).await;
     metrics::unregister(&agent).await;
+    apiserver::unregister(&agent).await;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! What the kubelet resolves before a container starts: its binary (the image
-//! table), its environment (values, the downward API, ConfigMap and Secret keys,
-//! `$(VAR)` references), its user, and the pod's volumes as files under the pod's
+//! table), its environment (the `kubernetes` Service variables, values, the downward
+//! API, ConfigMap and Secret keys, `$(VAR)` references), its user, and the pod's volumes as files under the pod's
 //! directory (ConfigMaps, Secrets, projected service-account tokens from
 //! TokenRequest with the spec's audience and expiry, downward API, emptyDir), and the
 //! pod's `/etc/resolv.conf` naming the node's cluster DNS (`super::dns`).
@@ -293,9 +293,11 @@ async fn env_of(
     c: &Container,
     fields: &Fields<'_>,
     pod_name: &str,
+    service_env: &[(String, String)],
 ) -> Result<Vec<(String, String)>, Error> {
     let ns = fields.pod.metadata.namespace.clone().unwrap_or_default();
-    let mut env: Vec<(String, String)> = Vec::new();
+    // The kubelet's Service variables come first: the container's own override them.
+    let mut env: Vec<(String, String)> = service_env.to_vec();
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(r) = &from.config_map_ref {
@@ -417,6 +419,7 @@ pub async fn containers(
         node: &agent.cfg.name,
     };
     let psc = spec.security_context.clone().unwrap_or_default();
+    let service_env = super::apiserver::service_env(&agent.client).await;
     let mut out = Vec::new();
     let all = spec
         .init_containers
@@ -457,7 +460,7 @@ pub async fn containers(
         if let Some(conf) = volumes.get(RESOLV_CONF) {
             mounts.push((conf.clone(), "/etc/resolv.conf".into(), true));
         }
-        let env = env_of(&agent.client, c, &fields, &pod_name).await?;
+        let env = env_of(&agent.client, c, &fields, &pod_name, &service_env).await?;
         let args = args.iter().map(|a| expand(a, &env)).collect();
         let sc = c.security_context.clone().unwrap_or_default();
         let uid = sc.run_as_user.or(psc.run_as_user).unwrap_or(0);
