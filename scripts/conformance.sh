@@ -66,6 +66,13 @@ cleanup() {
     wait "$node_pid" 2>/dev/null
   fi
   cp "$work/node.log" "$out/node.log" 2>/dev/null
+  # An agent killed before it finished leaves its namespaces (named by its pid): ours.
+  if [ -n "$node_pid" ]; then
+    for ns in $(ip netns list 2>/dev/null | awk -v p="mlnode-$node_pid-" 'index($1, p) == 1 { print $1 }'); do
+      for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+      ip netns del "$ns" 2>/dev/null
+    done
+  fi
   bash tools/kube/cluster.sh down >/dev/null 2>&1
   left=$(ip netns list 2>/dev/null | grep -c "^mlnode-${node_pid:-none}-" || true)
   rm -rf "$work"
