@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps tools build release test lint unit chart-test chart-install-test kube-up kube-down kube-test demo demo-k8s bench clean-netns help
+.PHONY: all deps tools build release test lint unit chart-test chart-install-test kube-up kube-down kube-test demo demo-k8s conformance bench clean-netns help
 
 all: build
 
@@ -60,6 +60,10 @@ demo: build ## a mini-mesh of network namespaces on this machine (needs root)
 
 demo-k8s: build tools ## the user's story against a real kube-apiserver built from source (needs root)
 	bash scripts/demo-k8s.sh
+
+conformance: build tools ## the Gateway API mesh conformance suite (MESH-HTTP), unmodified, against meshlet on the real control plane (needs root)
+	@bash tools/conformance/build.sh >/dev/null
+	bash scripts/conformance.sh
 
 bench: deps ## side-by-side data-path benchmark (needs root), results in bench/results
 	bash bench/run.sh

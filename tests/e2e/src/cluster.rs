@@ -120,7 +120,16 @@ pub struct Binaries {
     pub testapp: PathBuf,
     /// `meshlet-injector` (optional: the stand-in replaces it when absent).
     pub injector: PathBuf,
+    /// `meshlet-echo`: what the conformance suite's echo image maps to.
+    pub echo: PathBuf,
 }
+
+/// The image of the Gateway API conformance suite's mesh pods (Istio's echo app), by
+/// repository name: meshlet-echo stands in for it, server and `client` alike.
+pub const ECHO_IMAGE_REPO: &str = "echo-advanced";
+/// The programs of that image that `kubectl exec` may name (bare or by its path):
+/// meshlet-echo runs each as its subcommand.
+const ECHO_IMAGE_PROGRAMS: [&str; 2] = ["client", "server"];
 
 impl Binaries {
     /// Finds the binaries next to the running executable (`target/<profile>`, also from
@@ -143,6 +152,7 @@ impl Binaries {
             init: dir.join("meshlet-init"),
             testapp: dir.join("meshlet-testapp"),
             injector: dir.join("meshlet-injector"),
+            echo: dir.join("meshlet-echo"),
             dir,
         };
         let missing: Vec<String> = [&b.proxy, &b.init, &b.testapp]
@@ -165,6 +175,7 @@ impl Binaries {
             "meshlet-init" => Some(&self.init),
             "meshlet-testapp" => Some(&self.testapp),
             "meshlet-injector" => Some(&self.injector),
+            "meshlet-echo" => Some(&self.echo),
             _ => None,
         }
     }
@@ -174,22 +185,12 @@ impl Binaries {
     /// A `command` whose first word names a meshlet binary wins; otherwise the image's
     /// repository name picks the binary (`*meshlet-testapp*`, `*meshlet-proxy*`,
     /// `*meshlet-init*`, `*meshlet-injector*`) and `args` follow as for an image
-    /// entrypoint.
+    /// entrypoint. The conformance suite's echo image (`*echo-advanced*`) maps to
+    /// meshlet-echo, and a command naming one of that image's programs (`client`,
+    /// `server`, as exec runs them) to meshlet-echo with it as the subcommand.
     pub fn resolve(&self, c: &Container) -> Result<(PathBuf, Vec<String>), Error> {
         let command = c.command.clone().unwrap_or_default();
         let args = c.args.clone().unwrap_or_default();
-        if let Some(first) = command.first() {
-            let base = first.rsplit('/').next().unwrap_or(first);
-            if let Some(bin) = self.by_name(base) {
-                let mut argv: Vec<String> = command[1..].to_vec();
-                argv.extend(args);
-                return Ok((bin.to_path_buf(), argv));
-            }
-            return Err(Error::Manifest(format!(
-                "container {} runs {first:?}: the mini-cluster only runs meshlet-proxy, meshlet-init and meshlet-testapp",
-                c.name
-            )));
-        }
         let image = c.image.clone().unwrap_or_default();
         let repo = image
             .rsplit('/')
@@ -198,6 +199,33 @@ impl Binaries {
             .split([':', '@'])
             .next()
             .unwrap_or("");
+        if let Some(first) = command.first() {
+            let base = first.rsplit('/').next().unwrap_or(first);
+            if let Some(bin) = self.by_name(base) {
+                let mut argv: Vec<String> = command[1..].to_vec();
+                argv.extend(args);
+                return Ok((bin.to_path_buf(), argv));
+            }
+            if repo.contains(ECHO_IMAGE_REPO) && ECHO_IMAGE_PROGRAMS.contains(&base) {
+                // `server` is the image's entrypoint: meshlet-echo's flags follow.
+                let mut argv: Vec<String> = if base == "server" {
+                    command[1..].to_vec()
+                } else {
+                    let mut v = vec![base.to_string()];
+                    v.extend_from_slice(&command[1..]);
+                    v
+                };
+                argv.extend(args);
+                return Ok((self.echo_bin()?, argv));
+            }
+            return Err(Error::Manifest(format!(
+                "container {} runs {first:?}: the mini-cluster only runs meshlet-proxy, meshlet-init and meshlet-testapp",
+                c.name
+            )));
+        }
+        if repo.contains(ECHO_IMAGE_REPO) {
+            return Ok((self.echo_bin()?, args));
+        }
         let bin = if repo.contains("testapp") {
             &self.testapp
         } else if c.name == meshlet_api::INIT_CONTAINER_NAME || repo.contains("meshlet-init") {
@@ -208,11 +236,22 @@ impl Binaries {
             &self.injector
         } else {
             return Err(Error::Manifest(format!(
-                "container {} uses image {image:?}: the mini-cluster maps only meshlet-proxy, meshlet-init and meshlet-testapp images to local binaries",
+                "container {} uses image {image:?}: the mini-cluster maps only meshlet-proxy, meshlet-init, meshlet-testapp and the conformance suite's {ECHO_IMAGE_REPO} images to local binaries",
                 c.name
             )));
         };
         Ok((bin.clone(), args))
+    }
+
+    fn echo_bin(&self) -> Result<PathBuf, Error> {
+        if self.echo.is_file() {
+            Ok(self.echo.clone())
+        } else {
+            Err(Error::Prereq(format!(
+                "missing {}: the {ECHO_IMAGE_REPO} image maps to it; run `cargo build -p meshlet-e2e --bins` first",
+                self.echo.display()
+            )))
+        }
     }
 }
 
@@ -1484,6 +1523,7 @@ mod tests {
             init: "/b/meshlet-init".into(),
             testapp: "/b/meshlet-testapp".into(),
             injector: "/b/meshlet-injector".into(),
+            echo: "/b/meshlet-echo".into(),
         };
         let c = |image: &str, cmd: Option<Vec<&str>>, args: Vec<&str>| Container {
             name: "x".into(),
@@ -1527,5 +1567,78 @@ mod tests {
             PathBuf::from("/b/meshlet-injector")
         );
         assert!(b.resolve(&c("nginx:1.27", None, vec![])).is_err());
+        // The conformance suite's echo image needs meshlet-echo built.
+        let echo = "registry.k8s.io/gateway-api/echo-advanced:v1.5.1";
+        let err = b.resolve(&c(echo, None, vec![])).unwrap_err().to_string();
+        assert!(
+            err.contains("/b/meshlet-echo") && err.contains("cargo build"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn echo_image_maps_server_and_exec_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let echo = dir.path().join("meshlet-echo");
+        std::fs::write(&echo, b"").unwrap();
+        let b = Binaries {
+            dir: dir.path().into(),
+            proxy: "/b/meshlet-proxy".into(),
+            init: "/b/meshlet-init".into(),
+            testapp: "/b/meshlet-testapp".into(),
+            injector: "/b/meshlet-injector".into(),
+            echo: echo.clone(),
+        };
+        let image = "registry.k8s.io/gateway-api/echo-advanced:v1.5.1";
+        let c = |cmd: Option<Vec<&str>>, args: Vec<&str>| Container {
+            name: "echo".into(),
+            image: Some(image.into()),
+            command: cmd.map(|v| v.into_iter().map(String::from).collect()),
+            args: Some(args.into_iter().map(String::from).collect()),
+            ..Default::default()
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // The Deployment's container: the image's entrypoint with the manifest's args.
+        assert_eq!(
+            b.resolve(&c(None, vec!["--port=8080", "--tcp=9090"]))
+                .unwrap(),
+            (echo.clone(), s(&["--port=8080", "--tcp=9090"]))
+        );
+        // What the suite execs in that container.
+        assert_eq!(
+            b.resolve(&c(
+                Some(vec![
+                    "client",
+                    "http://echo/v2",
+                    "--method=GET",
+                    "-H",
+                    "Version:two"
+                ]),
+                vec![]
+            ))
+            .unwrap(),
+            (
+                echo.clone(),
+                s(&[
+                    "client",
+                    "http://echo/v2",
+                    "--method=GET",
+                    "-H",
+                    "Version:two"
+                ])
+            )
+        );
+        assert_eq!(
+            b.resolve(&c(
+                Some(vec!["/usr/local/bin/server", "--port=8080"]),
+                vec![]
+            ))
+            .unwrap(),
+            (echo.clone(), s(&["--port=8080"]))
+        );
+        // Other commands in that image are not the image's programs.
+        assert!(b
+            .resolve(&c(Some(vec!["sh", "-c", "true"]), vec![]))
+            .is_err());
     }
 }

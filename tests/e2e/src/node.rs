@@ -6,7 +6,9 @@
 //! containers in order, native sidecars, then the app containers, as processes from
 //! the image table), probes them and reports the pod's status; on delete it sends
 //! SIGTERM, waits the grace period, kills, and removes the pod object. It programs
-//! ClusterIP DNAT in the node namespace from Services and EndpointSlices, serves
+//! ClusterIP DNAT in the node namespace from Services and EndpointSlices and cluster
+//! DNS for their names (`dns`), relays the `kubernetes` Service to the API server
+//! (`apiserver`), serves
 //! `metrics.k8s.io` (per-container CPU and memory from /proc) through the
 //! aggregation layer, `kubectl logs` and `kubectl exec` (SPDY/3.1), and answers
 //! the API server's "cluster" egress (webhooks, aggregated APIs, kubelet calls) by
@@ -14,6 +16,7 @@
 
 pub mod api;
 pub mod apiserver;
+pub mod dns;
 pub mod egress;
 pub mod exec;
 pub mod metrics;
@@ -143,6 +146,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     tasks.spawn(api::heartbeat(agent.clone()));
     tasks.spawn(status::writer(agent.clone(), status_rx));
     tasks.spawn(proxy::run(agent.clone()));
+    tasks.spawn(dns::run(agent.clone()));
     tasks.spawn(apiserver::run(agent.clone()));
     tasks.spawn(metrics::run(agent.clone()));
     if let Some(sock) = agent.cfg.egress_socket.clone() {
@@ -158,6 +162,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     tasks.abort_all();
     stop_all(&agent).await;
     metrics::unregister(&agent).await;
+    apiserver::unregister(&agent).await;
     Ok(())
 }
 

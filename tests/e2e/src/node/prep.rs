@@ -1,8 +1,9 @@
 //! What the kubelet resolves before a container starts: its binary (the image
-//! table), its environment (values, the downward API, ConfigMap and Secret keys,
-//! `$(VAR)` references), its user, and the pod's volumes as files under the pod's
+//! table), its environment (the `kubernetes` Service variables, values, the downward
+//! API, ConfigMap and Secret keys, `$(VAR)` references), its user, and the pod's volumes as files under the pod's
 //! directory (ConfigMaps, Secrets, projected service-account tokens from
-//! TokenRequest with the spec's audience and expiry, downward API, emptyDir).
+//! TokenRequest with the spec's audience and expiry, downward API, emptyDir), and the
+//! pod's `/etc/resolv.conf` naming the node's cluster DNS (`super::dns`).
 
 use std::{
     collections::BTreeMap,
@@ -51,6 +52,10 @@ pub struct Prepared {
     /// Volume mounts: (directory or file on the host, mountPath, read-only).
     pub mounts: Vec<(PathBuf, String, bool)>,
 }
+
+/// The key of the pod's cluster-DNS resolv.conf among its volumes: no volume of a
+/// pod can have this name (`~` is not allowed in a volume name).
+pub const RESOLV_CONF: &str = "meshlet-node~resolv.conf";
 
 /// Where a command name given without a directory is found, as a container's
 /// `$PATH` lookup would (containers here share the host's filesystem, and the
@@ -301,10 +306,11 @@ async fn env_of(
     c: &Container,
     fields: &Fields<'_>,
     pod_name: &str,
+    service_env: &[(String, String)],
 ) -> Result<Vec<(String, String)>, Error> {
     let ns = fields.pod.metadata.namespace.clone().unwrap_or_default();
-    // What a kubelet sets first, so the container's own env may override it.
-    let mut env: Vec<(String, String)> = super::apiserver::env().to_vec();
+    // The kubelet's Service variables come first: the container's own override them.
+    let mut env: Vec<(String, String)> = service_env.to_vec();
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(r) = &from.config_map_ref {
@@ -426,6 +432,7 @@ pub async fn containers(
         node: &agent.cfg.name,
     };
     let psc = spec.security_context.clone().unwrap_or_default();
+    let service_env = super::apiserver::service_env(&agent.client).await;
     let mut out = Vec::new();
     let all = spec
         .init_containers
@@ -462,7 +469,11 @@ pub async fn containers(
             };
             mounts.push((src, m.mount_path.clone(), m.read_only == Some(true)));
         }
-        let env = env_of(&agent.client, c, &fields, &pod_name).await?;
+        // As the kubelet does: the pod's resolv.conf over the image's.
+        if let Some(conf) = volumes.get(RESOLV_CONF) {
+            mounts.push((conf.clone(), "/etc/resolv.conf".into(), true));
+        }
+        let env = env_of(&agent.client, c, &fields, &pod_name, &service_env).await?;
         let args = args.iter().map(|a| expand(a, &env)).collect();
         let sc = c.security_context.clone().unwrap_or_default();
         let uid = sc.run_as_user.or(psc.run_as_user).unwrap_or(0);
@@ -654,6 +665,14 @@ pub async fn volumes(
                 .map_err(|e| Error::Other(format!("chmod {}: {e}", vdir.display())))?;
         }
         out.insert(v.name.clone(), vdir);
+    }
+    if super::dns::uses_cluster_dns(pod) {
+        let conf = dir.join("resolv.conf");
+        let text = super::dns::resolv_conf(&ns, agent.net.node_ip());
+        fs::write(&conf, text)
+            .and_then(|_| fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)))
+            .map_err(|e| Error::Other(format!("writing {}: {e}", conf.display())))?;
+        out.insert(RESOLV_CONF.to_string(), conf);
     }
     Ok((out, tokens))
 }
