@@ -167,6 +167,8 @@ fn steps(
             "-n",
             "meshlet-system",
             "--create-namespace",
+            "--set",
+            &format!("injector.service.clusterIP={INJECTOR_IP}"),
             "--wait",
             "--timeout",
             "120s",

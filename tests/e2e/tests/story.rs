@@ -25,8 +25,6 @@ use support::*;
 
 const SUBNET: u8 = 79;
 
-/// The injector Service's pinned ClusterIP (proxies find the issuer there).
-const INJECTOR_IP: &str = "198.19.0.12";
 
 /// Every injected pod's sidecar holds a certificate the in-cluster issuer signed
 /// after a real TokenReview, for exactly the pod's service account: its log names

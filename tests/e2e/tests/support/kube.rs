@@ -12,6 +12,11 @@ use anyhow::{bail, ensure, Context, Result};
 use meshlet_e2e::cluster::netns;
 use serde_json::Value;
 
+/// The injector Service's pinned ClusterIP: the node agent's DNS is optional, so
+/// proxies dial the mesh endpoint by address (the chart derives
+/// `controlPlane.address` from it).
+pub const INJECTOR_IP: &str = "198.19.0.12";
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
