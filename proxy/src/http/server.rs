@@ -30,6 +30,7 @@ pub struct ServeHttp {
     pool: Pool,
     drain: drain::Watch,
     balance: Option<Arc<Mesh>>,
+    authz: Option<crate::authz::Authz>,
 }
 
 impl ServeHttp {
@@ -39,7 +40,14 @@ impl ServeHttp {
             pool,
             drain,
             balance: None,
+            authz: None,
         }
+    }
+
+    /// Checks every inbound request against the authorization in force.
+    pub fn with_authz(mut self, authz: crate::authz::Authz) -> Self {
+        self.authz = Some(authz);
+        self
     }
 
     /// Balances outbound requests to a Service over the endpoints in `mesh`.
@@ -92,6 +100,16 @@ where
             }
             _ => fwd,
         };
+        let inbound_authz = self
+            .authz
+            .clone()
+            .filter(|_| target.direction == Direction::Inbound);
+        let fwd = crate::authz::AuthzHttp::new(
+            fwd,
+            inbound_authz,
+            target.dst,
+            target.tls.peer().cloned(),
+        );
         let svc = tower::ServiceBuilder::new()
             .layer(ObserveLayer::new(
                 target.metrics.as_ref().map(|m| Arc::new(m.requests())),

@@ -1,0 +1,416 @@
+//! Inbound authorization by mesh identity (GEP-3779 `AuthorizationPolicy`, compiled
+//! into the mesh config's `authorization` section; see `meshlet_api::authz`).
+//!
+//! Decided locally from the config in force, never by a call out: once per
+//! connection for opaque TCP ([`AuthzTcp`], a denied connection is closed right
+//! after the mesh TLS handshake), once per request for HTTP ([`AuthzHttp`], 403, or
+//! gRPC `PERMISSION_DENIED`). HTTP requests read the snapshot in force at the
+//! request, so a reload changes the answer for the next request of a keep-alive
+//! connection; TCP connections already allowed keep running.
+//!
+//! A workload is found by the address the client connected to (its pod IP). With no
+//! policy targeting it, the default inbound policy of its namespace applies; once an
+//! ALLOW policy targets it, only callers some rule matches get in. The admin port
+//! (probes) has its own listener and never passes here.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use futures_util::future::{self, Either as FutEither};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use meshlet_api::authz::{Authorization, DefaultPolicy, Rule};
+use metrics::{Label, SharedString};
+use tower::ServiceExt;
+
+use crate::{
+    errors::ProxyError,
+    http::Body,
+    mesh::Mesh,
+    metrics::{Direction, Metrics},
+    target::{BoxError, BoxFuture, Target},
+};
+
+/// Decisions, by `policy` (the allowing policy `namespace/name`, `none` when policies
+/// target the workload and none allowed, `default:<mode>` when the default decided),
+/// `result` (`allow`, `deny`) and `client` (the caller's SPIFFE id when some policy
+/// names it, `other` for other identities, `none` for plaintext).
+pub const DECISIONS: &str = "meshlet_authz_decisions_total";
+
+/// Header on a synthetic denial, naming the decision for scripts.
+pub const DECISION_HEADER: &str = "meshlet-authz";
+
+/// The `policy` label when policies target the workload and none allows.
+pub const NO_POLICY: &str = "none";
+
+/// The compiled authorization of one mesh config snapshot.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// `None`: the document has no `authorization` section; nothing is enforced.
+    inner: Option<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    by_ip: HashMap<IpAddr, Arc<Entry>>,
+    default: DefaultPolicy,
+    namespaces: HashMap<String, DefaultPolicy>,
+    named: HashSet<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    default: DefaultPolicy,
+    policies: Vec<Arc<Compiled>>,
+}
+
+#[derive(Debug)]
+struct Compiled {
+    label: SharedString,
+    rules: Vec<Rule>,
+}
+
+/// The outcome for one caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the caller gets in.
+    pub allowed: bool,
+    /// What decided.
+    pub by: DecidedBy,
+}
+
+/// What decided a [`Decision`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// This policy (`namespace/name`) has a matching rule.
+    Policy(SharedString),
+    /// Policies target the workload and no rule of any of them matches.
+    NoMatchingRule,
+    /// No policy targets the workload: its default inbound policy.
+    Default(DefaultPolicy),
+}
+
+/// Authorization for the inbound stack: the mesh config in force, where decisions
+/// are counted, and the pod's own namespace (whose default applies to addresses the
+/// config does not list yet).
+#[derive(Clone)]
+pub struct Authz {
+    mesh: Arc<Mesh>,
+    metrics: Arc<Metrics>,
+    own_namespace: Option<Arc<str>>,
+}
+
+// === impl Table ===
+
+impl Table {
+    /// Compiles the `authorization` section, if any.
+    pub fn new(a: Option<&Authorization>) -> Self {
+        let Some(a) = a else {
+            return Self::default();
+        };
+        let policies: HashMap<String, Arc<Compiled>> = a
+            .policies
+            .iter()
+            .map(|p| {
+                let id = p.id();
+                let c = Compiled {
+                    label: SharedString::from(Arc::<str>::from(id.as_str())),
+                    rules: p.rules.clone(),
+                };
+                (id, Arc::new(c))
+            })
+            .collect();
+        let mut by_ip = HashMap::new();
+        for w in &a.workloads {
+            let entry = Arc::new(Entry {
+                default: a.default_for(Some(&w.namespace)),
+                policies: w
+                    .policies
+                    .iter()
+                    .filter_map(|id| policies.get(id).cloned())
+                    .collect(),
+            });
+            for ip in &w.ips {
+                by_ip.insert(*ip, entry.clone());
+            }
+        }
+        Self {
+            inner: Some(Inner {
+                by_ip,
+                default: a.default_policy,
+                namespaces: a.namespaces.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                named: a.named_identities().into_iter().map(Arc::from).collect(),
+            }),
+        }
+    }
+
+    /// Whether anything is enforced at all.
+    pub fn is_enforced(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Decides for a caller (`peer`: verified identity, `None` for plaintext) to
+    /// `dst`; `own_namespace` picks the default for an address the config does not
+    /// list. `None` when nothing is enforced.
+    pub fn decide(
+        &self,
+        dst: SocketAddr,
+        peer: Option<&str>,
+        own_namespace: Option<&str>,
+    ) -> Option<Decision> {
+        let t = self.inner.as_ref()?;
+        let default = |d: DefaultPolicy| Decision {
+            allowed: d.allows(peer.is_some()),
+            by: DecidedBy::Default(d),
+        };
+        Some(match t.by_ip.get(&dst.ip()) {
+            Some(e) if !e.policies.is_empty() => e
+                .policies
+                .iter()
+                .find(|p| p.rules.iter().any(|r| r.matches(peer, dst.port())))
+                .map(|p| Decision {
+                    allowed: true,
+                    by: DecidedBy::Policy(p.label.clone()),
+                })
+                .unwrap_or(Decision {
+                    allowed: false,
+                    by: DecidedBy::NoMatchingRule,
+                }),
+            Some(e) => default(e.default),
+            None => default(
+                own_namespace
+                    .and_then(|ns| t.namespaces.get(ns))
+                    .copied()
+                    .unwrap_or(t.default),
+            ),
+        })
+    }
+
+    /// The bounded `client` label for `peer`.
+    pub fn client_label(&self, peer: Option<&Arc<str>>) -> SharedString {
+        match (peer, &self.inner) {
+            (None, _) => SharedString::const_str("none"),
+            (Some(p), Some(t)) if t.named.contains(p) => SharedString::from(p.clone()),
+            (Some(_), _) => SharedString::const_str("other"),
+        }
+    }
+}
+
+// === impl Decision ===
+
+impl Decision {
+    /// The `policy` label.
+    pub fn policy_label(&self) -> SharedString {
+        match &self.by {
+            DecidedBy::Policy(p) => p.clone(),
+            DecidedBy::NoMatchingRule => SharedString::const_str(NO_POLICY),
+            DecidedBy::Default(d) => SharedString::const_str(match d {
+                DefaultPolicy::AllAllowed => "default:all-allowed",
+                DefaultPolicy::MeshOnly => "default:mesh-only",
+                DefaultPolicy::Deny => "default:deny",
+            }),
+        }
+    }
+
+    /// Why a caller was refused, in words that name the decision but not the rules.
+    pub fn reason(&self) -> &'static str {
+        match &self.by {
+            DecidedBy::Policy(_) => "allowed by an AuthorizationPolicy",
+            DecidedBy::NoMatchingRule => {
+                "no AuthorizationPolicy targeting this workload allows this caller on this port"
+            }
+            DecidedBy::Default(DefaultPolicy::MeshOnly) => {
+                "the default inbound policy mesh-only refuses callers without a mesh identity"
+            }
+            DecidedBy::Default(DefaultPolicy::Deny) => {
+                "the default inbound policy deny refuses callers no policy allows"
+            }
+            DecidedBy::Default(DefaultPolicy::AllAllowed) => {
+                "allowed by the default inbound policy"
+            }
+        }
+    }
+}
+
+// === impl Authz ===
+
+impl Authz {
+    /// Decides against the config in force in `mesh`, counting into `metrics`.
+    pub fn new(mesh: Arc<Mesh>, metrics: Arc<Metrics>, own_namespace: Option<String>) -> Self {
+        Self {
+            mesh,
+            metrics,
+            own_namespace: own_namespace.map(Arc::from),
+        }
+    }
+
+    /// Decides for one caller now, counts the decision and logs a denial; `None`
+    /// when the config enforces nothing.
+    pub fn check(&self, dst: SocketAddr, peer: Option<&Arc<str>>) -> Option<Decision> {
+        let snap = self.mesh.load();
+        let d = snap
+            .authz
+            .decide(dst, peer.map(|p| &**p), self.own_namespace.as_deref())?;
+        let client = snap.authz.client_label(peer);
+        let policy = d.policy_label();
+        if !d.allowed {
+            tracing::debug!(
+                %dst,
+                client = peer.map_or("none", |p| &**p),
+                policy = &*policy,
+                reason = d.reason(),
+                "authorization denied"
+            );
+        }
+        self.metrics
+            .counter(
+                DECISIONS,
+                vec![
+                    Label::new("policy", policy),
+                    Label::from_static_parts("result", if d.allowed { "allow" } else { "deny" }),
+                    Label::new("client", client),
+                ],
+            )
+            .increment(1);
+        Some(d)
+    }
+}
+
+/// The synthetic answer to a denied request: gRPC `PERMISSION_DENIED` (7) for a gRPC
+/// request, else 403 with a plain-text body.
+pub fn denied_response<B>(req: &Request<B>, d: &Decision) -> Response<Full<Bytes>> {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    let decision = HeaderValue::from_static("denied");
+    if grpc {
+        let mut rsp = Response::new(Full::new(Bytes::new()));
+        let h = rsp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("7"));
+        h.insert("grpc-message", HeaderValue::from_static(d.reason()));
+        h.insert(DECISION_HEADER, decision);
+        return rsp;
+    }
+    let body = format!("meshlet: authorization denied: {}\n", d.reason());
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = StatusCode::FORBIDDEN;
+    let h = rsp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(DECISION_HEADER, decision);
+    rsp
+}
+
+// === AuthzHttp ===
+
+/// Per-request authorization in front of an inbound connection's HTTP service.
+#[derive(Clone)]
+pub struct AuthzHttp<S> {
+    inner: S,
+    conn: Option<Arc<Conn>>,
+}
+
+/// What every request of one connection shares.
+struct Conn {
+    authz: Authz,
+    dst: SocketAddr,
+    peer: Option<Arc<str>>,
+}
+
+impl<S> AuthzHttp<S> {
+    /// Checks each request of an inbound connection to `dst` from `peer`; without
+    /// `authz` (outbound, or no authorization configured) it only passes requests on.
+    pub fn new(inner: S, authz: Option<Authz>, dst: SocketAddr, peer: Option<Arc<str>>) -> Self {
+        Self {
+            inner,
+            conn: authz.map(|authz| Arc::new(Conn { authz, dst, peer })),
+        }
+    }
+}
+
+impl<S, B> tower::Service<Request<B>> for AuthzHttp<S>
+where
+    S: tower::Service<Request<B>, Response = Response<Body>, Error = ProxyError>,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = FutEither<S::Future, future::Ready<Result<Response<Body>, ProxyError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(c) = &self.conn {
+            if let Some(d) = c.authz.check(c.dst, c.peer.as_ref()) {
+                if !d.allowed {
+                    let rsp = denied_response(&req, &d).map(Either::Right);
+                    return FutEither::Right(future::ready(Ok(rsp)));
+                }
+            }
+        }
+        FutEither::Left(self.inner.call(req))
+    }
+}
+
+// === AuthzTcp ===
+
+/// Per-connection authorization in front of the opaque TCP service: an inbound
+/// connection that is denied is closed without reaching the app.
+#[derive(Clone)]
+pub struct AuthzTcp<T> {
+    inner: T,
+    authz: Authz,
+}
+
+impl<T> AuthzTcp<T> {
+    /// Checks inbound connections before `inner` forwards them.
+    pub fn new(inner: T, authz: Authz) -> Self {
+        Self { inner, authz }
+    }
+}
+
+impl<T, I> tower::Service<(Target, I)> for AuthzTcp<T>
+where
+    T: tower::Service<(Target, I), Response = (), Error = BoxError> + Clone + Send + 'static,
+    T::Future: Send + 'static,
+    I: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Each connection drives a clone of the inner service to readiness itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (target, io): (Target, I)) -> Self::Future {
+        if target.direction == Direction::Inbound {
+            let d = self.authz.check(target.dst, target.tls.peer());
+            if d.is_some_and(|d| !d.allowed) {
+                // Dropping the stream closes it: the client sees the handshake
+                // succeed, then EOF.
+                drop(io);
+                return Box::pin(async { Ok(()) });
+            }
+        }
+        Box::pin(self.inner.clone().oneshot((target, io)))
+    }
+}
+
+#[cfg(test)]
+mod tests;
