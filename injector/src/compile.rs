@@ -24,6 +24,8 @@ use meshlet_api::{
 use serde::Deserialize;
 use serde_json::Value;
 
+pub mod authz;
+
 /// Why the manifests could not be compiled at all.
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
@@ -76,10 +78,24 @@ pub struct Compiled {
     pub config: MeshConfig,
     /// Routes that were left out.
     pub problems: Vec<Problem>,
+    /// AuthorizationPolicies (and namespace defaults) that were left out.
+    pub authz_problems: Vec<authz::PolicyProblem>,
+}
+
+/// Settings of a compile that the manifests do not carry.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Mesh-wide default inbound policy (chart value `defaultInboundPolicy`).
+    pub default_inbound_policy: meshlet_api::authz::DefaultPolicy,
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file of `dir` (sorted by name) and compiles it.
 pub fn compile_dir(dir: &Path) -> Result<Compiled, CompileError> {
+    compile_dir_with(dir, &Options::default())
+}
+
+/// [`compile_dir`] with [`Options`].
+pub fn compile_dir_with(dir: &Path, opts: &Options) -> Result<Compiled, CompileError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CompileError::Read { path, source }
@@ -106,7 +122,7 @@ pub fn compile_dir(dir: &Path) -> Result<Compiled, CompileError> {
             flatten(v, &mut objects);
         }
     }
-    compile(&objects)
+    compile_with(&objects, opts)
 }
 
 fn flatten(v: Value, out: &mut Vec<Value>) {
@@ -150,6 +166,11 @@ struct PodInfo {
 
 /// Compiles parsed Kubernetes objects.
 pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
+    compile_with(objects, &Options::default())
+}
+
+/// [`compile`] with [`Options`].
+pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, CompileError> {
     let mut injected_namespaces = BTreeSet::new();
     let mut pods = Vec::new();
     let mut services = Vec::new();
@@ -228,13 +249,20 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
         svc.routes
             .sort_by(|a, b| (&a.namespace, &a.name, a.port).cmp(&(&b.namespace, &b.name, b.port)));
     }
+    let (authorization, authz_problems) =
+        authz::compile(objects, &out, opts.default_inbound_policy);
     let config = MeshConfig {
         generation: 1,
         services: out,
+        authorization,
         ..MeshConfig::default()
     };
     config.validate()?;
-    Ok(Compiled { config, problems })
+    Ok(Compiled {
+        config,
+        problems,
+        authz_problems,
+    })
 }
 
 fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {

@@ -39,6 +39,11 @@ enum Command {
         /// Write the JSON here instead of stdout.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Mesh-wide default inbound policy for workloads no AuthorizationPolicy
+        /// targets: all-allowed, mesh-only or deny (a namespace's
+        /// meshlet.io/default-inbound-policy annotation overrides it).
+        #[arg(long, default_value = "all-allowed")]
+        default_inbound_policy: meshlet_api::authz::DefaultPolicy,
     },
     /// Offline mesh CA: make a root CA, issue workload certificates from it.
     #[command(subcommand)]
@@ -106,9 +111,19 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Compile { from_files, out } => {
-            let compiled = compile::compile_dir(&from_files)?;
+        Command::Compile {
+            from_files,
+            out,
+            default_inbound_policy,
+        } => {
+            let opts = compile::Options {
+                default_inbound_policy,
+            };
+            let compiled = compile::compile_dir_with(&from_files, &opts)?;
             for p in &compiled.problems {
+                eprintln!("meshlet-injector: {p}");
+            }
+            for p in &compiled.authz_problems {
                 eprintln!("meshlet-injector: {p}");
             }
             let json = serde_json::to_string_pretty(&compiled.config)? + "\n";
