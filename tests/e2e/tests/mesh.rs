@@ -38,6 +38,9 @@ const T: Duration = Duration::from_secs(30);
 #[path = "mesh/mtls.rs"]
 mod mtls;
 use mtls::*;
+#[path = "mesh/authz.rs"]
+mod authz;
+use authz::*;
 
 type Case = (&'static str, fn() -> Result<()>);
 
@@ -78,6 +81,12 @@ const CASES: &[Case] = cases![
     mtls_server_sees_client_identity,
     mtls_rotation_mid_traffic_loses_nothing,
     mtls_strict_closes_garbage_and_foreign_tls,
+    authz_policy_allows_only_frontend,
+    authz_tcp_denied_identity_closed,
+    authz_plaintext_denied_once_targeted,
+    authz_ports_not_named_are_denied,
+    authz_namespace_default_deny_keeps_probes,
+    authz_policy_change_mid_traffic,
 ];
 
 fn main() -> ExitCode {
