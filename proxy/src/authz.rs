@@ -16,7 +16,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -252,6 +252,18 @@ impl Authz {
     /// Decides for one caller now, counts the decision and logs a denial; `None`
     /// when the config enforces nothing.
     pub fn check(&self, dst: SocketAddr, peer: Option<&Arc<str>>) -> Option<Decision> {
+        self.check_cached(dst, peer, None)
+    }
+
+    /// [`Authz::check`], reusing the counter of the previous decision in `cache`
+    /// when the labels are the same (a connection's requests mostly are), so a
+    /// request costs no registry look-up.
+    fn check_cached(
+        &self,
+        dst: SocketAddr,
+        peer: Option<&Arc<str>>,
+        cache: Option<&Mutex<Option<Counted>>>,
+    ) -> Option<Decision> {
         let snap = self.mesh.load();
         let d = snap
             .authz
@@ -267,18 +279,43 @@ impl Authz {
                 "authorization denied"
             );
         }
-        self.metrics
-            .counter(
-                DECISIONS,
-                vec![
-                    Label::new("policy", policy),
-                    Label::from_static_parts("result", if d.allowed { "allow" } else { "deny" }),
-                    Label::new("client", client),
-                ],
-            )
-            .increment(1);
+        let same = |c: &Counted| c.allowed == d.allowed && c.policy == policy && c.client == client;
+        let mut slot = cache.and_then(|m| m.lock().ok());
+        match slot.as_deref_mut() {
+            Some(Some(c)) if same(c) => c.counter.increment(1),
+            other => {
+                let counter = self.metrics.counter(
+                    DECISIONS,
+                    vec![
+                        Label::new("policy", policy.clone()),
+                        Label::from_static_parts(
+                            "result",
+                            if d.allowed { "allow" } else { "deny" },
+                        ),
+                        Label::new("client", client.clone()),
+                    ],
+                );
+                counter.increment(1);
+                if let Some(o) = other {
+                    *o = Some(Counted {
+                        policy,
+                        allowed: d.allowed,
+                        client,
+                        counter,
+                    });
+                }
+            }
+        }
         Some(d)
     }
+}
+
+/// The counter of one set of decision labels.
+struct Counted {
+    policy: SharedString,
+    allowed: bool,
+    client: SharedString,
+    counter: metrics::Counter,
 }
 
 /// The synthetic answer to a denied request: gRPC `PERMISSION_DENIED` (7) for a gRPC
@@ -328,6 +365,7 @@ struct Conn {
     authz: Authz,
     dst: SocketAddr,
     peer: Option<Arc<str>>,
+    last: Mutex<Option<Counted>>,
 }
 
 impl<S> AuthzHttp<S> {
@@ -336,7 +374,14 @@ impl<S> AuthzHttp<S> {
     pub fn new(inner: S, authz: Option<Authz>, dst: SocketAddr, peer: Option<Arc<str>>) -> Self {
         Self {
             inner,
-            conn: authz.map(|authz| Arc::new(Conn { authz, dst, peer })),
+            conn: authz.map(|authz| {
+                Arc::new(Conn {
+                    authz,
+                    dst,
+                    peer,
+                    last: Mutex::new(None),
+                })
+            }),
         }
     }
 }
@@ -355,7 +400,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         if let Some(c) = &self.conn {
-            if let Some(d) = c.authz.check(c.dst, c.peer.as_ref()) {
+            if let Some(d) = c.authz.check_cached(c.dst, c.peer.as_ref(), Some(&c.last)) {
                 if !d.allowed {
                     let rsp = denied_response(&req, &d).map(Either::Right);
                     return FutEither::Right(future::ready(Ok(rsp)));

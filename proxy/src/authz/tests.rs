@@ -197,7 +197,7 @@ async fn http_denies_with_403_and_grpc_with_permission_denied() {
 
 #[tokio::test]
 async fn reload_flips_the_next_request_of_a_connection() {
-    let (authz, mesh, _) = authz(config(""));
+    let (authz, mesh, metrics) = authz(config(""));
     let calls = Arc::new(AtomicUsize::new(0));
     let peer: Arc<str> = OTHER.into();
     let mut svc = AuthzHttp::new(
@@ -218,6 +218,15 @@ async fn reload_flips_the_next_request_of_a_connection() {
     mesh.store(config(""));
     assert_eq!(send(&mut svc, false).await.0, StatusCode::FORBIDDEN);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The connection's cached counter follows the labels: each decision counted once
+    // under its own policy, and the identity a policy named meanwhile by its name.
+    let text = metrics.render();
+    for want in [
+        format!(r#"{DECISIONS}{{policy="none",result="deny",client="other"}} 2"#),
+        format!(r#"{DECISIONS}{{policy="shop/other",result="allow",client="{OTHER}"}} 1"#),
+    ] {
+        assert!(text.contains(&want), "missing {want} in\n{text}");
+    }
 }
 
 #[tokio::test]
