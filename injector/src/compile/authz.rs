@@ -54,6 +54,39 @@ impl std::fmt::Display for PolicyProblem {
     }
 }
 
+impl PolicyProblem {
+    /// `namespace/name` when the object is an AuthorizationPolicy.
+    pub fn policy_id(&self) -> Option<&str> {
+        self.object.strip_prefix("AuthorizationPolicy ")
+    }
+}
+
+/// The `Accepted` condition for `status.conditions` of the policy `namespace/name`,
+/// as a controller writes it after a compile: `False` with the reason and message of
+/// its problem (the field at fault), else `True`. `now` is RFC 3339.
+pub fn accepted_condition(
+    problems: &[PolicyProblem],
+    id: &str,
+    observed_generation: Option<i64>,
+    now: &str,
+) -> Value {
+    let p = problems.iter().find(|p| p.policy_id() == Some(id));
+    let mut c = serde_json::json!({
+        "type": "Accepted",
+        "status": if p.is_some() { "False" } else { "True" },
+        "reason": p.map_or("Accepted", |p| p.reason),
+        "message": p.map_or_else(
+            || "compiled into the mesh config of the workloads it targets".to_string(),
+            |p| p.message.clone(),
+        ),
+        "lastTransitionTime": now,
+    });
+    if let Some(g) = observed_generation {
+        c["observedGeneration"] = g.into();
+    }
+    c
+}
+
 /// A pod as far as the manifests tell: its addresses, and its labels when known.
 #[derive(Debug)]
 struct PodRef {

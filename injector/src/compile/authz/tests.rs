@@ -239,3 +239,25 @@ fn invalid_policies_are_left_out_with_the_field_and_reason() {
         .iter()
         .any(|p| p.message.contains("the only action is ALLOW")));
 }
+
+#[test]
+fn accepted_condition_names_the_rejected_field() {
+    let bad = "---\napiVersion: policy.meshlet.io/v1alpha1\nkind: AuthorizationPolicy\n\
+               metadata: {name: bad, namespace: shop}\n\
+               spec: {action: ALLOW, targetRefs: [{kind: Service, name: gone}]}\n";
+    let (_, problems) = compiled(bad);
+    let c = accepted_condition(&problems, "shop/bad", Some(3), "2026-11-25T00:00:00Z");
+    assert_eq!(c["status"], "False");
+    assert_eq!(c["reason"], "TargetNotFound");
+    assert_eq!(c["observedGeneration"], 3);
+    assert!(c["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("spec.targetRefs[0]: Service shop/gone does not exist"));
+    let ok = accepted_condition(&problems, "shop/whole-ns", None, "2026-11-25T00:00:00Z");
+    assert_eq!(
+        (ok["status"].as_str(), ok["reason"].as_str()),
+        (Some("True"), Some("Accepted"))
+    );
+    assert!(ok.get("observedGeneration").is_none());
+}

@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use meshlet_api::{authz::Authorization, MeshConfig};
+use meshlet_api::{authz::Authorization, env as menv, MeshConfig};
 use meshlet_e2e::cluster::{http_in, Cluster, ClusterBuilder};
 
 use super::{delta, json, metrics, start, T};
@@ -226,9 +226,13 @@ pub fn authz_policy_allows_only_frontend() -> Result<()> {
 }
 
 /// A TCP client of a denied identity is closed after the handshake without a byte of
-/// the server-first banner; the allowed identity gets the banner.
+/// the server-first banner; the allowed identity gets the banner; the denial is one
+/// debug line in the server proxy's log.
 pub fn authz_tcp_denied_identity_closed() -> Result<()> {
-    let mut c = shop()?;
+    let mut c = start(
+        ClusterBuilder::new(manifest())
+            .proxy_env(menv::PROXY_LOG, "info,meshlet_proxy::authz=debug"),
+    )?;
     ensure!(
         banner(&c, "other")?.is_some(),
         "no banner before any policy"
@@ -248,6 +252,15 @@ pub fn authz_tcp_denied_identity_closed() -> Result<()> {
     let after = metrics(&c, "backend")?;
     let denied = delta(&before, &after, DECISIONS, &[("result", "deny")]);
     ensure!(denied == 1.0, "{denied} TCP denials counted, want 1");
+    let log = c.log("backend", meshlet_api::PROXY_CONTAINER_NAME);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("authorization denied"))
+        .collect();
+    ensure!(
+        lines.len() == 1 && lines[0].contains("spiffe://cluster.local/ns/shop/sa/other"),
+        "want one debug line naming the caller, got {lines:?}"
+    );
     Ok(())
 }
 
