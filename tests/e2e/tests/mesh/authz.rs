@@ -252,14 +252,14 @@ pub fn authz_tcp_denied_identity_closed() -> Result<()> {
     let after = metrics(&c, "backend")?;
     let denied = delta(&before, &after, DECISIONS, &[("result", "deny")]);
     ensure!(denied == 1.0, "{denied} TCP denials counted, want 1");
-    let log = c.log("backend", meshlet_api::PROXY_CONTAINER_NAME);
+    let log = c.log(&c.pod("backend")?.name, meshlet_api::PROXY_CONTAINER_NAME);
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("authorization denied"))
         .collect();
     ensure!(
         lines.len() == 1 && lines[0].contains("spiffe://cluster.local/ns/shop/sa/other"),
-        "want one debug line naming the caller, got {lines:?}"
+        "want one debug line naming the caller, got {lines:?} in:\n{log}"
     );
     Ok(())
 }
