@@ -24,7 +24,7 @@ use bytes::Bytes;
 use futures_util::future::{self, Either as FutEither};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use meshlet_api::authz::{Authorization, DefaultPolicy, Rule};
+use meshlet_api::authz::{Authorization, DefaultPolicy, Rule, Source};
 use metrics::{Label, SharedString};
 use tower::ServiceExt;
 
@@ -66,13 +66,33 @@ struct Inner {
 #[derive(Debug)]
 struct Entry {
     default: DefaultPolicy,
-    policies: Vec<Arc<Compiled>>,
+    /// `None`: no policy targets the workload.
+    grants: Option<Arc<Grants>>,
 }
 
-#[derive(Debug)]
-struct Compiled {
+/// The rules of every policy targeting a workload, indexed by the caller identity
+/// they name, so a decision costs a few hash look-ups however many policies there are.
+#[derive(Debug, Default)]
+struct Grants {
+    /// Rules without sources: every caller.
+    any: Vec<Grant>,
+    /// SPIFFE sources, by the whole id.
+    spiffe: HashMap<String, Vec<Grant>>,
+    /// Service-account sources, by the id's path `ns/<ns>/sa/<sa>`.
+    service_account: HashMap<String, Vec<Grant>>,
+    /// `*` service-account sources, by namespace.
+    namespace: HashMap<String, Vec<Grant>>,
+}
+
+/// One rule of one policy, for one way of naming the caller.
+#[derive(Debug, Clone)]
+struct Grant {
+    /// The policy's place in the workload's (sorted) list: the first match decides
+    /// the label, as a scan in that order would.
+    order: usize,
     label: SharedString,
-    rules: Vec<Rule>,
+    /// Empty: every port.
+    ports: Vec<u16>,
 }
 
 /// The outcome for one caller.
@@ -113,27 +133,28 @@ impl Table {
         let Some(a) = a else {
             return Self::default();
         };
-        let policies: HashMap<String, Arc<Compiled>> = a
+        let policies: HashMap<String, (SharedString, &[Rule])> = a
             .policies
             .iter()
             .map(|p| {
                 let id = p.id();
-                let c = Compiled {
-                    label: SharedString::from(Arc::<str>::from(id.as_str())),
-                    rules: p.rules.clone(),
-                };
-                (id, Arc::new(c))
+                let label = SharedString::from(Arc::<str>::from(id.as_str()));
+                (id, (label, p.rules.as_slice()))
             })
             .collect();
+        // Workloads targeted by the same policies share one index.
+        let mut shared: HashMap<&[String], Arc<Grants>> = HashMap::new();
         let mut by_ip = HashMap::new();
         for w in &a.workloads {
+            let grants = (!w.policies.is_empty()).then(|| {
+                shared
+                    .entry(w.policies.as_slice())
+                    .or_insert_with(|| Arc::new(Grants::new(&w.policies, &policies)))
+                    .clone()
+            });
             let entry = Arc::new(Entry {
                 default: a.default_for(Some(&w.namespace)),
-                policies: w
-                    .policies
-                    .iter()
-                    .filter_map(|id| policies.get(id).cloned())
-                    .collect(),
+                grants,
             });
             for ip in &w.ips {
                 by_ip.insert(*ip, entry.clone());
@@ -168,19 +189,19 @@ impl Table {
             allowed: d.allows(peer.is_some()),
             by: DecidedBy::Default(d),
         };
-        Some(match t.by_ip.get(&dst.ip()) {
-            Some(e) if !e.policies.is_empty() => e
-                .policies
-                .iter()
-                .find(|p| p.rules.iter().any(|r| r.matches(peer, dst.port())))
-                .map(|p| Decision {
+        Some(match t.by_ip.get(&dst.ip()).map(|e| &**e) {
+            Some(Entry {
+                grants: Some(g), ..
+            }) => match g.find(peer, dst.port()) {
+                Some(label) => Decision {
                     allowed: true,
-                    by: DecidedBy::Policy(p.label.clone()),
-                })
-                .unwrap_or(Decision {
+                    by: DecidedBy::Policy(label.clone()),
+                },
+                None => Decision {
                     allowed: false,
                     by: DecidedBy::NoMatchingRule,
-                }),
+                },
+            },
             Some(e) => default(e.default),
             None => default(
                 own_namespace
@@ -198,6 +219,83 @@ impl Table {
             (Some(p), Some(t)) if t.named.contains(p) => SharedString::from(p.clone()),
             (Some(_), _) => SharedString::const_str("other"),
         }
+    }
+}
+
+// === impl Grants ===
+
+impl Grants {
+    fn new(ids: &[String], policies: &HashMap<String, (SharedString, &[Rule])>) -> Self {
+        let mut g = Self::default();
+        let mut ids: Vec<&String> = ids.iter().collect();
+        ids.sort();
+        for (order, id) in ids.into_iter().enumerate() {
+            let Some((label, rules)) = policies.get(id) else {
+                continue;
+            };
+            for r in rules.iter() {
+                let grant = Grant {
+                    order,
+                    label: label.clone(),
+                    ports: r.ports.clone(),
+                };
+                // An empty list of sources matches nobody: nothing to index.
+                let Some(sources) = &r.sources else {
+                    g.any.push(grant);
+                    continue;
+                };
+                for src in sources {
+                    let (map, key) = match src {
+                        Source::Spiffe(id) => (&mut g.spiffe, id.clone()),
+                        Source::ServiceAccount { namespace, name } if name == "*" => {
+                            (&mut g.namespace, namespace.clone())
+                        }
+                        Source::ServiceAccount { namespace, name } => {
+                            (&mut g.service_account, format!("ns/{namespace}/sa/{name}"))
+                        }
+                    };
+                    map.entry(key).or_default().push(grant.clone());
+                }
+            }
+        }
+        g
+    }
+
+    /// The label of the first policy with a rule matching `peer` on `port`.
+    fn find(&self, peer: Option<&str>, port: u16) -> Option<&SharedString> {
+        fn best(gs: Option<&Vec<Grant>>, port: u16) -> Option<&Grant> {
+            gs.into_iter()
+                .flatten()
+                .filter(|g| g.ports.is_empty() || g.ports.contains(&port))
+                .min_by_key(|g| g.order)
+        }
+        let mut found = best(Some(&self.any), port);
+        if let Some(peer) = peer {
+            // spiffe://<td>/ns/<ns>/sa/<sa>: the trust domain was checked by the TLS
+            // verifier against the mesh's trust anchor.
+            let path = peer
+                .strip_prefix("spiffe://")
+                .and_then(|r| r.split_once('/'))
+                .map(|(_, p)| p);
+            let ns = path
+                .and_then(|p| p.strip_prefix("ns/"))
+                .and_then(|p| p.split_once("/sa/"))
+                .filter(|(_, sa)| !sa.is_empty() && !sa.contains('/'))
+                .map(|(ns, _)| ns);
+            for gs in [
+                self.spiffe.get(peer),
+                path.filter(|_| ns.is_some())
+                    .and_then(|p| self.service_account.get(p)),
+                ns.and_then(|ns| self.namespace.get(ns)),
+            ] {
+                if let Some(g) = best(gs, port) {
+                    if found.is_none_or(|f| g.order < f.order) {
+                        found = Some(g);
+                    }
+                }
+            }
+        }
+        found.map(|g| &g.label)
     }
 }
 

@@ -286,3 +286,102 @@ async fn tcp_denied_connection_is_closed_before_the_app() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// The bench's worst case: 100 policies target the workload and only the last one
+/// allows the (plaintext) caller, so every request scans them all. The cost per
+/// request (snapshot load, decision, cached counter) must stay far below the 5% of the
+/// pair's added p99 (~150 µs) that the issue allows; the bound holds even unoptimised.
+#[test]
+fn a_hundred_policies_cost_microseconds_per_request() {
+    let mut policies = Vec::new();
+    for i in 0..99 {
+        policies.push(format!(
+            r#"{{"namespace": "bench", "name": "p{i:03}", "rules": [{{"sources": [{{"serviceAccount": {{"namespace": "bench", "name": "caller-{i}"}}}}], "ports": [8080]}}]}}"#
+        ));
+    }
+    policies
+        .push(r#"{"namespace": "bench", "name": "zz-any", "rules": [{"ports": [8080]}]}"#.into());
+    let ids: Vec<String> = (0..99)
+        .map(|i| format!("\"bench/p{i:03}\""))
+        .chain(["\"bench/zz-any\"".to_string()])
+        .collect();
+    let doc = format!(
+        r#"{{"authorization": {{"policies": [{}], "workloads": [{{"ips": ["198.18.200.2"], "namespace": "bench", "policies": [{}]}}]}}}}"#,
+        policies.join(","),
+        ids.join(",")
+    );
+    let (authz, _mesh, metrics) = authz(MeshConfig::from_json(doc.as_bytes()).unwrap());
+    let cache = Mutex::new(None);
+    let to = dst("198.18.200.2:8080");
+    const N: u32 = 20_000;
+    let start = std::time::Instant::now();
+    for _ in 0..N {
+        let d = authz.check_cached(to, None, Some(&cache)).unwrap();
+        assert!(d.allowed);
+    }
+    let per = start.elapsed() / N;
+    println!("{per:?} per request with 100 policies");
+    assert!(
+        per < std::time::Duration::from_micros(20),
+        "{per:?} per request"
+    );
+    let want = format!(r#"{DECISIONS}{{policy="bench/zz-any",result="allow",client="none"}} {N}"#);
+    assert!(metrics.render().contains(&want), "{want}");
+}
+
+/// The index decides as a scan of the policies in name order would: same outcome,
+/// and the first matching policy names the decision.
+#[test]
+fn index_agrees_with_scanning_the_rules() {
+    let doc = r#"{"authorization": {"policies": [
+        {"namespace": "shop", "name": "a-ns", "rules": [{"sources": [{"serviceAccount": {"namespace": "ops", "name": "*"}}], "ports": [9090]}]},
+        {"namespace": "shop", "name": "b-exact", "rules": [
+            {"sources": [{"serviceAccount": {"namespace": "ops", "name": "bot"}},
+                         {"spiffe": "spiffe://other.org/ns/x/sa/y"}]},
+            {"sources": []}]},
+        {"namespace": "shop", "name": "c-any", "rules": [{"ports": [7070]}]}],
+        "workloads": [{"ips": ["198.18.0.2"], "namespace": "shop",
+                       "policies": ["shop/c-any", "shop/a-ns", "shop/b-exact"]}]}}"#;
+    let cfg = MeshConfig::from_json(doc.as_bytes()).unwrap();
+    let a = cfg.authorization.clone().unwrap();
+    let t = Table::new(Some(&a));
+    let peers = [
+        None,
+        Some("spiffe://cluster.local/ns/ops/sa/bot"),
+        Some("spiffe://cluster.local/ns/ops/sa/other"),
+        Some("spiffe://other.org/ns/x/sa/y"),
+        Some("spiffe://other.org/ns/x/sa/z"),
+        Some("spiffe://cluster.local/ns/opsx/sa/bot"),
+        Some("spiffe://cluster.local/ns/ops/sa/bot/extra"),
+    ];
+    for peer in peers {
+        for port in [7070, 8080, 9090] {
+            let scan = a
+                .policies
+                .iter()
+                .find(|p| p.rules.iter().any(|r| r.matches(peer, port)))
+                .map(|p| p.id());
+            let d = t
+                .decide(dst(&format!("198.18.0.2:{port}")), peer, None)
+                .unwrap();
+            let got = match &d.by {
+                DecidedBy::Policy(l) => Some(l.to_string()),
+                _ => None,
+            };
+            assert_eq!(got, scan, "{peer:?} to {port}");
+            assert_eq!(d.allowed, scan.is_some());
+        }
+    }
+    let d = t
+        .decide(
+            dst("198.18.0.2:9090"),
+            Some("spiffe://cluster.local/ns/ops/sa/bot"),
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        &*d.policy_label(),
+        "shop/a-ns",
+        "the first policy by name decides"
+    );
+}
