@@ -52,8 +52,9 @@ kube-up: ## start a real kube-apiserver, controller-manager and etcd on loopback
 kube-down: ## stop that control plane and remove its state
 	bash tools/kube/cluster.sh down
 
-kube-test: deps ## the control plane itself: TokenReview, CRDs, webhooks and aggregation reach the node
+kube-test: deps ## the control plane itself (TokenReview, CRDs, webhooks, aggregation), then the config controller against it
 	bash tools/kube/test.sh
+	$(CARGO) test -p meshlet-injector --test controller
 
 demo: build ## a mini-mesh of network namespaces on this machine (needs root)
 	target/debug/meshlet-minimesh demo

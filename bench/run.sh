@@ -18,8 +18,9 @@
 #       fixed-rate rounds, so other work on a shared machine cannot delay them; 0: normal),
 #   MAXTP (0 = skip; e.g. 10s adds a closed-loop max-throughput pass of each path under
 #          normal scheduling after the rounds: it saturates the machine for that long),
-#   PROXY_THREADS (1), PROXY_LINK (dynamic | static: glibc linked in with
-#   -C target-feature=+crt-static), PROFILE (release | dev), SKIP_BUILD (0),
+#   PROXY_THREADS (1), PROXY_LINK (dynamic | static: glibc linked in, non-PIE, as
+#   Dockerfile.proxy builds it:
+#   -C target-feature=+crt-static -C relocation-model=static), PROFILE (release | dev), SKIP_BUILD (0),
 #   RESULTS (bench/results), LABEL (datapath), IDLE_SETTLE_S (3),
 #   SKIP_CLIENT_INIT (0; 1 leaves the client pod without redirect rules so that the load
 #   bypasses the client sidecar: only for the test that the pass-through check fails),
@@ -143,7 +144,7 @@ static)
     PROXY_BIN=$TARGET/$host/${BIN##*/}/meshlet-proxy
     if [[ $SKIP_BUILD != 1 ]]; then
         log "building a statically linked meshlet-proxy ($PROFILE, $host)"
-        (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" nice cargo build \
+        (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" nice cargo build \
             --profile "$PROFILE" -p meshlet-proxy --target "$host")
     fi
     [[ -x $PROXY_BIN ]] || die "$PROXY_BIN is missing: unset SKIP_BUILD to build it"

@@ -142,7 +142,9 @@ def check_rbac(kinds, values):
     read = ("get", "list", "watch")
     want = {("", r, v, ()) for r in ("namespaces", "pods", "services") for v in read}
     want |= {("discovery.k8s.io", "endpointslices", v, ()) for v in read}
-    want |= {("gateway.networking.k8s.io", r, v, ()) for r in ("httproutes", "grpcroutes") for v in read}
+    want |= {("gateway.networking.k8s.io", r, v, ())
+             for r in ("httproutes", "grpcroutes", "referencegrants") for v in read}
+    want |= {("gateway.networking.x-k8s.io", "xbackendtrafficpolicies", v, ()) for v in read}
     want |= {("gateway.networking.k8s.io", r, v, ())
              for r in ("httproutes/status", "grpcroutes/status") for v in ("update", "patch")}
     want |= {("authentication.k8s.io", "tokenreviews", "create", ())}
@@ -154,7 +156,11 @@ def check_rbac(kinds, values):
     check(("", "secrets", "create", ()) in rg, "Role must allow creating secrets (identity CA)")
     check(("", "secrets", "get", ("meshlet-identity-ca",)) in rg and ("", "secrets", "update", ("meshlet-identity-ca",)) in rg,
           "Role must allow get/update of the identity CA secret only")
-    check(all(g[1] == "secrets" for g in rg), f"Role grants more than secrets: {sorted(rg)}")
+    lease = {("coordination.k8s.io", "leases", "create", ())}
+    lease |= {("coordination.k8s.io", "leases", v, ("meshlet-controller",)) for v in ("get", "update")}
+    check(lease <= rg, f"Role must allow the controller Lease: missing {sorted(lease - rg)}")
+    rg -= lease
+    check(all(g[1] == "secrets" for g in rg), f"Role grants more than secrets and the Lease: {sorted(rg)}")
     check(not any(g[2] in ("list", "watch", "delete") for g in rg), "Role must not list, watch or delete secrets")
     check(role["metadata"].get("namespace") == NS, "Role must live in the release namespace")
     for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
@@ -289,6 +295,9 @@ def check_deployment(kinds, values, chart, kube_version):
     args = c.get("args", [])
     flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
     check(args[:1] == ["serve"], "injector must run the serve subcommand")
+    controller = iv.get("controller", {}).get("enabled", True)
+    check(("--no-controller" in args) == (not controller),
+          f"--no-controller must be passed exactly when injector.controller.enabled is false ({controller})")
     mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
     for flag, file in (("tls-cert", "tls.crt"), ("tls-key", "tls.key")):
         check(flags.get(flag) == f"{mounts.get('tls')}/{file}", f"--{flag} must point into the mounted tls Secret")

@@ -75,6 +75,48 @@ pub struct Service {
     /// HTTPRoutes attached to it (GAMMA), compiled; absent in older documents.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<route::HttpRoute>,
+    /// How many retries its clients may add on top of their requests
+    /// (`XBackendTrafficPolicy.spec.retryConstraint`); absent means the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_constraint: Option<RetryConstraint>,
+}
+
+/// A retry budget (Gateway API `XBackendTrafficPolicy` `retryConstraint`, GEP-3388):
+/// retries to a Service are allowed while they stay within `budget.percent` of its
+/// requests over `budget.interval`, and always up to `minRetryRate`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConstraint {
+    /// The share of requests that may be retries.
+    #[serde(default)]
+    pub budget: RetryBudget,
+    /// Retries allowed whatever the budget says.
+    #[serde(default)]
+    pub min_retry_rate: RetryRate,
+}
+
+/// `retryConstraint.budget`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries as a percentage of requests, 0 to 100 (default 20).
+    #[serde(default = "RetryBudget::default_percent")]
+    pub percent: u32,
+    /// The window requests and retries are counted over, 1s to 1h (default 10s).
+    #[serde(default = "RetryBudget::default_interval")]
+    pub interval: Duration,
+}
+
+/// `retryConstraint.minRetryRate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryRate {
+    /// Retries always allowed per `interval` (default 10).
+    #[serde(default = "RetryRate::default_count")]
+    pub count: u32,
+    /// Its window, 1s to 1h (default 1s).
+    #[serde(default = "RetryRate::default_interval")]
+    pub interval: Duration,
 }
 
 /// One address behind a Service: a pod IP (one entry per IP family) and where each
@@ -213,6 +255,9 @@ impl MeshConfig {
                     )));
                 }
             }
+            if let Some(rc) = &svc.retry_constraint {
+                rc.validate(&format!("{}/{}", svc.namespace, svc.name))?;
+            }
             if svc.meshed && svc.identities.is_empty() {
                 return Err(ConfigError::Invalid(format!(
                     "service {}/{} is meshed but lists no identities",
@@ -320,6 +365,69 @@ impl Endpoint {
 
     fn default_ready() -> bool {
         true
+    }
+}
+
+// === impl RetryConstraint ===
+
+impl RetryConstraint {
+    /// Checks the ranges the Gateway API's CRD allows; `svc` names the Service in the
+    /// message.
+    pub fn validate(&self, svc: &str) -> Result<(), ConfigError> {
+        if self.budget.percent > 100 {
+            return Err(ConfigError::Invalid(format!(
+                "service {svc}: retryConstraint.budget.percent is {}; write 0 to 100",
+                self.budget.percent
+            )));
+        }
+        let window = |name: &str, d: Duration| {
+            let ok = (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d);
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(format!(
+                    "service {svc}: retryConstraint.{name} is {d}; write 1s to 1h"
+                )))
+            }
+        };
+        window("budget.interval", self.budget.interval)?;
+        window("minRetryRate.interval", self.min_retry_rate.interval)
+    }
+}
+
+impl RetryBudget {
+    fn default_percent() -> u32 {
+        20
+    }
+    fn default_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            percent: Self::default_percent(),
+            interval: Self::default_interval(),
+        }
+    }
+}
+
+impl RetryRate {
+    fn default_count() -> u32 {
+        10
+    }
+    fn default_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+}
+
+impl Default for RetryRate {
+    fn default() -> Self {
+        Self {
+            count: Self::default_count(),
+            interval: Self::default_interval(),
+        }
     }
 }
 
@@ -503,5 +611,44 @@ mod tests {
                 .as_bytes(),
         );
         assert!(e.unwrap_err().to_string().contains("attaches to port 80"));
+    }
+
+    #[test]
+    fn retry_constraint_defaults_and_limits() {
+        let with = |rc: &str| {
+            DOC.replace(
+                r#""meshed": true,"#,
+                &format!(r#""meshed": true, "retryConstraint": {rc},"#),
+            )
+        };
+        let cfg = MeshConfig::from_json(with("{}").as_bytes()).unwrap();
+        let rc = cfg.services[0].retry_constraint.clone().unwrap();
+        assert_eq!(rc.budget.percent, 20);
+        assert_eq!(rc.budget.interval, Duration::from_secs(10));
+        assert_eq!(rc.min_retry_rate.count, 10);
+        assert_eq!(rc.min_retry_rate.interval, Duration::from_secs(1));
+        assert!(cfg.services[1].retry_constraint.is_none());
+
+        let set =
+            with(r#"{"budget": {"percent": 50, "interval": "30s"}, "minRetryRate": {"count": 3}}"#);
+        let cfg = MeshConfig::from_json(set.as_bytes()).unwrap();
+        let rc = cfg.services[0].retry_constraint.as_ref().unwrap();
+        assert_eq!((rc.budget.percent, rc.min_retry_rate.count), (50, 3));
+        assert_eq!(rc.budget.interval, Duration::from_secs(30));
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            json.contains(r#""retryConstraint":{"budget":{"percent":50,"interval":"30s"}"#),
+            "{json}"
+        );
+
+        let e = MeshConfig::from_json(with(r#"{"budget": {"percent": 120}}"#).as_bytes());
+        assert!(e.unwrap_err().to_string().contains("percent is 120"));
+        let e =
+            MeshConfig::from_json(with(r#"{"minRetryRate": {"interval": "100ms"}}"#).as_bytes());
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("minRetryRate.interval is 100ms"));
+        assert!(MeshConfig::from_json(with(r#"{"budgett": {}}"#).as_bytes()).is_err());
     }
 }

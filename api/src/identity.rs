@@ -2,6 +2,12 @@
 
 use std::{fmt, str::FromStr};
 
+/// Audience of the projected service-account token a proxy presents to the issuer;
+/// the issuer's TokenReview accepts no other.
+pub const TOKEN_AUDIENCE: &str = "meshlet";
+/// Default DNS name of the control plane's mesh endpoint (its certificate carries it).
+pub const CONTROL_PLANE_NAME: &str = "meshlet-injector.meshlet-system.svc";
+
 /// A workload identity in the Kubernetes SPIFFE form meshlet issues.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
@@ -152,9 +158,3 @@ mod tests {
         }
     }
 }
-
-/// Audience of the projected service-account token a proxy presents to the issuer;
-/// the issuer's TokenReview accepts no other.
-pub const TOKEN_AUDIENCE: &str = "meshlet";
-/// Default DNS name of the control plane's mesh endpoint (its certificate carries it).
-pub const CONTROL_PLANE_NAME: &str = "meshlet-injector.meshlet-system.svc";

@@ -39,3 +39,5 @@ pub const PROXY_CONTAINER_NAME: &str = "meshlet-proxy";
 pub const INJECT_LABEL: &str = "meshlet.io/inject";
 /// Version stamped into the injection status annotation.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// `controllerName` meshlet writes into the status of the Gateway API routes it serves.
+pub const CONTROLLER_NAME: &str = "meshlet.io/controller";

@@ -14,7 +14,7 @@ use std::{
 };
 
 use meshlet_api::{
-    config::{Service, ServicePort},
+    config::{RetryConstraint, Service, ServicePort},
     route::{
         BackendRef, Filter, HeaderModifier, HttpRoute, PathMatch, PathMatchType, PathModifier,
         RequestRedirect, Retry, RouteMatch, RouteRule, RouteTimeouts, UrlRewrite, ValueMatch,
@@ -50,10 +50,12 @@ pub enum CompileError {
     Invalid(#[from] meshlet_api::config::ConfigError),
 }
 
-/// A route left out, and why.
+/// A route (or policy) left out, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
-    /// `namespace/name` of the HTTPRoute.
+    /// The object's kind: `HTTPRoute` or `XBackendTrafficPolicy`.
+    pub kind: &'static str,
+    /// `namespace/name` of the object.
     pub route: String,
     /// The Gateway API status reason.
     pub reason: &'static str,
@@ -65,8 +67,8 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "HTTPRoute {} left out: {}: {}",
-            self.route, self.reason, self.message
+            "{} {} left out: {}: {}",
+            self.kind, self.route, self.reason, self.message
         )
     }
 }
@@ -176,6 +178,7 @@ pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, Compi
     let mut services = Vec::new();
     let mut routes = Vec::new();
     let mut grants = Vec::new();
+    let mut policies = Vec::new();
     for o in objects {
         let kind = s(o, &["kind"]).unwrap_or_default();
         let api = s(o, &["apiVersion"]).unwrap_or_default();
@@ -200,6 +203,10 @@ pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, Compi
             }
             "HTTPRoute" if api.starts_with("gateway.networking.k8s.io/") => {
                 routes.push(o);
+                continue;
+            }
+            "XBackendTrafficPolicy" if api.starts_with("gateway.networking.x-k8s.io/") => {
+                policies.push(o);
                 continue;
             }
             "Pod" => &[],
@@ -231,6 +238,11 @@ pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, Compi
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut problems = Vec::new();
+    for o in policies {
+        if let Err(p) = traffic_policy(o, &mut out) {
+            problems.push(p);
+        }
+    }
     let mut parsed: Vec<(HttpRoute, Parents)> = Vec::new();
     for o in routes {
         match route(o, &out, &grants) {
@@ -323,6 +335,7 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
         identities: identities.into_iter().collect(),
         endpoints: Vec::new(),
         routes: Vec::new(),
+        retry_constraint: None,
     }
 }
 
@@ -438,6 +451,74 @@ struct Grant {
 }
 
 /// The (from, to) pairs of a ReferenceGrant that concern HTTPRoutes and Services.
+/// Applies an `XBackendTrafficPolicy`'s `retryConstraint` (GEP-3388) to the Services its
+/// `targetRefs` name in its namespace. The first policy that targets a Service wins, as
+/// the oldest would in a cluster (files are read in name order); a later one is left out
+/// for that Service with `Conflicted`.
+fn traffic_policy(o: &Value, services: &mut [Service]) -> Result<(), Problem> {
+    let namespace = namespace_of(o);
+    let id = format!(
+        "{namespace}/{}",
+        s(o, &["metadata", "name"]).unwrap_or_default()
+    );
+    let problem = |reason, message: String| Problem {
+        kind: "XBackendTrafficPolicy",
+        route: id.clone(),
+        reason,
+        message,
+    };
+    let Some(rc) = o.get("spec").and_then(|s| s.get("retryConstraint")) else {
+        // Other settings (session persistence) are not the proxy's business yet.
+        return Ok(());
+    };
+    let rc: RetryConstraint = serde_json::from_value(rc.clone())
+        .map_err(|e| problem("Invalid", format!("spec.retryConstraint: {e}")))?;
+    rc.validate(&id)
+        .map_err(|e| problem("Invalid", e.to_string()))?;
+    let targets = o
+        .get("spec")
+        .and_then(|s| s.get("targetRefs"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if targets.is_empty() {
+        return Err(problem(
+            "Invalid",
+            "spec.targetRefs is empty; name a Service".into(),
+        ));
+    }
+    for t in &targets {
+        let group = t.get("group").and_then(Value::as_str).unwrap_or_default();
+        let kind = t.get("kind").and_then(Value::as_str).unwrap_or_default();
+        let name = t.get("name").and_then(Value::as_str).unwrap_or_default();
+        if !group.is_empty() || kind != "Service" {
+            return Err(problem(
+                "InvalidKind",
+                format!("targetRef {group}/{kind} {name} is not a core Service"),
+            ));
+        }
+        let Some(svc) = services
+            .iter_mut()
+            .find(|s| s.namespace == namespace && s.name == name)
+        else {
+            return Err(problem(
+                "TargetNotFound",
+                format!("targetRef Service {namespace}/{name} does not exist"),
+            ));
+        };
+        if svc.retry_constraint.is_some() {
+            return Err(problem(
+                "Conflicted",
+                format!(
+                    "Service {namespace}/{name} already has a retryConstraint from another policy"
+                ),
+            ));
+        }
+        svc.retry_constraint = Some(rc.clone());
+    }
+    Ok(())
+}
+
 fn grant(o: &Value) -> Vec<Grant> {
     let to_namespace = namespace_of(o);
     let list = |k: &str| {
@@ -487,6 +568,7 @@ fn route(
     let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
     let id = format!("{namespace}/{name}");
     let problem = |reason, message: String| Problem {
+        kind: "HTTPRoute",
         route: id.clone(),
         reason,
         message,

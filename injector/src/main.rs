@@ -6,7 +6,7 @@ use std::io::Read;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshlet_api::SpiffeId;
-use meshlet_injector::{ca, compile, offline, serve, DefaultsArgs};
+use meshlet_injector::{ca, compile, controller, offline, serve, serve_config, DefaultsArgs};
 
 /// meshlet's control plane: the sidecar-injecting admission webhook and offline injection.
 #[derive(Parser, Debug)]
@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Serve the mutating admission webhook over HTTPS (POST /mutate, /healthz, /readyz, /metrics).
     Serve(serve::ServeArgs),
+    /// Serve proxies their mesh config (GET /v1/config, a watch) compiled from manifest
+    /// files, re-published when the files change.
+    ServeConfig(serve_config::ServeConfigArgs),
     /// Print manifests with the sidecar injected, as the webhook would admit them.
     Inject {
         /// Manifest file (YAML, multi-document); `-` reads stdin.
@@ -45,6 +48,10 @@ enum Command {
         #[arg(long, default_value = "all-allowed")]
         default_inbound_policy: meshlet_api::authz::DefaultPolicy,
     },
+    /// Run the config controller against the cluster of the current kubeconfig: watch
+    /// Services, EndpointSlices, Pods and Gateway API routes, write HTTPRoute status;
+    /// `--print` prints the compiled mesh config once and exits.
+    Controller(controller::ControllerArgs),
     /// Offline mesh CA: make a root CA, issue workload certificates from it.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -134,6 +141,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Controller(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            if let Some(doc) = rt.block_on(controller::command(&args))? {
+                print!("{}", serde_json::to_string_pretty(&*doc)? + "\n");
+            }
+            Ok(())
+        }
         Command::Serve(args) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -141,6 +159,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the tokio runtime")?;
             rt.block_on(serve::run(&args))?;
+            Ok(())
+        }
+        Command::ServeConfig(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            rt.block_on(serve_config::run(&args, serve::shutdown_signal()))?;
             Ok(())
         }
         Command::Inject {

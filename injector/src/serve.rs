@@ -13,8 +13,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use meshlet_api::MeshConfig;
+use tokio::sync::watch;
+
 use crate::{
     config::{Defaults, DefaultsArgs},
+    delivery,
     tls::{self, ReloadingCert},
     webhook::{self, AppState},
 };
@@ -23,6 +27,8 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight reviews may take after SIGTERM before connections are dropped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where Kubernetes mounts a pod's ServiceAccount token.
+const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// Histogram buckets (seconds): reviews take microseconds to a few milliseconds.
 const BUCKETS: [f64; 10] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
@@ -58,6 +64,13 @@ pub struct ServeArgs {
     /// Sidecar defaults.
     #[command(flatten)]
     pub defaults: DefaultsArgs,
+    /// Run the config controller (watch the cluster, compile the mesh config, write
+    /// HTTPRoute status). Default: on when in-cluster credentials exist.
+    #[arg(long, overrides_with = "no_controller")]
+    pub controller: bool,
+    /// Do not run the config controller.
+    #[arg(long, overrides_with = "controller")]
+    pub no_controller: bool,
 }
 
 /// Why the server could not start.
@@ -69,6 +82,12 @@ pub enum Error {
     /// A default flag is invalid.
     #[error(transparent)]
     Defaults(#[from] crate::config::InvalidDefault),
+    /// The config controller has no way to the API server.
+    #[error(
+        "cannot connect to the Kubernetes API for the config controller: {0}; run in a pod \
+         with a ServiceAccount, set KUBECONFIG, or pass --no-controller"
+    )]
+    Kube(#[source] kube::Error),
     /// The address cannot be bound.
     #[error("cannot listen on {addr}: {source}; is another process using the port?")]
     Bind {
@@ -95,6 +114,17 @@ pub struct ServeConfig {
 }
 
 impl ServeArgs {
+    /// Whether to run the config controller: as the flags say, else when the process
+    /// runs in a pod with a ServiceAccount token (where the API server is at hand).
+    pub fn controller_enabled(&self) -> bool {
+        if self.no_controller {
+            return false;
+        }
+        self.controller
+            || (std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+                && std::path::Path::new(IN_CLUSTER_TOKEN).exists())
+    }
+
     /// Validates the flags.
     pub fn to_config(&self) -> Result<ServeConfig, Error> {
         Ok(ServeConfig {
@@ -133,6 +163,7 @@ pub struct Server {
     cert: Arc<ReloadingCert>,
     acceptor: TlsAcceptor,
     config: ServeConfig,
+    mesh_config: Option<watch::Receiver<Arc<MeshConfig>>>,
 }
 
 impl Server {
@@ -151,7 +182,15 @@ impl Server {
             cert,
             acceptor,
             config,
+            mesh_config: None,
         })
+    }
+
+    /// Also serves config delivery (`GET /v1/config`, [`delivery`]) from `rx`: the
+    /// seam the config controller publishes through.
+    pub fn with_mesh_config(mut self, rx: watch::Receiver<Arc<MeshConfig>>) -> Self {
+        self.mesh_config = Some(rx);
+        self
     }
 
     /// The bound address (useful with port 0).
@@ -166,7 +205,11 @@ impl Server {
             defaults: self.config.defaults.clone(),
             metrics: metrics_handle(),
         });
-        let service = TowerToHyperService::new(webhook::router(state));
+        let mut app = webhook::router(state);
+        if let Some(rx) = self.mesh_config.clone() {
+            app = app.merge(delivery::router(rx, delivery::Options::default()));
+        }
+        let service = TowerToHyperService::new(app);
         let watcher = tokio::spawn(self.cert.clone().watch(self.config.tls_reload_interval));
         // Flipped on shutdown: every connection finishes its request in flight and closes.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -262,6 +305,31 @@ async fn connection<S>(
 /// Runs `serve` until SIGTERM or Ctrl-C.
 pub async fn run(args: &ServeArgs) -> Result<(), Error> {
     let config = args.to_config()?;
+    // Before the controller starts, so its first build is counted.
+    let _ = metrics_handle();
+    // Held for as long as the server runs: the controller stops when it is dropped.
+    let _mesh_config = if args.controller_enabled() {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                tracing::info!("config controller started");
+                let options = crate::controller::Options {
+                    lease: crate::controller::lease::LeaseOptions::from_env(),
+                    ..crate::controller::Options::default()
+                };
+                Some(crate::controller::spawn(client, options))
+            }
+            // Asked for: refuse to start without it.
+            Err(e) if args.controller => return Err(Error::Kube(e)),
+            // Guessed from the pod's environment: the webhook matters more.
+            Err(error) => {
+                tracing::warn!(%error, "config controller off: no usable in-cluster credentials; pass --controller to require it");
+                None
+            }
+        }
+    } else {
+        tracing::info!("config controller off (no in-cluster credentials, or --no-controller)");
+        None
+    };
     let server = Server::bind(config).await?;
     if let Ok(addr) = server.local_addr() {
         tracing::info!(%addr, "meshlet-injector webhook listening");
@@ -271,7 +339,8 @@ pub async fn run(args: &ServeArgs) -> Result<(), Error> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -290,5 +359,33 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .expect("flags parse")
+            .serve
+    }
+
+    #[test]
+    fn controller_flags_override_each_other_and_the_guess() {
+        assert!(parse(&["--controller"]).controller_enabled());
+        assert!(!parse(&["--no-controller"]).controller_enabled());
+        // The last one wins, so a chart's default can be overridden by extra args.
+        assert!(parse(&["--no-controller", "--controller"]).controller_enabled());
+        assert!(!parse(&["--controller", "--no-controller"]).controller_enabled());
     }
 }

@@ -172,3 +172,90 @@ fn ca_init_and_issue_write_an_identity_dir() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("bad namespace"), "{err}");
 }
+
+#[test]
+fn serve_config_streams_the_compiled_manifests_and_each_change() {
+    use std::io::{BufRead, BufReader, Read};
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+               spec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svc.yaml"), svc).unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve-config",
+            "--plaintext-loopback",
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--poll-interval", "50ms", "--from-files"])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let _child = Kill(child);
+    let mut addr = None;
+    for _ in 0..50 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.contains("config server listening") {
+            addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(str::to_string);
+            break;
+        }
+    }
+    let addr = addr.expect("no listening line with addr=");
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /v1/config?namespace=shop HTTP/1.1\r\nHost: cp\r\n\r\n"
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut read_until = |needle: &str| -> String {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = s.read(&mut buf).expect("stream went silent");
+            assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    };
+    let head = read_until(r#""name":"web""#);
+    assert!(head.contains("application/x-ndjson"), "{head}");
+    std::fs::write(
+        dir.path().join("svc.yaml"),
+        svc.replace("port: 80", "port: 81"),
+    )
+    .unwrap();
+    read_until(r#""port":81"#);
+
+    let out = Command::new(BIN)
+        .args([
+            "serve-config",
+            "--plaintext-loopback",
+            "--addr",
+            "0.0.0.0:0",
+        ])
+        .arg("--from-files")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a loopback --addr"), "{err}");
+}

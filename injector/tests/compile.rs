@@ -127,6 +127,74 @@ fn services_get_identities_routes_and_defaults() {
 }
 
 #[test]
+fn traffic_policies_set_retry_budgets() {
+    let c = compiled();
+    let svc = |n: &str| c.config.services.iter().find(|s| s.name == n).unwrap();
+    let rc = svc("reviews-v2").retry_constraint.as_ref().unwrap();
+    assert_eq!(rc.budget.percent, 30);
+    assert_eq!(rc.budget.interval, meshlet_api::Duration::from_secs(20));
+    assert_eq!(rc.min_retry_rate.count, 5);
+    assert_eq!(
+        rc.min_retry_rate.interval,
+        meshlet_api::Duration::from_secs(1),
+        "defaulted"
+    );
+    assert!(svc("reviews").retry_constraint.is_none());
+
+    let policy = |name: &str, target: &str, spec: &str| {
+        format!(
+            "apiVersion: gateway.networking.x-k8s.io/v1alpha1\nkind: XBackendTrafficPolicy\n\
+             metadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{targetRefs: [{{group: '', kind: Service, name: {target}}}], {spec}}}\n"
+        )
+    };
+    let docs = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {clusterIP: 198.19.0.20, ports: [{port: 80}]}\n"
+            .to_string(),
+        policy("a", "web", "retryConstraint: {budget: {percent: 50}}"),
+        policy("b", "web", "retryConstraint: {budget: {percent: 10}}"),
+        policy("c", "nope", "retryConstraint: {}"),
+        policy("d", "web", "retryConstraint: {budget: {percent: 150}}"),
+        policy("e", "web", "retryConstraint: {budgett: {}}"),
+        policy("f", "web", "sessionPersistence: {}"),
+    ];
+    let objects: Vec<serde_json::Value> = docs
+        .iter()
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    let c = meshlet_injector::compile::compile(&objects).unwrap();
+    let rc = c.config.services[0].retry_constraint.as_ref().unwrap();
+    assert_eq!(rc.budget.percent, 50, "the first policy wins");
+    let reasons: Vec<(&str, &str, &str)> = c
+        .problems
+        .iter()
+        .map(|p| (p.kind, p.route.as_str(), p.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("XBackendTrafficPolicy", "shop/b", "Conflicted"),
+            ("XBackendTrafficPolicy", "shop/c", "TargetNotFound"),
+            ("XBackendTrafficPolicy", "shop/d", "Invalid"),
+            ("XBackendTrafficPolicy", "shop/e", "Invalid"),
+        ]
+    );
+    assert!(
+        c.problems[2].message.contains("percent is 150"),
+        "{}",
+        c.problems[2]
+    );
+    assert!(
+        c.problems[0]
+            .to_string()
+            .starts_with("XBackendTrafficPolicy shop/b left out: Conflicted"),
+        "{}",
+        c.problems[0]
+    );
+}
+
+#[test]
 fn cli_writes_the_file_and_reports_problems_on_stderr() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("mesh.json");

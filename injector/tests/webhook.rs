@@ -492,3 +492,63 @@ async fn shutdown_stops_accepting_and_closes_idle_connections() {
     .await;
     assert!(closed.is_ok(), "idle connection was not closed");
 }
+
+#[tokio::test]
+async fn serves_config_delivery_next_to_the_webhook() {
+    use meshlet_api::MeshConfig;
+    let p = pki("delivery");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &p.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &p.key_pem).unwrap();
+    let doc = |generation| {
+        Arc::new(MeshConfig {
+            generation,
+            ..Default::default()
+        })
+    };
+    let (tx, rx) = tokio::sync::watch::channel(doc(7));
+    let server = Server::bind(ServeConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        tls_cert: dir.path().join("tls.crt"),
+        tls_key: dir.path().join("tls.key"),
+        tls_reload_interval: Duration::from_secs(10),
+        defaults: Defaults::default(),
+    })
+    .await
+    .unwrap()
+    .with_mesh_config(rx);
+    let addr = server.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let mut conn = connect(addr, &p.ca_der).await.unwrap();
+    let req = Request::get("/v1/config?namespace=shop")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = conn.sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let mut next_doc = async || loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("a document within 5s")
+            .expect("stream open")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            if data.iter().any(|b| !b.is_ascii_whitespace()) {
+                return MeshConfig::from_json(&data).unwrap();
+            }
+        }
+    };
+    assert_eq!(next_doc().await.generation, 7);
+    tx.send(doc(8)).unwrap();
+    assert_eq!(next_doc().await.generation, 8);
+
+    // The webhook still answers on the same server.
+    let mut conn = connect(addr, &p.ca_der).await.unwrap();
+    let (status, _) = send(&mut conn, "GET", "/healthz", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+}

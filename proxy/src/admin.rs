@@ -118,6 +118,12 @@ impl Admin {
             "/ready" => {
                 if !self.ready.load(Ordering::Acquire) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                } else if !self.mesh.is_loaded() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: waiting for the first mesh config from the control plane \
+                         (MESHLET_CONTROL_PLANE_ADDR)\n",
+                    )
                 } else if self.identity.as_ref().is_some_and(|i| !i.is_loaded()) {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -11,6 +11,7 @@ use std::{
 };
 
 use meshlet_api::{env, Duration};
+use rustls::pki_types::pem::PemObject as _;
 use serde::Serialize;
 
 use crate::tls::TlsMode;
@@ -73,6 +74,23 @@ pub struct Config {
     pub tls_mode: TlsMode,
     /// The app's original httpGet probes, served under `/app-health/...`.
     pub app_probes: meshlet_api::probes::AppProbes,
+    /// The control plane the mesh config is watched from, when no config file is set.
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// Where and how to reach the control plane's mesh endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlane {
+    /// `host:port` (`MESHLET_CONTROL_PLANE_ADDR`).
+    pub addr: String,
+    /// The name its certificate must carry, also sent as SNI
+    /// (`MESHLET_CONTROL_PLANE_NAME`).
+    pub name: String,
+    /// PEM of the trust anchors its certificate must chain to
+    /// (`MESHLET_TRUST_ANCHORS`); left out of the logged config, it is long.
+    #[serde(skip)]
+    pub trust_anchors: String,
 }
 
 /// An environment variable with a value the proxy cannot use.
@@ -224,6 +242,11 @@ impl Config {
             })?,
         };
 
+        let control_plane = match value(env, env::CONTROL_PLANE_ADDR) {
+            None => None,
+            Some(addr) => Some(control_plane(env, addr)?),
+        };
+
         Ok(Self {
             outbound_addr,
             inbound_addr,
@@ -240,8 +263,60 @@ impl Config {
             identity_dir,
             tls_mode,
             app_probes,
+            control_plane,
         })
     }
+}
+
+fn control_plane(env: &(impl Strings + ?Sized), addr: String) -> Result<ControlPlane, ConfigError> {
+    let port_ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if !port_ok {
+        return Err(invalid(
+            env::CONTROL_PLANE_ADDR,
+            &addr,
+            &format!(
+                "expected host:port, like meshlet-injector.meshlet-system.svc:{}",
+                meshlet_api::ports::CONTROL_PLANE
+            ),
+        ));
+    }
+    let name = value(env, env::CONTROL_PLANE_NAME)
+        .unwrap_or_else(|| meshlet_api::identity::CONTROL_PLANE_NAME.to_string());
+    if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+        return Err(invalid(
+            env::CONTROL_PLANE_NAME,
+            &name,
+            "expected a DNS name (or IP address) the control plane's certificate carries",
+        ));
+    }
+    let Some(trust_anchors) = value(env, env::TRUST_ANCHORS) else {
+        return Err(invalid(
+            env::TRUST_ANCHORS,
+            "",
+            &format!(
+                "{} is set, so the control plane's certificate must be verified: set {} to \
+                 the PEM of the mesh trust anchors",
+                env::CONTROL_PLANE_ADDR,
+                env::TRUST_ANCHORS
+            ),
+        ));
+    };
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(trust_anchors.as_bytes())
+        .collect::<Result<Vec<_>, _>>();
+    if !certs.is_ok_and(|c| !c.is_empty()) {
+        return Err(invalid(
+            env::TRUST_ANCHORS,
+            &trust_anchors,
+            "expected PEM certificates (-----BEGIN CERTIFICATE-----)",
+        ));
+    }
+    Ok(ControlPlane {
+        addr,
+        name,
+        trust_anchors,
+    })
 }
 
 /// A set, non-blank value; blank counts as unset, as Kubernetes writes empty strings

@@ -15,6 +15,7 @@ pub mod balance;
 pub mod cgroup;
 pub mod config;
 pub mod connect;
+pub mod control;
 pub mod detect;
 pub mod drain;
 pub mod errors;
@@ -25,6 +26,7 @@ pub mod loop_guard;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
+pub mod retry_budget;
 pub mod route;
 pub mod target;
 pub mod tcp;
@@ -56,6 +58,9 @@ use crate::{
 /// How often histogram samples are folded into buckets.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
+/// How long connecting to the control plane (TCP, then TLS) may take.
+const CONTROL_PLANE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long the admin server outlives the drain.
 const ADMIN_GRACE: Duration = Duration::from_millis(50);
 
@@ -65,6 +70,9 @@ pub enum Error {
     /// The mesh config file is missing or invalid.
     #[error(transparent)]
     Mesh(#[from] MeshError),
+    /// The control plane's TLS settings are unusable.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     /// A listener could not bind.
     #[error("cannot listen on {addr} (set by {name}): {source}; another process may hold the port, or set {name} to a free address")]
     Bind {
@@ -166,7 +174,20 @@ impl Proxy {
             Some(dir) => Some(tls::Identity::new(dir.clone(), metrics.clone())?),
             None => None,
         };
-        let mesh = Arc::new(Mesh::new(self.mesh_config, cfg.opaque_ports.clone()));
+        // A config file wins over the control plane; with neither, the empty document.
+        let remote = match (&cfg.control_plane, &cfg.config_path) {
+            (Some(cp), None) => Some(control::ControlPlane::new(
+                cp,
+                identity.clone(),
+                CONTROL_PLANE_TIMEOUT,
+            )?),
+            _ => None,
+        };
+        let mesh = Arc::new(if remote.is_some() {
+            Mesh::pending(cfg.opaque_ports.clone())
+        } else {
+            Mesh::new(self.mesh_config, cfg.opaque_ports.clone())
+        });
         let mut local_ips = listen::local_ips();
         local_ips.extend(cfg.pod_ip);
         let own_ports = vec![
@@ -194,6 +215,7 @@ impl Proxy {
             .service(
                 http::server::ServeHttp::new(http::Pool::new(), watch.clone())
                     .with_balancer(mesh.clone())
+                    .with_routing(identity.clone(), cfg.pod_namespace.as_deref())
                     .with_authz(authz),
             );
         for (listeners, direction) in [
@@ -217,6 +239,15 @@ impl Proxy {
                 file,
                 metrics.clone(),
                 mesh::POLL_INTERVAL,
+            ));
+        }
+        if let Some(control) = remote {
+            tokio::spawn(mesh::remote::watch(
+                mesh.clone(),
+                control,
+                cfg.pod_namespace.clone(),
+                metrics.clone(),
+                mesh::remote::Options::default(),
             ));
         }
         if let Some(identity) = &identity {

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
             tracing::error!("{e}");
             eprintln!("meshlet-proxy: {e}");
             match e {
-                Error::Mesh(_) => ExitCode::from(EX_USAGE),
+                Error::Mesh(_) | Error::Control(_) => ExitCode::from(EX_USAGE),
                 _ => ExitCode::FAILURE,
             }
         }

@@ -1,4 +1,5 @@
-//! The mesh config in force, and the watcher that reloads it from its file.
+//! The mesh config in force, and the watchers that reload it from its file or from
+//! the control plane ([`remote`]).
 //!
 //! Connections take a snapshot ([`Mesh::load`]) when they are accepted and keep it,
 //! so a reload never changes the rules under a connection in flight. Reloads swap the
@@ -12,7 +13,10 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -23,7 +27,10 @@ use metrics::SharedString;
 use crate::{
     balance::{Balancer, Endpoint, Pick},
     metrics::{Metrics, UNKNOWN_SERVICE},
+    route::table::{Budgets, RouteTable},
 };
+
+pub mod remote;
 
 /// How often the watcher looks at the file: a stat of one file, cheap enough that
 /// a policy change takes effect well within a second.
@@ -62,6 +69,10 @@ pub struct Snapshot {
     endpoint_services: HashMap<SocketAddr, SharedString>,
     /// ClusterIP:port -> its ready endpoints of the same IP family.
     balancers: HashMap<SocketAddr, Balancer>,
+    /// ClusterIP:port -> the Service's HTTPRoutes, resolved (Services with routes only).
+    routes: HashMap<SocketAddr, Arc<RouteTable>>,
+    /// Retry budgets of the Services routes send to, kept across reloads.
+    budgets: Budgets,
     opaque: Vec<u16>,
     /// Inbound authorization compiled from the document's `authorization` section.
     pub authz: crate::authz::Table,
@@ -71,6 +82,9 @@ pub struct Snapshot {
 pub struct Mesh {
     current: ArcSwap<Snapshot>,
     opaque_override: Option<Vec<u16>>,
+    /// Whether a document was loaded; false only while a remote watch waits for its
+    /// first document.
+    loaded: AtomicBool,
 }
 
 // === impl Snapshot ===
@@ -108,6 +122,8 @@ impl Snapshot {
         let mut services = HashMap::new();
         let mut balancers = HashMap::new();
         let mut meshed = HashMap::new();
+        let mut routes = HashMap::new();
+        let mut budgets = Budgets::new();
         let mut ids: HashMap<usize, Arc<[SpiffeId]>> = HashMap::new();
         for (addr, r) in config.index() {
             services.insert(addr, labels[r.index].clone());
@@ -128,6 +144,22 @@ impl Snapshot {
                 .collect();
             if let Some(b) = Balancer::new(ready) {
                 balancers.insert(addr, b);
+            }
+            if !svc.routes.is_empty() {
+                match RouteTable::new(
+                    &config,
+                    r.index,
+                    addr,
+                    &mut budgets,
+                    prev.map(|p| &p.budgets),
+                ) {
+                    Ok(t) => {
+                        routes.insert(addr, Arc::new(t));
+                    }
+                    // Validation refuses such documents; one that bypassed it keeps
+                    // its Service unrouted rather than failing the whole snapshot.
+                    Err(error) => tracing::warn!(%error, "ignoring the routes of a service"),
+                }
             }
         }
         // Document order decides when two Services select the same pod and port, so
@@ -156,8 +188,15 @@ impl Snapshot {
             meshed,
             endpoint_services,
             balancers,
+            routes,
+            budgets,
             opaque,
         }
+    }
+
+    /// The resolved routes of ClusterIP:port `dst`, when its Service has any.
+    pub fn routes(&self, dst: SocketAddr) -> Option<&Arc<RouteTable>> {
+        self.routes.get(&dst)
     }
 
     /// The `service` label for a destination: `namespace/name` of the Service whose
@@ -223,7 +262,21 @@ impl Mesh {
         Self {
             current: ArcSwap::from_pointee(snap),
             opaque_override,
+            loaded: AtomicBool::new(true),
         }
+    }
+
+    /// Starts empty, waiting for a first document ([`Mesh::is_loaded`] is false until
+    /// [`Mesh::store`]).
+    pub fn pending(opaque_override: Option<Vec<u16>>) -> Self {
+        let m = Self::new(MeshConfig::default(), opaque_override);
+        m.loaded.store(false, Ordering::Release);
+        m
+    }
+
+    /// Whether a document is in force (always, except before a remote watch's first).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// The snapshot in force.
@@ -236,6 +289,13 @@ impl Mesh {
         let prev = self.current.load();
         let snap = Snapshot::reload(config, self.opaque_override.as_deref(), Some(&prev));
         self.current.store(Arc::new(snap));
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// The routes of ClusterIP:port `dst` in the snapshot in force (looked up per
+    /// request, so keep-alive connections follow route changes).
+    pub fn routes(&self, dst: SocketAddr) -> Option<Arc<RouteTable>> {
+        self.current.load().routes(dst).cloned()
     }
 
     /// Picks an endpoint of ClusterIP:port `dst` for one request in the snapshot in

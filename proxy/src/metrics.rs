@@ -43,9 +43,12 @@ pub const TCP_CLOSED: &str = "meshlet_tcp_connections_closed_total";
 pub const TCP_SENT: &str = "meshlet_tcp_sent_bytes_total";
 /// Bytes the proxy read from accepted connections.
 pub const TCP_RECEIVED: &str = "meshlet_tcp_received_bytes_total";
-/// Retries of requests.
+/// Retries of routed requests, with `route` and `reason`.
 pub const RETRIES: &str = "meshlet_retries_total";
-/// Timeouts, with `kind` (`detect`, `connect`, `idle`).
+/// Retries a Service's retry budget refused (the client got 503).
+pub const RETRY_BUDGET_EXHAUSTED: &str = "meshlet_retry_budget_exhausted_total";
+/// Timeouts, with `kind` (`detect`, `connect`, `idle`; routed requests also `request`,
+/// `backend_request` with `service` and `route`).
 pub const TIMEOUTS: &str = "meshlet_timeouts_total";
 /// Failed TLS handshakes.
 pub const TLS_HANDSHAKE_ERRORS: &str = "meshlet_tls_handshake_errors_total";
@@ -123,7 +126,15 @@ struct ConnLabels {
 pub struct RequestMetrics {
     duration: Histogram,
     by_status: std::sync::Mutex<Vec<(u16, Counter)>>,
+    /// Routed requests: (route, status or 0 for the histogram, handle).
+    by_route: std::sync::Mutex<Vec<(SharedString, u16, RouteHandle)>>,
     labels: Arc<ConnLabels>,
+}
+
+#[derive(Clone)]
+enum RouteHandle {
+    Requests(Counter),
+    Duration(Histogram),
 }
 
 // === impl Direction ===
@@ -160,7 +171,7 @@ impl Metrics {
             handle,
             peers: Mutex::default(),
         };
-        let counters: [(&'static str, &'static str); 9] = [
+        let counters: [(&'static str, &'static str); 10] = [
             (REQUESTS, "HTTP requests proxied, by response status"),
             (TCP_OPENED, "Connections accepted"),
             (TCP_CLOSED, "Accepted connections closed"),
@@ -170,6 +181,10 @@ impl Metrics {
                 "Bytes the proxy received on accepted connections",
             ),
             (RETRIES, "Requests retried"),
+            (
+                RETRY_BUDGET_EXHAUSTED,
+                "Retries refused by the destination's retry budget",
+            ),
             (TIMEOUTS, "Timeouts (detect, connect, idle)"),
             (TLS_HANDSHAKE_ERRORS, "Failed TLS handshakes"),
             (CONFIG_RELOADS, "Mesh config reloads"),
@@ -374,6 +389,15 @@ impl ConnLabels {
     }
 }
 
+impl ConnLabels {
+    /// [`ConnLabels::base`] with `route` after `service`.
+    fn routed(&self, route: &SharedString, status: Option<Label>) -> Vec<Label> {
+        let mut v = self.base(status);
+        v.insert(2, Label::new("route", route.clone()));
+        v
+    }
+}
+
 impl ConnMetrics {
     /// Counts the connection as closed with `reason`.
     pub fn closed(&self, reason: &'static str) {
@@ -389,6 +413,7 @@ impl ConnMetrics {
         RequestMetrics {
             duration: l.metrics.histogram(REQUEST_DURATION, l.base(None)),
             by_status: Default::default(),
+            by_route: Default::default(),
             labels: l.clone(),
         }
     }
@@ -405,6 +430,73 @@ impl RequestMetrics {
     /// Counts a timeout of `kind` while serving a request.
     pub fn timeout(&self, kind: &'static str) {
         self.labels.metrics.timeout(self.labels.direction, kind);
+    }
+
+    /// Records one finished request that a route (`namespace/name`) selected, with the
+    /// extra label `route`; `None` records it as [`RequestMetrics::record`] does.
+    pub fn record_route(
+        &self,
+        status: http::StatusCode,
+        elapsed: std::time::Duration,
+        route: Option<&SharedString>,
+    ) {
+        let Some(route) = route else {
+            return self.record(status, elapsed);
+        };
+        let code = status.as_u16();
+        let handle = |code: u16| {
+            let mut cache = self.by_route.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, _, h)) = cache.iter().find(|(r, c, _)| *c == code && r == route) {
+                return h.clone();
+            }
+            let l = &self.labels;
+            let h = if code == 0 {
+                RouteHandle::Duration(l.metrics.histogram(REQUEST_DURATION, l.routed(route, None)))
+            } else {
+                let status = Label::new("status_code", code.to_string());
+                RouteHandle::Requests(l.metrics.counter(REQUESTS, l.routed(route, Some(status))))
+            };
+            // Routes are bounded by the config; the cap guards against churn.
+            if cache.len() < 64 {
+                cache.push((route.clone(), code, h.clone()));
+            }
+            h
+        };
+        if let RouteHandle::Duration(h) = handle(0) {
+            h.record(elapsed.as_secs_f64());
+        }
+        if let RouteHandle::Requests(c) = handle(code) {
+            c.increment(1);
+        }
+    }
+
+    /// Counts a timeout of a routed request: `kind` is `request` or `backend_request`.
+    pub fn route_timeout(&self, route: &SharedString, kind: &'static str) {
+        let l = &self.labels;
+        let mut labels = l.routed(route, None);
+        labels.retain(|x| x.key() != "tls" && x.key() != "peer_identity");
+        labels.push(Label::from_static_parts("kind", kind));
+        l.metrics.counter(TIMEOUTS, labels).increment(1);
+    }
+
+    /// Counts a retry of a routed request, and why (`5xx` code, `connect`, `error`,
+    /// `timeout`).
+    pub fn retry(&self, route: &SharedString, reason: SharedString) {
+        let l = &self.labels;
+        let mut labels = l.routed(route, None);
+        labels.retain(|x| x.key() != "tls" && x.key() != "peer_identity");
+        labels.push(Label::new("reason", reason));
+        l.metrics.counter(RETRIES, labels).increment(1);
+    }
+
+    /// Counts a retry the Service's retry budget refused.
+    pub fn retry_budget_exhausted(&self, route: &SharedString) {
+        let l = &self.labels;
+        let mut labels = l.routed(route, None);
+        labels.retain(|x| x.key() != "tls" && x.key() != "peer_identity");
+        l.metrics
+            .counter(RETRY_BUDGET_EXHAUSTED, labels)
+            .increment(1);
     }
 
     /// Records one finished request.

@@ -8,13 +8,16 @@
 //! more header matches, then more query parameter matches; then the oldest route
 //! (`creationTimestamp`), then `namespace/name` alphabetically, then rule and match order.
 //! Consumer routes (in the client's namespace, not the Service's) are tried before the
-//! producer routes. Wiring into `http/` comes later.
+//! producer routes. [`table`] resolves backends and per-rule policies against the mesh
+//! config; `http::route` applies decisions to requests.
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use meshlet_api::route::{
     compile_regex, BackendRef, Filter, HeaderModifier, HttpRoute, PathMatchType, PathModifier,
     Regex, RequestRedirect, RouteError, RouteRule, UrlRewrite, ValueMatchType,
 };
+
+pub mod table;
 
 /// The routes of one destination Service, compiled and ordered by precedence.
 #[derive(Debug)]
@@ -45,6 +48,8 @@ pub struct RequestInfo<'a> {
 pub struct Decision<'a> {
     /// The route (`id()` is `namespace/name`).
     pub route: &'a HttpRoute,
+    /// The route's index in the list `Routes::new` was given.
+    pub route_index: usize,
     /// The rule.
     pub rule: &'a RouteRule,
     /// The rule's index in the route, for metrics when it has no name.
@@ -233,6 +238,7 @@ impl Routes {
         };
         Some(Decision {
             route,
+            route_index: entry.route,
             rule,
             rule_index: entry.rule,
             action: action(rule, req, prefix, random),

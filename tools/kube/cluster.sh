@@ -6,6 +6,9 @@
 #   tools/kube/cluster.sh up       start it (idempotent); waits for /readyz and
 #                                  for the default ServiceAccount
 #   tools/kube/cluster.sh down     stop every process it started, remove the state dir
+#   tools/kube/cluster.sh restart apiserver [SECONDS]
+#                                  stop kube-apiserver, keep it down SECONDS, start it
+#                                  again with the same flags (fault tests)
 #   tools/kube/cluster.sh status   exit 0 when every component runs and /readyz is ok
 #   tools/kube/cluster.sh env      print `export KUBECONFIG=... PATH=...` for eval
 #   tools/kube/cluster.sh gateway-api [standard|experimental]
@@ -56,7 +59,7 @@ die() {
 
 usage() {
   cat >&2 <<EOF
-usage: tools/kube/cluster.sh up|down|status|env|gateway-api [standard|experimental]
+usage: tools/kube/cluster.sh up|down|status|env|restart apiserver [SECONDS]|gateway-api [standard|experimental]
   state dir: $STATE (set MESHLET_KUBE_DIR to change it)
 EOF
   exit 64
@@ -307,6 +310,34 @@ on_up_exit() {
   remove_state || true
 }
 
+# start_apiserver: kube-apiserver with the ports of cluster.env (also on `restart`).
+start_apiserver() {
+  local pki="$STATE/pki" extra=()
+  read -ra extra <<<"${APISERVER_ARGS:-}"
+  start kube-apiserver 256MiB "$KUBE_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --secure-port "$API_PORT" --advertise-address 127.0.0.1 \
+    --endpoint-reconciler-type none --cert-dir "$STATE/apiserver-certs" \
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+    --service-account-issuer "$ISSUER" --api-audiences "$ISSUER" \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=true \
+    --enable-aggregator-routing=true \
+    --requestheader-client-ca-file "$pki/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key" \
+    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types InternalIP,Hostname \
+    --egress-selector-config-file "$STATE/egress-selector.yaml" \
+    --max-requests-inflight 200 --max-mutating-requests-inflight 100 --profiling=false \
+    "${extra[@]}"
+}
+
 cmd_up() {
   local t0 t
   t0="$(now)"
@@ -335,6 +366,7 @@ cmd_up() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
 
+  APISERVER_ARGS="${MESHLET_KUBE_APISERVER_ARGS:-}"
   ETCD_PORT="$(pick_port MESHLET_KUBE_ETCD_PORT)"
   ETCD_PEER_PORT="$(pick_port MESHLET_KUBE_ETCD_PEER_PORT)"
   API_PORT="$(pick_port MESHLET_KUBE_API_PORT)"
@@ -384,6 +416,8 @@ SERVICE_CIDR=$SERVICE_CIDR
 KUBERNETES_SVC_IP=$KUBERNETES_SVC_IP
 EGRESS_SOCKET=$STATE/egress.sock
 EOF
+  # Kept for `restart`, outside cluster.env: flags may hold spaces.
+  printf '%s\n' "$APISERVER_ARGS" >"$STATE/apiserver.args"
 
   t="$(now)"
   # fsync off: a test store, thrown away on `down`, on a shared 2-core machine.
@@ -397,32 +431,10 @@ EOF
   log "etcd healthy on 127.0.0.1:$ETCD_PORT ($(since "$t") s)"
 
   t="$(now)"
-  local pki="$STATE/pki" extra=()
-  read -ra extra <<<"${MESHLET_KUBE_APISERVER_ARGS:-}"
-  start kube-apiserver 256MiB "$KUBE_BIN/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --secure-port "$API_PORT" --advertise-address 127.0.0.1 \
-    --endpoint-reconciler-type none --cert-dir "$STATE/apiserver-certs" \
-    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-    --client-ca-file "$pki/ca.crt" \
-    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
-    --service-account-issuer "$ISSUER" --api-audiences "$ISSUER" \
-    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=true \
-    --enable-aggregator-routing=true \
-    --requestheader-client-ca-file "$pki/front-proxy-ca.crt" \
-    --requestheader-allowed-names front-proxy-client \
-    --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
-    --requestheader-extra-headers-prefix X-Remote-Extra- \
-    --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key" \
-    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
-    --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
-    --kubelet-preferred-address-types InternalIP,Hostname \
-    --egress-selector-config-file "$STATE/egress-selector.yaml" \
-    --max-requests-inflight 200 --max-mutating-requests-inflight 100 --profiling=false \
-    "${extra[@]}"
+  start_apiserver
   wait_for kube-apiserver "kube-apiserver /readyz on $API_URL" kctl get --raw /readyz
   log "kube-apiserver ready on $API_URL ($(since "$t") s after start)"
+  local pki="$STATE/pki"
 
   t="$(now)"
   start kube-controller-manager 128MiB "$KUBE_BIN/kube-controller-manager" \
@@ -443,6 +455,28 @@ EOF
   trap - EXIT INT TERM
   log "cluster up in $(since "$t0") s: $API_URL, state $STATE"
   log "use it with: eval \"\$(tools/kube/cluster.sh env)\""
+}
+
+# restart apiserver [SECONDS]: stop kube-apiserver (SIGTERM, as a rolling
+# upgrade does), keep it down SECONDS (default 0), start it again with the same
+# flags and wait for /readyz. etcd and the controller-manager keep running.
+cmd_restart() {
+  local what="${1:-}" down="${2:-0}" t
+  [[ $what == apiserver ]] || die "restart: only 'apiserver' can be restarted, not '$what'"
+  [[ $down =~ ^[0-9]+$ ]] || die "restart apiserver SECONDS: '$down' is not a whole number of seconds"
+  [[ -r $STATE/cluster.env ]] || die "no cluster in $STATE; run: tools/kube/cluster.sh up"
+  KUBE_BIN="$(kube_bin)"
+  # shellcheck disable=SC1091
+  source "$STATE/cluster.env"
+  APISERVER_ARGS="$(cat "$STATE/apiserver.args" 2>/dev/null || true)"
+  t="$(now)"
+  stop kube-apiserver
+  log "kube-apiserver stopped ($(since "$t") s)"
+  sleep "$down"
+  t="$(now)"
+  start_apiserver
+  wait_for kube-apiserver "kube-apiserver /readyz on $API_URL" kctl get --raw /readyz
+  log "kube-apiserver ready again on $API_URL ($(since "$t") s after start)"
 }
 
 cmd_down() {
@@ -521,6 +555,7 @@ with_lock() {
 case "${1:-}" in
   up) with_lock cmd_up ;;
   down) with_lock cmd_down ;;
+  restart) with_lock cmd_restart "${2:-}" "${3:-0}" ;;
   status) cmd_status ;;
   env) cmd_env ;;
   gateway-api) cmd_gateway_api "${2:-standard}" ;;

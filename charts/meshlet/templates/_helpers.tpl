@@ -141,6 +141,9 @@ ConfigMap for the settings the injector does not take as flags yet.
 - --proxy-log-level={{ .Values.proxy.logLevel }}
 - --native-sidecar={{ include "meshlet.proxy.nativeSidecar" . }}
 - --proxy-tls-mode={{ .Values.proxy.tlsMode }}
+{{- if not ((.Values.injector.controller | default dict).enabled | default false) }}
+- --no-controller
+{{- end }}
 {{- end }}
 
 {{/*

@@ -116,3 +116,61 @@ fn identity_and_tls_mode() {
     let e = parse(&[("MESHLET_TLS_MODE", "strict")]).unwrap_err();
     assert!(e.reason.contains("MESHLET_IDENTITY_DIR"), "{e}");
 }
+
+#[test]
+fn control_plane() {
+    let pem = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
+    assert_eq!(parse(&[]).unwrap().control_plane, None);
+    let c = parse(&[
+        (
+            "MESHLET_CONTROL_PLANE_ADDR",
+            "meshlet-injector.meshlet-system.svc:15012",
+        ),
+        ("MESHLET_TRUST_ANCHORS", pem),
+    ])
+    .unwrap()
+    .control_plane
+    .unwrap();
+    assert_eq!(c.addr, "meshlet-injector.meshlet-system.svc:15012");
+    assert_eq!(c.name, meshlet_api::identity::CONTROL_PLANE_NAME);
+    assert_eq!(c.trust_anchors, pem.trim());
+    let c = parse(&[
+        ("MESHLET_CONTROL_PLANE_ADDR", "[::1]:15012"),
+        ("MESHLET_CONTROL_PLANE_NAME", "cp.test"),
+        ("MESHLET_TRUST_ANCHORS", pem),
+    ])
+    .unwrap();
+    assert_eq!(c.control_plane.unwrap().name, "cp.test");
+
+    for (vars, name) in [
+        (
+            &[("MESHLET_CONTROL_PLANE_ADDR", "cp:15012")][..],
+            "MESHLET_TRUST_ANCHORS",
+        ),
+        (
+            &[
+                ("MESHLET_CONTROL_PLANE_ADDR", "cp"),
+                ("MESHLET_TRUST_ANCHORS", pem),
+            ][..],
+            "MESHLET_CONTROL_PLANE_ADDR",
+        ),
+        (
+            &[
+                ("MESHLET_CONTROL_PLANE_ADDR", "cp:15012"),
+                ("MESHLET_TRUST_ANCHORS", "not pem"),
+            ][..],
+            "MESHLET_TRUST_ANCHORS",
+        ),
+        (
+            &[
+                ("MESHLET_CONTROL_PLANE_ADDR", "cp:15012"),
+                ("MESHLET_CONTROL_PLANE_NAME", "not a name!"),
+                ("MESHLET_TRUST_ANCHORS", pem),
+            ][..],
+            "MESHLET_CONTROL_PLANE_NAME",
+        ),
+    ] {
+        let e = parse(vars).unwrap_err();
+        assert_eq!(e.name, name, "{e}");
+    }
+}

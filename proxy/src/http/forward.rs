@@ -23,12 +23,14 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::route::BackendDst;
 use super::{
     headers,
     pool::{Checkin, Pool, PooledBody},
 };
 use crate::{
-    balance::Pick, detect::Protocol, drain, errors::ProxyError, mesh::Mesh, tcp, tls::ClientTls,
+    balance::Pick, detect::Protocol, drain, errors::ProxyError, mesh::Mesh, target::BoxError, tcp,
+    tls::ClientTls,
 };
 
 /// Sends of a request that never left on a pooled connection before a fresh one.
@@ -38,14 +40,14 @@ const MAX_ATTEMPTS: usize = 3;
 const MAX_FAILOVERS: usize = 2;
 
 /// The response body of the stack: the upstream's, or a synthetic one.
-pub type Body = Either<PooledBody, Full<Bytes>>;
+pub type Body<B = Incoming> = Either<PooledBody<B>, Full<Bytes>>;
 
-/// Forwards requests to one destination.
-#[derive(Clone)]
-pub struct Forward {
+/// Forwards requests to one destination (or, for a routed request, to the backend its
+/// [`BackendDst`] names), with request bodies of type `B`.
+pub struct Forward<B = Incoming> {
     dst: SocketAddr,
     protocol: Protocol,
-    pool: Pool,
+    pool: Pool<B>,
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     // Upgraded connections outlive the HTTP connection that started them; holding a
@@ -58,12 +60,12 @@ pub struct Forward {
 }
 
 /// A send that failed, with the request when it never left (so it may go elsewhere).
-struct Failed {
+struct Failed<B> {
     error: ProxyError,
-    unsent: Option<Request<Incoming>>,
+    unsent: Option<Request<B>>,
 }
 
-impl From<ProxyError> for Failed {
+impl<B> From<ProxyError> for Failed<B> {
     fn from(error: ProxyError) -> Self {
         Self {
             error,
@@ -74,12 +76,33 @@ impl From<ProxyError> for Failed {
 
 // === impl Forward ===
 
-impl Forward {
+impl<B> Clone for Forward<B> {
+    fn clone(&self) -> Self {
+        Self {
+            dst: self.dst,
+            protocol: self.protocol,
+            pool: self.pool.clone(),
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            drain: self.drain.clone(),
+            balance: self.balance.clone(),
+            tls: self.tls.clone(),
+            client_id: self.client_id.clone(),
+        }
+    }
+}
+
+impl<B> Forward<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     /// A service for `dst`, speaking `protocol` upstream.
     pub fn new(
         dst: SocketAddr,
         protocol: Protocol,
-        pool: Pool,
+        pool: Pool<B>,
         connect_timeout: Duration,
         idle_timeout: Option<Duration>,
         drain: drain::Watch,
@@ -109,11 +132,11 @@ impl Forward {
     /// returns the response, its HTTP/1 connection and where it went.
     async fn dispatch(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
     ) -> Result<
         (
             Response<Incoming>,
-            Option<hyper::client::conn::http1::SendRequest<Incoming>>,
+            Option<hyper::client::conn::http1::SendRequest<B>>,
             SocketAddr,
         ),
         ProxyError,
@@ -190,7 +213,7 @@ impl Forward {
         self
     }
 
-    async fn forward(self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn forward(self, mut req: Request<B>) -> Result<Response<Body<B>>, ProxyError> {
         let http1 = self.protocol == Protocol::Http1;
         let upgrade = http1 && headers::is_upgrade(&req);
         // An HTTP/1 CONNECT (an app tunnelling through an explicit proxy) turns the
@@ -238,14 +261,14 @@ impl Forward {
     async fn send_h1(
         &self,
         dst: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<B>,
         pick: &mut Option<Pick>,
     ) -> Result<
         (
             Response<Incoming>,
-            hyper::client::conn::http1::SendRequest<Incoming>,
+            hyper::client::conn::http1::SendRequest<B>,
         ),
-        Failed,
+        Failed<B>,
     > {
         let mut req = req;
         for _ in 0..MAX_ATTEMPTS {
@@ -308,9 +331,9 @@ impl Forward {
     async fn send_h2(
         &self,
         dst: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<B>,
         pick: &mut Option<Pick>,
-    ) -> Result<Response<Incoming>, Failed> {
+    ) -> Result<Response<Incoming>, Failed<B>> {
         let mut req = req;
         let mut attempt = 0;
         loop {
@@ -357,16 +380,27 @@ fn dispatched(pick: &mut Option<Pick>) {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Forward {
-    type Response = Response<Body>;
+impl<B> tower::Service<Request<B>> for Forward<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body<B>>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body<B>>, ProxyError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        Box::pin(self.clone().forward(req))
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let mut this = self.clone();
+        // A routed request goes to the backend Service its route chose.
+        if let Some(b) = req.extensions().get::<BackendDst>() {
+            this.dst = b.addr;
+            this.tls = b.tls.clone();
+        }
+        Box::pin(this.forward(req))
     }
 }

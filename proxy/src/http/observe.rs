@@ -9,11 +9,12 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use tokio::time::Instant;
 
-use super::Body;
+use super::route::Routed;
 use crate::{errors, errors::ProxyError, metrics::RequestMetrics};
 
 /// Adds [`Observe`] to a stack.
@@ -47,14 +48,14 @@ impl<S> tower::Layer<S> for ObserveLayer {
     }
 }
 
-impl<S, B> tower::Service<Request<B>> for Observe<S>
+impl<S, B, L> tower::Service<Request<B>> for Observe<S>
 where
-    S: tower::Service<Request<B>, Response = Response<Body>, Error = ProxyError>,
+    S: tower::Service<Request<B>, Response = Response<Either<L, Full<Bytes>>>, Error = ProxyError>,
     S::Future: Send + 'static,
 {
-    type Response = Response<Body>;
+    type Response = Response<Either<L, Full<Bytes>>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         match self.inner.poll_ready(cx) {
@@ -66,6 +67,8 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
+        // The route stage above names the route a request took.
+        let route = req.extensions().get::<Routed>().map(|r| r.label.clone());
         let fut = self.inner.call(req);
         let metrics = self.metrics.clone();
         Box::pin(async move {
@@ -80,7 +83,7 @@ where
                 }
             };
             if let Some(m) = metrics {
-                m.record(rsp.status(), start.elapsed());
+                m.record_route(rsp.status(), start.elapsed(), route.as_ref());
             }
             Ok(rsp)
         })

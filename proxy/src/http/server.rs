@@ -14,13 +14,20 @@ use std::{
     task::{Context, Poll},
 };
 
-use super::{Body, Forward, ObserveLayer, Pool};
+use super::{
+    replay::ReplayBody,
+    retry::RetryLayer,
+    route::RouteLayer,
+    timeout::{AttemptTimeoutLayer, RequestTimeoutLayer},
+    Forward, ObserveLayer, Pool,
+};
 use crate::{
     detect::Protocol,
     drain,
     mesh::Mesh,
     metrics::Direction,
     target::{BoxError, BoxFuture, Target, TlsStatus},
+    tls::Identity,
 };
 
 /// The HTTP service of the connection stack: builds the per-connection HTTP stack
@@ -30,7 +37,17 @@ pub struct ServeHttp {
     pool: Pool,
     drain: drain::Watch,
     balance: Option<Arc<Mesh>>,
+    routing: Option<Routing>,
     authz: Option<crate::authz::Authz>,
+}
+
+/// What the outbound route stack needs beyond forwarding.
+#[derive(Clone)]
+struct Routing {
+    /// Connections to backends whose request bodies may be replayed.
+    pool: Pool<ReplayBody<Incoming>>,
+    identity: Option<Arc<Identity>>,
+    namespace: Option<Arc<str>>,
 }
 
 impl ServeHttp {
@@ -40,6 +57,7 @@ impl ServeHttp {
             pool,
             drain,
             balance: None,
+            routing: None,
             authz: None,
         }
     }
@@ -47,6 +65,23 @@ impl ServeHttp {
     /// Checks every inbound request against the authorization in force.
     pub fn with_authz(mut self, authz: crate::authz::Authz) -> Self {
         self.authz = Some(authz);
+        self
+    }
+
+    /// Applies HTTPRoutes to outbound requests to a Service (with
+    /// [`ServeHttp::with_balancer`]'s mesh): `namespace` is the client pod's
+    /// (`MESHLET_POD_NAMESPACE`, selects its consumer routes), `identity` originates
+    /// mTLS to meshed backends.
+    pub fn with_routing(
+        mut self,
+        identity: Option<Arc<Identity>>,
+        namespace: Option<&str>,
+    ) -> Self {
+        self.routing = Some(Routing {
+            pool: Pool::new(),
+            identity,
+            namespace: namespace.map(Arc::from),
+        });
         self
     }
 
@@ -79,6 +114,40 @@ where
             TlsStatus::Outbound(t) => Some(t.clone()),
             _ => None,
         };
+        let metrics = target.metrics.as_ref().map(|m| Arc::new(m.requests()));
+        // Requests to a Service may be routed (routes are looked up per request, so a
+        // route added later applies to connections already open).
+        if let (Some(mesh), Some(routing)) = (&self.balance, &self.routing) {
+            if target.direction == Direction::Outbound && target.mesh.is_service(target.dst) {
+                let fwd = Forward::new(
+                    target.dst,
+                    protocol,
+                    routing.pool.clone(),
+                    target.mesh.connect_timeout(),
+                    target.mesh.idle_timeout(),
+                    drain.clone(),
+                )
+                .with_mesh(tls, client_id)
+                .with_balancer(mesh.clone());
+                let svc = tower::ServiceBuilder::new()
+                    .layer(RouteLayer::new(
+                        mesh.clone(),
+                        target.dst,
+                        routing.identity.clone(),
+                        routing.namespace.clone(),
+                        metrics.clone(),
+                    ))
+                    .layer(ObserveLayer::new(metrics))
+                    .layer(RequestTimeoutLayer)
+                    .layer(RetryLayer::default())
+                    .layer(AttemptTimeoutLayer)
+                    .service(fwd);
+                return Box::pin(async move {
+                    serve(io, protocol, svc, &drain).await?;
+                    Ok(())
+                });
+            }
+        }
         let fwd = Forward::new(
             target.dst,
             protocol,
@@ -111,9 +180,7 @@ where
             target.tls.peer().cloned(),
         );
         let svc = tower::ServiceBuilder::new()
-            .layer(ObserveLayer::new(
-                target.metrics.as_ref().map(|m| Arc::new(m.requests())),
-            ))
+            .layer(ObserveLayer::new(metrics))
             .service(fwd);
         Box::pin(async move {
             serve(io, protocol, svc, &drain).await?;
@@ -130,7 +197,7 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_BUF_BYTES: usize = MAX_HEADER_BYTES + 32 * 1024;
 
 /// Serves HTTP on `io` until the client closes or the drain finishes the connection.
-pub async fn serve<I, S>(
+pub async fn serve<I, S, RB>(
     io: I,
     protocol: Protocol,
     svc: S,
@@ -138,11 +205,13 @@ pub async fn serve<I, S>(
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+    S: tower::Service<Request<Incoming>, Response = Response<RB>, Error = Infallible>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
 {
     let svc = hyper::service::service_fn(move |req| svc.clone().oneshot(req));
     let io = TokioIo::new(io);

@@ -15,6 +15,7 @@
 //! kills every process it started and deletes every namespace, also on panic.
 
 pub mod capture;
+pub mod control;
 pub mod identity;
 mod kubelet;
 pub mod kubeproxy;
@@ -319,6 +320,7 @@ pub struct ClusterBuilder {
     proxy_env: Vec<(String, String)>,
     inject: InjectMode,
     mtls: bool,
+    config_server: bool,
 }
 
 impl ClusterBuilder {
@@ -331,7 +333,15 @@ impl ClusterBuilder {
             proxy_env: Vec::new(),
             inject: InjectMode::Auto,
             mtls: true,
+            config_server: false,
         }
+    }
+
+    /// Whether a config server (`meshlet-injector serve-config`, [`control`]) serves
+    /// the mesh config and every sidecar watches it, instead of reading mesh.json.
+    pub fn config_server(mut self, on: bool) -> Self {
+        self.config_server = on;
+        self
     }
 
     /// Whether every sidecar gets a workload certificate (mesh mTLS; the default), or
@@ -433,6 +443,7 @@ impl ClusterBuilder {
             mesh_path: PathBuf::new(),
             proxy_env: self.proxy_env,
             identities,
+            control: None,
             dual_stack: false,
             next_pod: 0,
         };
@@ -443,6 +454,10 @@ impl ClusterBuilder {
         c.build_network(pods, dual_stack)?;
         c.build_services(&original.services)?;
         c.write_mesh_config()?;
+        if self.config_server {
+            c.control = Some(control::ControlPlane::new(c.dir.path())?);
+            c.start_config_server()?;
+        }
         for i in 0..c.pods.len() {
             c.start_pod(i)?;
         }
@@ -601,6 +616,7 @@ pub struct Cluster {
     mesh_path: PathBuf,
     proxy_env: Vec<(String, String)>,
     identities: Option<identity::Identities>,
+    control: Option<control::ControlPlane>,
     dual_stack: bool,
     next_pod: usize,
 }
@@ -944,6 +960,7 @@ impl Cluster {
                 identities: identities.into_iter().collect(),
                 endpoints,
                 routes: Vec::new(),
+                retry_constraint: None,
             });
         }
         let cfg = MeshConfig {

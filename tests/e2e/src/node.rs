@@ -8,12 +8,13 @@
 //! SIGTERM, waits the grace period, kills, and removes the pod object. It programs
 //! ClusterIP DNAT in the node namespace from Services and EndpointSlices, serves
 //! `metrics.k8s.io` (per-container CPU and memory from /proc) through the
-//! aggregation layer, and answers the API server's "cluster" egress (webhooks,
-//! aggregated APIs, kubelet calls) by dialing inside the node namespace, so the
-//! host's root namespace is never changed.
+//! aggregation layer, `kubectl logs` and `kubectl exec` (SPDY/3.1), and answers
+//! the API server's "cluster" egress (webhooks, aggregated APIs, kubelet calls) by
+//! dialing inside the node namespace, so the host's root namespace is never changed.
 
 pub mod api;
 pub mod egress;
+pub mod exec;
 pub mod metrics;
 pub mod net;
 pub mod pod;

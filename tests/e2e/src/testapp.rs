@@ -8,6 +8,7 @@
 pub mod banner;
 pub mod dns;
 pub mod http;
+pub mod load;
 pub mod pattern;
 pub mod ws;
 
@@ -30,7 +31,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// HTTP/1.1 + h2c server: echo, /bytes/N, /upload, /slow?ms=N, /status/N.
+    /// HTTP/1.1 + h2c server: echo, /bytes/N, /upload, /slow?ms=N, /status/N, /count.
     Http {
         /// TCP port to listen on (all addresses).
         #[arg(long, default_value_t = 8080)]
@@ -41,7 +42,13 @@ pub enum Command {
         /// Ignore SIGTERM (only SIGKILL stops it), to test grace periods.
         #[arg(long)]
         ignore_sigterm: bool,
+        /// Answer every N-th request 503 (after reading its body); 0 never.
+        #[arg(long, default_value_t = 0)]
+        fail_every: u64,
     },
+    /// HTTP/1.1 load client: sends requests one after another on keep-alive
+    /// connections and prints a JSON summary (statuses, answering servers, latencies).
+    Load(load::Args),
     /// WebSocket echo server (RFC 6455).
     Ws {
         /// TCP port to listen on.
@@ -140,6 +147,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             port,
             name,
             ignore_sigterm,
+            fail_every,
         } => rt.block_on(async {
             if ignore_sigterm {
                 let mut term =
@@ -151,8 +159,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                     }
                 });
             }
-            http::serve(port, name).await
+            http::serve(port, name, fail_every).await
         }),
+        Command::Load(args) => rt.block_on(load::run(args)),
         Command::Ws { port } => rt.block_on(ws::serve(port)),
         Command::WsClient { url, messages } => rt.block_on(ws::client(&url, &messages)),
         Command::Banner { port, name } => rt.block_on(banner::serve(port, name)),

@@ -38,6 +38,13 @@ const T: Duration = Duration::from_secs(30);
 #[path = "mesh/mtls.rs"]
 mod mtls;
 use mtls::*;
+#[path = "mesh/config.rs"]
+mod config;
+use config::*;
+// HTTPRoute cases (routing, timeouts, retries, budgets) too.
+#[path = "mesh/routing.rs"]
+mod routing;
+use routing::*;
 #[path = "mesh/authz.rs"]
 mod authz;
 use authz::*;
@@ -81,6 +88,10 @@ const CASES: &[Case] = cases![
     mtls_server_sees_client_identity,
     mtls_rotation_mid_traffic_loses_nothing,
     mtls_strict_closes_garbage_and_foreign_tls,
+    config_delivered_by_the_control_plane,
+    routing_by_headers_weights_redirects_rewrites_timeouts,
+    routing_retries_are_safe_and_within_budget,
+    routing_change_under_traffic_loses_no_request,
     authz_policy_allows_only_frontend,
     authz_tcp_denied_identity_closed,
     authz_plaintext_denied_once_targeted,

@@ -2,7 +2,8 @@
 //! `helm install` the chart (the injector runs as pods on the node), `kubectl apply`
 //! the sample into its labelled namespace (the real webhook injects, reached through
 //! the API server's egress socket), traffic through the sidecars, `kubectl rollout
-//! restart`, `kubectl top pod --containers`, `helm uninstall`, nothing left behind.
+//! restart`, `kubectl exec` (exit code, stdin, a Service through the sidecar),
+//! `kubectl top pod --containers`, `helm uninstall`, nothing left behind.
 //!
 //! Needs root, the control plane (`bash tools/kube/build.sh`), Helm
 //! (`bash scripts/tools.sh ensure_helm`) and `cargo build --workspace --bins`;
@@ -23,42 +24,6 @@ mod support;
 use support::*;
 
 const SUBNET: u8 = 79;
-
-fn helm_bin() -> Result<std::path::PathBuf> {
-    let out = Command::new("bash")
-        .arg(root().join("scripts/tools.sh"))
-        .arg("ensure_helm")
-        .output()
-        .context("running scripts/tools.sh ensure_helm")?;
-    ensure!(
-        out.status.success(),
-        "no Helm: `bash scripts/tools.sh ensure_helm` failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let path = std::path::PathBuf::from(path.lines().last().unwrap_or(""));
-    ensure!(
-        path.is_file(),
-        "scripts/tools.sh ensure_helm printed {path:?}, not a file"
-    );
-    Ok(path)
-}
-
-fn helm(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Result<String> {
-    let mut c = Command::new(bin);
-    c.arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .current_dir(root());
-    let out = netns::run_with_timeout(&mut c, Duration::from_secs(180))?;
-    ensure!(
-        out.status.success(),
-        "helm {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn hello_pods(k: &Kubectl) -> Result<Vec<Value>> {
     Ok(k.json(&["-n", "hello", "get", "pods"])?["items"]
@@ -173,6 +138,8 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
     }
     println!("ok   client -> backend through both sidecars");
 
+    exec_steps(k, &client)?;
+
     let old: Vec<String> = pods
         .iter()
         .filter_map(|p| p["metadata"]["name"].as_str())
@@ -239,6 +206,182 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
     let left = netns::list_with_prefix(prefix);
     ensure!(left.is_empty(), "namespaces left: {left:?}");
     println!("ok   agent stopped, no namespace left");
+    Ok(())
+}
+
+/// `kubectl exec` into the meshed client (the API server upgrades to SPDY/3.1
+/// towards meshlet-node's kubelet endpoint).
+fn exec_steps(k: &Kubectl, client: &str) -> Result<()> {
+    let t = Instant::now();
+    let r = k.ran(
+        &[
+            "-n",
+            "hello",
+            "exec",
+            client,
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ],
+        None,
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.code == 3 && r.stdout == "out\n" && r.stderr.starts_with("err\n"),
+        "kubectl exec sh -c 'echo out; echo err >&2; exit 3': exit {}, stdout {:?}, stderr {:?}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    println!(
+        "ok   kubectl exec: stdout, stderr and exit code 3 in {} ms",
+        t.elapsed().as_millis()
+    );
+    // kubectl speaks WebSocket and the API server translates it to SPDY; client-go's
+    // SPDY executor (the Gateway API conformance suite's) is proxied through as is.
+    let r = k.ran_env(
+        &[
+            "-n",
+            "hello",
+            "exec",
+            client,
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "-c",
+            "echo spdy; exit 4",
+        ],
+        None,
+        Duration::from_secs(30),
+        &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")],
+    )?;
+    ensure!(
+        r.code == 4 && r.stdout == "spdy\n",
+        "kubectl exec over SPDY end to end: exit {}, stdout {:?}, stderr {:?}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    println!(
+        "ok   kubectl exec with SPDY all the way (client-go's executor): stdout and exit code 4"
+    );
+    // A terminal: kubectl -it needs one itself, so it runs under util-linux
+    // `script`, whose pty is set to 30x100 first; kubectl sends that size, and the
+    // command sees a pty of that size.
+    let inner = format!(
+        "stty rows 30 cols 100; exec {} --kubeconfig {} -n hello exec -it {client} -c app -- \
+         sh -c 'for i in $(seq 50); do s=$(stty size); [ \"$s\" != \"0 0\" ] && break; sleep 0.1; done; \
+         echo size $s; tty; exit 5'",
+        k.bin.display(),
+        k.kubeconfig.display()
+    );
+    let mut tty = Command::new("script");
+    tty.args(["-qec", &inner, "/dev/null"]);
+    let out = netns::run_with_timeout(&mut tty, Duration::from_secs(30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(5) && text.contains("size 30 100") && text.contains("/dev/pts/"),
+        "kubectl exec -it: exit {:?}, output {text:?}",
+        out.status.code()
+    );
+    println!("ok   kubectl exec -it: a pty of the client's size (30x100), exit code 5");
+    // Stdin to EOF, and more than one frame of it each way.
+    let input: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    let r = k.ran(
+        &["-n", "hello", "exec", "-i", client, "--", "cat"],
+        Some(&input),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.code == 0 && r.stdout.as_bytes() == input.as_slice(),
+        "kubectl exec -i cat: exit {}, {} of {} bytes echoed, stderr {:?}",
+        r.code,
+        r.stdout.len(),
+        input.len(),
+        r.stderr
+    );
+    let r = k.ran(
+        &["-n", "hello", "exec", "-i", client, "--", "cat"],
+        Some(b"hi\n"),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.code == 0 && r.stdout == "hi\n",
+        "echo hi | kubectl exec -i cat: {:?}",
+        r.stdout
+    );
+    println!(
+        "ok   kubectl exec -i: {} bytes of stdin echoed back",
+        input.len()
+    );
+
+    // From inside the app container, a Service is reached through the sidecar:
+    // its outbound request counter goes up by exactly the requests made.
+    let count = || -> Result<f64> {
+        let r = k.ran(
+            &[
+                "-n",
+                "hello",
+                "exec",
+                client,
+                "-c",
+                "app",
+                "--",
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "http://127.0.0.1:15020/metrics",
+            ],
+            None,
+            Duration::from_secs(30),
+        )?;
+        ensure!(r.code == 0, "reading the sidecar's metrics: {}", r.stderr);
+        Ok(r.stdout
+            .lines()
+            .filter(|l| {
+                l.starts_with("meshlet_requests_total{") && l.contains("direction=\"outbound\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    };
+    let before = count()?;
+    let r = k.ran(
+        &[
+            "-n",
+            "hello",
+            "exec",
+            client,
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do curl -sS -m 5 http://198.19.0.10/; echo; done",
+        ],
+        None,
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        r.code == 0 && r.stdout.matches("backend-v").count() == 3,
+        "curl of the backend Service from kubectl exec: exit {}, stdout {:?}, stderr {:?}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    let after = count()?;
+    ensure!(
+        after - before == 3.0,
+        "the client's sidecar counted {} of the 3 requests made from kubectl exec",
+        after - before
+    );
+    println!("ok   kubectl exec into the meshed app container: 3 requests to the backend Service, all through its sidecar");
     Ok(())
 }
 

@@ -98,6 +98,7 @@ fn services() -> Vec<Service> {
         identities: vec![],
         endpoints,
         routes: vec![],
+        retry_constraint: None,
     };
     vec![
         svc(

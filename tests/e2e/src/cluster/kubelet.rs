@@ -148,10 +148,14 @@ impl Cluster {
         if c.name == meshlet_api::PROXY_CONTAINER_NAME {
             // The mounted config volume becomes the file the harness wrote.
             env.retain(|(k, _)| k != menv::PROXY_CONFIG_PATH);
-            env.push((
-                menv::PROXY_CONFIG_PATH.into(),
-                self.mesh_path.display().to_string(),
-            ));
+            match &self.control {
+                // The config server serves the file instead.
+                Some(cp) => env.extend(cp.proxy_env()),
+                None => env.push((
+                    menv::PROXY_CONFIG_PATH.into(),
+                    self.mesh_path.display().to_string(),
+                )),
+            }
             if let Some(dir) = self.proxy_identity(pod)? {
                 env.push((menv::PROXY_IDENTITY_DIR.into(), dir.display().to_string()));
             }

@@ -4,7 +4,8 @@
 //! (inside the node namespace) answers the aggregation layer, which reaches it
 //! through the egress socket; an APIService `v1beta1.metrics.k8s.io`, a Service
 //! without selector and an EndpointSlice naming the node address register it. The
-//! same server on the kubelet port answers `/containerLogs` (`kubectl logs`).
+//! same server on the kubelet port answers `/containerLogs` (`kubectl logs`) and
+//! `/exec` (`kubectl exec`, see [`super::exec`]).
 //!
 //! Requests are not authenticated here: only the API server can reach the node
 //! namespace (through the egress socket), and it has authorized the user already.
@@ -386,10 +387,16 @@ async fn serve(
             };
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let server = server.clone();
-                async move { Ok::<_, Infallible>(server.handle(&req)) }
+                async move {
+                    // exec upgrades the connection, so it takes the request itself.
+                    if req.uri().path().starts_with("/exec/") {
+                        return Ok::<_, Infallible>(super::exec::serve(&server.agent, req));
+                    }
+                    Ok::<_, Infallible>(server.handle(&req))
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), svc)
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .await;
         });
     }

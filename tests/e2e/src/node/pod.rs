@@ -7,7 +7,7 @@
 use std::{
     fs::{self, File},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -102,6 +102,17 @@ pub struct PodState {
     pub transitions: std::collections::BTreeMap<String, (bool, Time)>,
 }
 
+/// How to start a process in one of the pod's containers ([`container_command`]).
+#[derive(Debug)]
+pub struct ExecTarget {
+    /// The pod's network namespace.
+    pub netns: String,
+    /// The pod's directory (volumes, stages, logs).
+    pub dir: PathBuf,
+    /// Its containers, init containers first.
+    pub containers: Vec<Prepared>,
+}
+
 /// What the agent and the worker thread share about one pod.
 pub struct PodShared {
     /// Namespace.
@@ -112,6 +123,8 @@ pub struct PodShared {
     pub uid: String,
     /// Status.
     pub state: Mutex<PodState>,
+    /// What `kubectl exec` needs, once the pod's containers are prepared.
+    pub exec: Mutex<Option<Arc<ExecTarget>>>,
     deadline: Mutex<Option<Instant>>,
     wake: Condvar,
     deleted: AtomicBool,
@@ -171,6 +184,7 @@ impl PodShared {
                 message: None,
                 transitions: Default::default(),
             }),
+            exec: Mutex::new(None),
             deadline: Mutex::new(None),
             wake: Condvar::new(),
             deleted: AtomicBool::new(false),
@@ -263,6 +277,11 @@ pub async fn start(agent: Agent, pod: Pod, shared: Arc<PodShared>) {
         }
     };
     let (containers, tokens) = prepared;
+    *lock(&shared.exec) = Some(Arc::new(ExecTarget {
+        netns: agent.net.pod_ns_name(&shared.namespace, &shared.name),
+        dir: dir.clone(),
+        containers: containers.clone(),
+    }));
     let s2 = shared.clone();
     tokio::spawn(prep::refresh_tokens(
         agent.client.clone(),
@@ -304,6 +323,55 @@ async fn wait_gone(agent: Agent, shared: Arc<PodShared>, ip: Option<Ipv4Addr>) {
     }
     shared.gone.store(true, Ordering::SeqCst);
     let _ = agent.status_tx.send(shared);
+}
+
+/// The command that runs `bin args` as container `c` of the pod whose directory
+/// is `dir`: inside the pod's network namespace, with the container's volume
+/// mounts (a mount namespace of its own), user, group and environment. Container
+/// processes, exec probes, hooks and `kubectl exec` all start through it.
+pub fn container_command(
+    ns: &Netns,
+    dir: &Path,
+    pod_name: &str,
+    c: &Prepared,
+    bin: &Path,
+    args: &[String],
+) -> Command {
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if !c.mounts.is_empty() {
+        // Volumes appear at their mountPath in a mount namespace of the
+        // container's own; the script execs the rest of argv, so the pid stays.
+        let stage = dir.join("stage").join(&c.spec.name);
+        let _ = fs::create_dir_all(&stage);
+        argv.extend(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+            ]
+            .map(Into::into),
+        );
+        argv.push(prep::mount_script(&c.mounts, &stage, bin).into());
+        argv.push("meshlet-mounts".into());
+    }
+    if c.uid != 0 || c.gid != 0 {
+        argv.push("setpriv".into());
+        argv.push(format!("--reuid={}", c.uid).into());
+        argv.push(format!("--regid={}", c.gid).into());
+        argv.push("--clear-groups".into());
+    }
+    argv.push(bin.into());
+    argv.extend(args.iter().map(Into::into));
+    let mut cmd = ns.command(&argv[0]);
+    cmd.args(&argv[1..]);
+    cmd.env_clear()
+        .env("PATH", netns::SYSTEM_PATH)
+        .env("HOSTNAME", pod_name)
+        .envs(c.env.iter().map(|(k, v)| (k, v)));
+    cmd
 }
 
 #[derive(Clone, Copy, Default)]
@@ -441,41 +509,7 @@ impl Worker {
 
     fn command(&self, ns: &Netns, c: &Prepared, argv: Option<(&PathBuf, &[String])>) -> Command {
         let (bin, args) = argv.unwrap_or((&c.bin, &c.args));
-        let mut argv: Vec<std::ffi::OsString> = Vec::new();
-        if !c.mounts.is_empty() {
-            // Volumes appear at their mountPath in a mount namespace of the
-            // container's own; the script execs the rest of argv, so the pid stays.
-            let stage = self.dir.join("stage").join(&c.spec.name);
-            let _ = fs::create_dir_all(&stage);
-            argv.extend(
-                [
-                    "unshare",
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "bash",
-                    "-c",
-                ]
-                .map(Into::into),
-            );
-            argv.push(prep::mount_script(&c.mounts, &stage, bin).into());
-            argv.push("meshlet-mounts".into());
-        }
-        if c.uid != 0 || c.gid != 0 {
-            argv.push("setpriv".into());
-            argv.push(format!("--reuid={}", c.uid).into());
-            argv.push(format!("--regid={}", c.gid).into());
-            argv.push("--clear-groups".into());
-        }
-        argv.push(bin.into());
-        argv.extend(args.iter().map(Into::into));
-        let mut cmd = ns.command(&argv[0]);
-        cmd.args(&argv[1..]);
-        cmd.env_clear()
-            .env("PATH", netns::SYSTEM_PATH)
-            .env("HOSTNAME", &self.shared.name)
-            .envs(c.env.iter().map(|(k, v)| (k, v)));
-        cmd
+        container_command(ns, &self.dir, &self.shared.name, c, bin, args)
     }
 
     fn log_file(&self, c: &Prepared) -> Option<(File, File)> {
@@ -550,12 +584,10 @@ impl Worker {
             command: Some(argv.to_vec()),
             ..c.spec.clone()
         };
-        let (bin, args) = self
-            .agent
-            .cfg
-            .bins
-            .resolve(&probe_c)
-            .unwrap_or_else(|_| (PathBuf::from(first), argv[1..].to_vec()));
+        let (bin, args) = self.agent.cfg.bins.resolve(&probe_c).unwrap_or_else(|_| {
+            let bin = prep::which(first).unwrap_or_else(|| PathBuf::from(first));
+            (bin, argv[1..].to_vec())
+        });
         let mut cmd = self.command(ns, c, Some((&bin, &args)));
         let out = netns::run_with_timeout(&mut cmd, t).map_err(|e| e.to_string())?;
         if out.status.success() {

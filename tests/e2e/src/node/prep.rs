@@ -52,6 +52,19 @@ pub struct Prepared {
     pub mounts: Vec<(PathBuf, String, bool)>,
 }
 
+/// Where a command name given without a directory is found, as a container's
+/// `$PATH` lookup would (containers here share the host's filesystem, and the
+/// mount script opens the binary by path before mounting).
+pub fn which(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    crate::cluster::netns::SYSTEM_PATH
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 /// The bash script that makes a container's volume mounts in its own mount
 /// namespace (`unshare --mount --propagation private`), then execs the container.
 ///

@@ -2,13 +2,18 @@
 //!
 //! Routes: `/bytes/N` streams N pattern bytes, `/upload` answers the length and
 //! SHA-256 of the request body, `/slow?ms=N` answers after N ms, `/status/N` answers
-//! status N, anything else echoes the request as JSON.
+//! status N, `/count` answers how many requests the server received (all but `/count`
+//! and the probes' `/ready` and `/live`), anything else echoes the request as JSON.
+//! With `--fail-every N` every N-th counted request is read whole and answered 503.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -37,8 +42,11 @@ const ECHO_BODY_LIMIT: usize = 4096;
 
 type RespBody = BoxBody<Bytes, Infallible>;
 
-/// Serves until the process is killed.
-pub async fn serve(port: u16, name: String) -> Result<(), Error> {
+/// Requests counted so far (see the module docs).
+static COUNTED: AtomicU64 = AtomicU64::new(0);
+
+/// Serves until the process is killed; `fail_every` > 0 answers every N-th request 503.
+pub async fn serve(port: u16, name: String, fail_every: u64) -> Result<(), Error> {
     let listener = super::bind_tcp(port).await?;
     eprintln!("testapp http {name}: listening on port {port} (IPv4 and IPv6) (HTTP/1.1 and h2c)");
     let name: Arc<str> = name.into();
@@ -53,7 +61,8 @@ pub async fn serve(port: u16, name: String) -> Result<(), Error> {
         };
         let name = name.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(req, name.clone(), peer));
+            let svc =
+                hyper::service::service_fn(move |req| handle(req, name.clone(), peer, fail_every));
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await
@@ -68,9 +77,29 @@ async fn handle(
     req: Request<Incoming>,
     name: Arc<str>,
     peer: SocketAddr,
+    fail_every: u64,
 ) -> Result<Response<RespBody>, Infallible> {
     let path = req.uri().path().to_string();
-    let resp = if let Some(n) = path.strip_prefix("/bytes/") {
+    let counted = !matches!(path.as_str(), "/count" | "/ready" | "/live");
+    let n = if counted {
+        COUNTED.fetch_add(1, Ordering::SeqCst) + 1
+    } else {
+        0
+    };
+    let resp = if counted && fail_every > 0 && n.is_multiple_of(fail_every) {
+        // Read the whole body first: the client must be able to tell that the request
+        // arrived intact even though it failed.
+        let len = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes().len(),
+            Err(_) => 0,
+        };
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("flaky: request {n} fails ({len} body bytes read)\n"),
+        )
+    } else if path == "/count" {
+        json(serde_json::json!({ "name": &*name, "requests": COUNTED.load(Ordering::SeqCst) }))
+    } else if let Some(n) = path.strip_prefix("/bytes/") {
         match n.parse::<u64>() {
             Ok(n) => Response::new(PatternBody(Pattern::new(n)).boxed()),
             Err(_) => text(StatusCode::BAD_REQUEST, "bytes/N needs a number\n"),

@@ -91,10 +91,12 @@ fn compile(c: &Cluster, extra: &str) -> Result<Option<Authorization>> {
 }
 
 /// Puts `a` into the mesh config (an atomic rename, as a controller writes it) and
-/// returns when that happened; the proxies pick it up on their next poll.
+/// returns the instant just before the write: no proxy can apply it earlier, so flip
+/// times measured from there are upper bounds.
 fn install(c: &mut Cluster, a: Option<Authorization>) -> Result<Instant> {
+    let t = Instant::now();
     c.update_mesh_config(|cfg| cfg.authorization = a)?;
-    Ok(Instant::now())
+    Ok(t)
 }
 
 /// Waits until the backend's proxy serves the current mesh config generation.

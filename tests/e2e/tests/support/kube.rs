@@ -60,9 +60,14 @@ impl ControlPlane {
     }
 
     pub fn script(&self, cmd: &str) -> Result<std::process::Output> {
+        self.script_args(&[cmd])
+    }
+
+    /// `tools/kube/cluster.sh ARGS...` on this control plane.
+    pub fn script_args(&self, args: &[&str]) -> Result<std::process::Output> {
         Command::new("bash")
             .arg(root().join("tools/kube/cluster.sh"))
-            .arg(cmd)
+            .args(args)
             .env("MESHLET_KUBE_DIR", &self.state)
             .stdin(Stdio::null())
             .output()
@@ -149,6 +154,94 @@ impl Kubectl {
     }
 }
 
+/// How a `kubectl` run ended.
+pub struct Ran {
+    /// Exit code (-1 when killed).
+    pub code: i32,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+impl Kubectl {
+    /// Runs kubectl with `stdin` fed to it, whatever its exit code; killed after
+    /// `timeout`.
+    pub fn ran(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<Ran> {
+        self.ran_env(args, stdin, timeout, &[])
+    }
+
+    /// [`Kubectl::ran`] with extra environment variables.
+    pub fn ran_env(
+        &self,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+        env: &[(&str, &str)],
+    ) -> Result<Ran> {
+        use std::io::{Read, Write};
+        let mut child = Command::new(&self.bin)
+            .envs(env.iter().copied())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        let input = stdin.map(<[u8]>::to_vec);
+        let mut pipe_in = child.stdin.take();
+        let writer = std::thread::spawn(move || {
+            if let (Some(p), Some(b)) = (pipe_in.as_mut(), input) {
+                let _ = p.write_all(&b);
+            }
+        });
+        let mut so = child.stdout.take().context("kubectl stdout")?;
+        let mut se = child.stderr.take().context("kubectl stderr")?;
+        let r_out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = so.read_to_end(&mut v);
+            v
+        });
+        let r_err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = se.read_to_end(&mut v);
+            v
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = writer.join();
+        let stdout = String::from_utf8_lossy(&r_out.join().unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&r_err.join().unwrap_or_default()).into_owned();
+        let Some(status) = status else {
+            bail!(
+                "kubectl {} did not end within {timeout:?}; stderr: {stderr}",
+                args.join(" ")
+            );
+        };
+        Ok(Ran {
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr,
+        })
+    }
+}
+
 pub fn wait_for<T>(
     what: &str,
     timeout: Duration,
@@ -213,4 +306,42 @@ pub fn start_agent(
         child: Some(child),
         log,
     })
+}
+
+/// Helm from `scripts/tools.sh ensure_helm` (built once, cached).
+pub fn helm_bin() -> Result<std::path::PathBuf> {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/tools.sh"))
+        .arg("ensure_helm")
+        .output()
+        .context("running scripts/tools.sh ensure_helm")?;
+    ensure!(
+        out.status.success(),
+        "no Helm: `bash scripts/tools.sh ensure_helm` failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = std::path::PathBuf::from(path.lines().last().unwrap_or(""));
+    ensure!(
+        path.is_file(),
+        "scripts/tools.sh ensure_helm printed {path:?}, not a file"
+    );
+    Ok(path)
+}
+
+/// Runs helm against the cluster of `kubeconfig`; fails on a non-zero exit.
+pub fn helm(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let mut c = Command::new(bin);
+    c.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .current_dir(root());
+    let out = netns::run_with_timeout(&mut c, Duration::from_secs(180))?;
+    ensure!(
+        out.status.success(),
+        "helm {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
