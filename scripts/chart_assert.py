@@ -153,9 +153,14 @@ def check_rbac(kinds, values):
     check(not any(g[1] == "secrets" for g in cluster), "ClusterRole must not grant anything on secrets")
     check(not any("*" in g[:3] for g in cluster | grants(role.get("rules", []))), "RBAC must not use wildcards")
     rg = grants(role.get("rules", []))
-    check(("", "secrets", "create", ()) in rg, "Role must allow creating secrets (identity CA)")
-    check(("", "secrets", "get", ("meshlet-identity-ca",)) in rg and ("", "secrets", "update", ("meshlet-identity-ca",)) in rg,
-          "Role must allow get/update of the identity CA secret only")
+    user_ca = values["identity"]["caSecret"]
+    ca_secret = user_ca or "meshlet-identity-ca"
+    if user_ca:
+        check(("", "secrets", "create", ()) not in rg, "a user-provided CA (identity.caSecret) needs no secret create")
+    else:
+        check(("", "secrets", "create", ()) in rg, "Role must allow creating secrets (identity CA)")
+    check(("", "secrets", "get", (ca_secret,)) in rg and ("", "secrets", "update", (ca_secret,)) in rg,
+          f"Role must allow get/update of the identity CA secret {ca_secret} only")
     lease = {("coordination.k8s.io", "leases", "create", ())}
     lease |= {("coordination.k8s.io", "leases", v, ("meshlet-controller",)) for v in ("get", "update")}
     check(lease <= rg, f"Role must allow the controller Lease: missing {sorted(lease - rg)}")
@@ -329,7 +334,25 @@ def check_deployment(kinds, values, chart, kube_version):
     # Service 443 -> the container's https port.
     svc = one(kinds, "Service", INJECTOR)
     sp = svc.get("spec", {}).get("ports", [{}])
-    check(len(sp) == 1 and sp[0].get("port") == 443 and sp[0].get("targetPort") in ("https", 8443), "Service must map 443 to 8443")
+    check(sp[0].get("port") == 443 and sp[0].get("targetPort") in ("https", 8443), "Service must map 443 to 8443")
+    idv = values["identity"]
+    mesh = [p for p in sp[1:] if p.get("name") == "mesh"]
+    if idv["enabled"]:
+        check(len(sp) == 2 and len(mesh) == 1 and mesh[0].get("port") == 15012 and mesh[0].get("targetPort") == "mesh"
+              and ports.get("mesh") == 15012, "identity.enabled: Service must map 15012 to the container's mesh port")
+        check(flags.get("identity") == "true" and flags.get("cert-lifetime") == idv["certLifetime"]
+              and flags.get("ca-secret") == (idv["caSecret"] or "meshlet-identity-ca")
+              and flags.get("ca-secret-create") == str(not idv["caSecret"]).lower(),
+              "identity flags do not follow the identity values")
+        pinned = iv.get("service", {}).get("clusterIP", "")
+        want_addr = values["controlPlane"]["address"] or (f"{pinned}:15012" if pinned else None)
+        if want_addr:
+            check(flags.get("control-plane-address") == want_addr,
+                  f"--control-plane-address={flags.get('control-plane-address')!r}, want {want_addr!r}")
+        if pinned:
+            check(svc["spec"].get("clusterIP") == pinned, "injector.service.clusterIP is not the Service's clusterIP")
+    else:
+        check(len(sp) == 1 and flags.get("identity") == "false", "identity off: no mesh port and --identity=false")
     check(svc.get("spec", {}).get("selector") == spec.get("selector", {}).get("matchLabels"), "Service selector != Deployment selector")
 
     pdbs = kinds.get("PodDisruptionBudget", [])
@@ -489,6 +512,10 @@ def cmd_args(rendered, outdir, port):
             a = "--tls-cert=" + os.path.join(outdir, "tls.crt")
         elif a.startswith("--tls-key="):
             a = "--tls-key=" + os.path.join(outdir, "tls.key")
+        elif a.startswith("--identity="):
+            # No API server here (TokenReview, the CA Secret): the issuer is tested
+            # against a real one by injector/tests/issuer_kube.rs.
+            a = "--identity=false"
         out.append(a)
     sys.stdout.write("\0".join(out) + "\0")
 

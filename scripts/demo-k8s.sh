@@ -50,13 +50,22 @@ kubectl wait --for=condition=Ready node/node-1 --timeout=60s >/dev/null
 show kubectl get nodes -o wide
 
 step "1. install meshlet"
-show "$helm" install meshlet charts/meshlet -n meshlet-system --create-namespace --wait --timeout 120s
+# No DNS here: the injector Service gets a pinned ClusterIP, which the chart
+# hands to the proxies as the identity issuer's address.
+show "$helm" install meshlet charts/meshlet -n meshlet-system --create-namespace --set injector.service.clusterIP=198.19.0.12 --wait --timeout 120s
 show kubectl -n meshlet-system get pods
 
 step "2. a namespace labelled meshlet.io/inject=enabled, and the sample app"
 show kubectl apply -f samples/hello.yaml
 kubectl -n hello wait --for=condition=Ready pod --all --timeout=120s >/dev/null
 show kubectl -n hello get pods -o custom-columns='POD:.metadata.name,INIT:.spec.initContainers[*].name,CONTAINERS:.spec.containers[*].name,IP:.status.podIP'
+
+step "identities: each sidecar made its key, sent a CSR with its projected token, and the injector signed it after a TokenReview"
+show kubectl -n meshlet-system get secret meshlet-identity-ca
+for p in $(kubectl -n hello get pods -l 'app!=legacy' -o jsonpath='{.items[*].metadata.name}'); do
+  printf '  %s: ' "$p"
+  kubectl -n hello logs "$p" -c meshlet-proxy | grep -m1 'mesh identity loaded' | grep -o 'id=[^ ]*' || echo "(no identity)"
+done
 
 step "3. rollout restart: new pods are injected again by the webhook"
 show kubectl -n hello rollout restart deployment/backend-v1

@@ -1,5 +1,5 @@
-//! Pod and namespace annotations meshlet reads. Each one is validated by the injector;
-//! a bad value is refused with a message naming the annotation and the value.
+//! Pod, namespace and Service annotations meshlet reads. Each one is validated by the
+//! injector; a bad value is refused with a message naming the annotation and the value.
 
 /// What was injected, by which version (JSON written by the injector).
 pub const STATUS: &str = "meshlet.io/status";
@@ -49,4 +49,19 @@ pub const POD_ANNOTATIONS: [&str; 13] = [
     LOG_LEVEL,
     NATIVE_SIDECAR,
     TLS_MODE,
+];
+
+/// Service annotation: failures in a row that eject an endpoint (a whole number; `0`
+/// turns ejection off). Compiled into the Service's `outlierDetection`.
+pub const OUTLIER_CONSECUTIVE_FAILURES: &str = "meshlet.io/outlier-consecutive-failures";
+/// Service annotation: how long an endpoint's first ejection lasts (`1s`, `500ms`).
+pub const OUTLIER_BASE_EJECTION: &str = "meshlet.io/outlier-base-ejection";
+/// Service annotation: the longest an ejection lasts (`30s`, `1m`).
+pub const OUTLIER_MAX_EJECTION: &str = "meshlet.io/outlier-max-ejection";
+
+/// Every Service annotation the mesh config compiler validates.
+pub const SERVICE_ANNOTATIONS: [&str; 3] = [
+    OUTLIER_CONSECUTIVE_FAILURES,
+    OUTLIER_BASE_EJECTION,
+    OUTLIER_MAX_EJECTION,
 ];

@@ -12,7 +12,9 @@
 //!                "identities": ["spiffe://cluster.local/ns/shop/sa/web"],
 //!                "endpoints": [{"ip": "198.18.0.2", "ports": {"80": 8080}, "ready": true,
 //!                               "podName": "web-0",
-//!                               "identity": "spiffe://cluster.local/ns/shop/sa/web"}]}],
+//!                               "identity": "spiffe://cluster.local/ns/shop/sa/web"}],
+//!                "outlierDetection": {"consecutiveFailures": 5, "baseEjection": "1s",
+//!                                     "maxEjection": "30s"}}],
 //!  "opaquePorts": [3306],
 //!  "timeouts": {"detect": "1s", "connect": "5s", "idle": "1h"}}
 //! ```
@@ -79,6 +81,28 @@ pub struct Service {
     /// (`XBackendTrafficPolicy.spec.retryConstraint`); absent means the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_constraint: Option<RetryConstraint>,
+    /// When its endpoints are ejected for failing; absent means the defaults
+    /// ([`OutlierDetection::default`]), which eject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Outlier detection of one Service: a proxy stops sending requests to an endpoint
+/// whose requests failed (connect errors and timeouts, TLS handshake failures, 502,
+/// 503, 504) `consecutiveFailures` times in a row, for `baseEjection`, doubled for
+/// each further ejection in a row up to `maxEjection`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row that eject an endpoint; 0 turns ejection off.
+    #[serde(default = "OutlierDetection::default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts (more than zero).
+    #[serde(default = "OutlierDetection::default_base_ejection")]
+    pub base_ejection: Duration,
+    /// The longest an ejection lasts (at least `baseEjection`).
+    #[serde(default = "OutlierDetection::default_max_ejection")]
+    pub max_ejection: Duration,
 }
 
 /// A retry budget (Gateway API `XBackendTrafficPolicy` `retryConstraint`, GEP-3388):
@@ -258,6 +282,14 @@ impl MeshConfig {
             if let Some(rc) = &svc.retry_constraint {
                 rc.validate(&format!("{}/{}", svc.namespace, svc.name))?;
             }
+            if let Some(o) = &svc.outlier_detection {
+                o.validate().map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "service {}/{}: outlierDetection: {e}",
+                        svc.namespace, svc.name
+                    ))
+                })?;
+            }
             if svc.meshed && svc.identities.is_empty() {
                 return Err(ConfigError::Invalid(format!(
                     "service {}/{} is meshed but lists no identities",
@@ -427,6 +459,48 @@ impl Default for RetryRate {
         Self {
             count: Self::default_count(),
             interval: Self::default_interval(),
+        }
+    }
+}
+
+// === impl OutlierDetection ===
+
+impl OutlierDetection {
+    /// Checks the rules serde cannot; the error says what to write instead.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.base_ejection.is_zero() {
+            return Err(
+                "baseEjection must be more than zero; write a duration such as 1s, or set \
+                 consecutiveFailures to 0 to turn ejection off"
+                    .into(),
+            );
+        }
+        if self.max_ejection < self.base_ejection {
+            return Err(format!(
+                "maxEjection {} is shorter than baseEjection {}; make it at least as long",
+                self.max_ejection, self.base_ejection
+            ));
+        }
+        Ok(())
+    }
+
+    fn default_consecutive_failures() -> u32 {
+        5
+    }
+    fn default_base_ejection() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_max_ejection() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: Self::default_consecutive_failures(),
+            base_ejection: Self::default_base_ejection(),
+            max_ejection: Self::default_max_ejection(),
         }
     }
 }
@@ -650,5 +724,69 @@ mod tests {
             .to_string()
             .contains("minRetryRate.interval is 100ms"));
         assert!(MeshConfig::from_json(with(r#"{"budgett": {}}"#).as_bytes()).is_err());
+    }
+
+    #[test]
+    fn outlier_detection_is_optional_defaulted_and_validated() {
+        let old = MeshConfig::from_json(DOC.as_bytes()).unwrap();
+        assert_eq!(old.services[0].outlier_detection, None);
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("outlierDetection"), "{json}");
+
+        let with = |od: &str| {
+            DOC.replace(
+                r#""meshed": true,"#,
+                &format!(r#""meshed": true, "outlierDetection": {od},"#),
+            )
+        };
+        let cfg = MeshConfig::from_json(with(r#"{"consecutiveFailures": 3}"#).as_bytes()).unwrap();
+        assert_eq!(
+            cfg.services[0].outlier_detection,
+            Some(OutlierDetection {
+                consecutive_failures: 3,
+                ..OutlierDetection::default()
+            })
+        );
+        assert_eq!(
+            OutlierDetection::default().base_ejection,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            OutlierDetection::default().max_ejection,
+            Duration::from_secs(30)
+        );
+        let full =
+            with(r#"{"consecutiveFailures": 0, "baseEjection": "500ms", "maxEjection": "1m"}"#);
+        let cfg = MeshConfig::from_json(full.as_bytes()).unwrap();
+        let round = serde_json::to_string(&cfg).unwrap();
+        assert!(round.contains(r#""outlierDetection":{"consecutiveFailures":0,"baseEjection":"500ms","maxEjection":"1m"}"#), "{round}");
+        assert_eq!(MeshConfig::from_json(round.as_bytes()).unwrap(), cfg);
+
+        let e = MeshConfig::from_json(with(r#"{"baseEjection": "0s"}"#).as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "service default/reviews: outlierDetection: baseEjection must be more than zero"
+            ),
+            "{e}"
+        );
+        let e = MeshConfig::from_json(
+            with(r#"{"baseEjection": "10s", "maxEjection": "5s"}"#).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("maxEjection 5s is shorter than baseEjection 10s"),
+            "{e}"
+        );
+        for bad in [
+            r#"{"consecutiveFailures": -1}"#,
+            r#"{"baseEjection": "soon"}"#,
+            r#"{"interval": "1s"}"#,
+        ] {
+            assert!(
+                MeshConfig::from_json(with(bad).as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -33,6 +33,10 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
+    /// The kind the route was written as; a GRPCRoute is compiled into this same shape
+    /// (its method matches become path matches) and ranked by its own precedence rules.
+    #[serde(default, skip_serializing_if = "RouteKind::is_http")]
+    pub kind: RouteKind,
     /// The HTTPRoute's name.
     pub name: String,
     /// The HTTPRoute's namespace. The Service's own namespace makes it a producer route
@@ -89,6 +93,40 @@ pub struct RouteMatch {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<ValueMatch>,
     /// HTTP method, upper case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// The GRPCRoute method match this match was compiled from (only in a GRPCRoute).
+    /// `path` does the matching (it must be [`GrpcMethodMatch::path_match`]); this is the
+    /// rank hint: GEP-1016 ranks gRPC matches by the service, then the method they name,
+    /// which the path's own ranking (exact, prefix, regex) gets wrong, e.g. a method-only
+    /// match (a regex path) must beat a match-all (`PathPrefix /`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_method: Option<GrpcMethodMatch>,
+}
+
+/// The kind of a Gateway API route.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum RouteKind {
+    /// `HTTPRoute`.
+    #[default]
+    #[serde(rename = "HTTPRoute")]
+    Http,
+    /// `GRPCRoute`.
+    #[serde(rename = "GRPCRoute")]
+    Grpc,
+}
+
+/// A GRPCRoute `GRPCMethodMatch`: which gRPC service and method (`/service/method`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    /// How `service` and `method` are compared (both the same way).
+    #[serde(rename = "type", default)]
+    pub kind: ValueMatchType,
+    /// The fully qualified service, e.g. `pkg.Svc`; `None` is any service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The method, e.g. `Get`; `None` is any method.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
 }
@@ -294,6 +332,148 @@ pub fn compile_regex(pattern: &str) -> Result<Regex, regex::Error> {
         .build()
 }
 
+// === impl RouteKind ===
+
+impl RouteKind {
+    /// The kind as Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "HTTPRoute",
+            Self::Grpc => "GRPCRoute",
+        }
+    }
+
+    fn is_http(&self) -> bool {
+        *self == Self::Http
+    }
+}
+
+impl std::fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a gRPC method match ranks ([`GrpcMethodMatch::precedence`]); lower first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GrpcPrecedence {
+    service: (u8, std::cmp::Reverse<usize>),
+    method: (u8, std::cmp::Reverse<usize>),
+}
+
+// === impl GrpcMethodMatch ===
+
+/// One path element: what "any service" and "any method" match.
+const ANY_ELEMENT: &str = "[^/]+";
+
+impl GrpcMethodMatch {
+    /// The path condition that selects exactly the requests of this match (gRPC sends
+    /// `POST /<service>/<method>`):
+    ///
+    /// | type | service | method | path |
+    /// |---|---|---|---|
+    /// | Exact | `S` | `M` | Exact `/S/M` |
+    /// | Exact | `S` | - | PathPrefix `/S` (whole elements: not `/S.v2/M`) |
+    /// | Exact | - | `M` | RegularExpression `/[^/]+/M` |
+    /// | RegularExpression | `S` | `M` | RegularExpression `/(?:S)/(?:M)` |
+    ///
+    /// and with a regex of one side missing, `[^/]+` in its place. Exact values are
+    /// checked by [`Self::validate`] to hold no regex or path syntax; they are escaped
+    /// anyway.
+    pub fn path_match(&self) -> PathMatch {
+        let (service, method) = (self.service.as_deref(), self.method.as_deref());
+        let (kind, value) = match (self.kind, service, method) {
+            (ValueMatchType::Exact, Some(s), Some(m)) => {
+                (PathMatchType::Exact, format!("/{s}/{m}"))
+            }
+            (ValueMatchType::Exact, Some(s), None) => (PathMatchType::PathPrefix, format!("/{s}")),
+            (ValueMatchType::Exact, None, m) => (
+                PathMatchType::RegularExpression,
+                format!(
+                    "/{ANY_ELEMENT}/{}",
+                    m.map(regex::escape).unwrap_or(ANY_ELEMENT.into())
+                ),
+            ),
+            (ValueMatchType::RegularExpression, s, m) => {
+                let part =
+                    |v: Option<&str>| v.map_or(ANY_ELEMENT.to_string(), |v| format!("(?:{v})"));
+                (
+                    PathMatchType::RegularExpression,
+                    format!("/{}/{}", part(s), part(m)),
+                )
+            }
+        };
+        PathMatch { kind, value }
+    }
+
+    /// GEP-1016 precedence, lower first: the match naming the service ranks first (an
+    /// exact service before a regex, longer before shorter), then likewise the method.
+    /// "Characters in a matching service" is read as: an exact name counts all its
+    /// characters; a regex (implementation-specific) ranks after every exact name, by
+    /// pattern length; no service ranks last.
+    pub fn precedence(m: Option<&Self>) -> GrpcPrecedence {
+        let part = |m: Option<&Self>, f: fn(&Self) -> Option<&String>| match m
+            .and_then(|m| Some((m.kind, f(m)?)))
+        {
+            Some((ValueMatchType::Exact, v)) => (0u8, std::cmp::Reverse(v.len())),
+            Some((ValueMatchType::RegularExpression, v)) => (1, std::cmp::Reverse(v.len())),
+            None => (2, std::cmp::Reverse(0)),
+        };
+        GrpcPrecedence {
+            service: part(m, |m| m.service.as_ref()),
+            method: part(m, |m| m.method.as_ref()),
+        }
+    }
+
+    fn validate(&self, at: &str) -> Result<(), FieldError> {
+        if self.service.as_deref().unwrap_or("").is_empty()
+            && self.method.as_deref().unwrap_or("").is_empty()
+        {
+            return Err((at.into(), "needs a service, a method or both".into()));
+        }
+        for (field, v) in [("service", &self.service), ("method", &self.method)] {
+            let Some(v) = v else { continue };
+            let f = format!("{at}.{field}");
+            if v.is_empty() {
+                return Err((f, "is empty; leave it out to match any".into()));
+            }
+            match self.kind {
+                ValueMatchType::RegularExpression => {
+                    check_regex(v, f.clone())?;
+                    // Alone too: `a)|(b` compiles inside the anchoring group but would
+                    // break out of its place in the path regex.
+                    regex::RegexBuilder::new(v)
+                        .size_limit(REGEX_SIZE_LIMIT)
+                        .build()
+                        .map_err(|_| (f, format!("{v:?} is not a regular expression on its own; balance its groups")))?;
+                }
+                ValueMatchType::Exact => {
+                    // The CRD's CEL rules: `^(?i)\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*$`
+                    // for a service, `^[A-Za-z_][A-Za-z_0-9]*$` for a method.
+                    let ident = |p: &str| {
+                        p.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    };
+                    let ok = if field == "service" {
+                        v.strip_prefix('.').unwrap_or(v).split('.').all(ident)
+                    } else {
+                        ident(v)
+                    };
+                    if !ok {
+                        let want = if field == "service" {
+                            "dot-separated identifiers such as pkg.v1.Svc"
+                        } else {
+                            "one identifier such as GetUser"
+                        };
+                        return Err((f, format!("{v:?} is not a gRPC {field} name; write {want}")));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 // === impl HttpRoute ===
 
 impl HttpRoute {
@@ -323,8 +503,32 @@ impl HttpRoute {
             ));
         }
         for (ri, rule) in self.rules.iter().enumerate() {
-            rule.validate(&format!("rules[{ri}]"))
-                .map_err(|(f, r)| err(f, r))?;
+            let at = format!("rules[{ri}]");
+            rule.validate(&at).map_err(|(f, r)| err(f, r))?;
+            for (mi, m) in rule.matches.iter().enumerate() {
+                self.validate_grpc(m, &format!("{at}.matches[{mi}]"))
+                    .map_err(|(f, r)| err(f, r))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HttpRoute {
+    fn validate_grpc(&self, m: &RouteMatch, at: &str) -> Result<(), FieldError> {
+        let Some(g) = &m.grpc_method else {
+            return Ok(());
+        };
+        let f = format!("{at}.grpcMethod");
+        if self.kind != RouteKind::Grpc {
+            return Err((f, "only a GRPCRoute has method matches".into()));
+        }
+        g.validate(&f)?;
+        if m.path.as_ref() != Some(&g.path_match()) {
+            return Err((
+                format!("{at}.path"),
+                format!("must be {:?}, what the grpcMethod selects", g.path_match()),
+            ));
         }
         Ok(())
     }
@@ -778,5 +982,165 @@ mod tests {
         let alt = compile_regex("a|b").unwrap();
         assert!(!alt.is_match("ab"), "alternation stays inside the anchors");
         assert!(compile_regex("a{1000}{1000}").is_err(), "size is bounded");
+    }
+
+    fn gm(kind: ValueMatchType, service: Option<&str>, method: Option<&str>) -> GrpcMethodMatch {
+        GrpcMethodMatch {
+            kind,
+            service: service.map(str::to_string),
+            method: method.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn grpc_method_matches_become_path_matches_that_select_the_same_calls() {
+        use ValueMatchType::{Exact, RegularExpression as Re};
+        // (match, paths it selects, paths it does not)
+        let cases = [
+            (
+                gm(Exact, Some("pkg.Svc"), Some("Get")),
+                PathMatchType::Exact,
+                vec!["/pkg.Svc/Get"],
+                vec!["/pkg.Svc/GetAll", "/pkg.Svc/get", "/x.pkg.Svc/Get"],
+            ),
+            (
+                gm(Exact, Some("pkg.Svc"), None),
+                PathMatchType::PathPrefix,
+                vec!["/pkg.Svc/Get", "/pkg.Svc/Put"],
+                vec!["/pkg.Svc2/Get", "/pkg.SvcX/Get"],
+            ),
+            (
+                gm(Exact, None, Some("Get")),
+                PathMatchType::RegularExpression,
+                vec!["/pkg.Svc/Get", "/a/Get"],
+                vec!["/pkg.Svc/GetAll", "/Get", "/a/b/Get"],
+            ),
+            (
+                gm(Re, Some(r"pkg\.v[0-9]+\.Svc"), Some("Get|Put")),
+                PathMatchType::RegularExpression,
+                vec!["/pkg.v2.Svc/Get", "/pkg.v10.Svc/Put"],
+                vec!["/pkg.v2.Svc/Del", "/pkg.vx.Svc/Get"],
+            ),
+            (
+                gm(Re, Some("a|b"), None),
+                PathMatchType::RegularExpression,
+                vec!["/a/Get", "/b/X"],
+                vec!["/ab/Get", "/c/a"],
+            ),
+            (
+                gm(Re, None, "G.t".into()),
+                PathMatchType::RegularExpression,
+                vec!["/s/Get", "/s/Gut"],
+                vec!["/s/Gets"],
+            ),
+        ];
+        for (m, kind, yes, no) in cases {
+            let p = m.path_match();
+            assert_eq!(p.kind, kind, "{m:?}");
+            let hit = |path: &str| match p.kind {
+                PathMatchType::Exact => path == p.value,
+                PathMatchType::PathPrefix => path
+                    .strip_prefix(p.value.as_str())
+                    .is_some_and(|r| r.is_empty() || r.starts_with('/')),
+                PathMatchType::RegularExpression => compile_regex(&p.value).unwrap().is_match(path),
+            };
+            for y in yes {
+                assert!(hit(y), "{m:?} ({p:?}) should select {y}");
+            }
+            for n in no {
+                assert!(!hit(n), "{m:?} ({p:?}) must not select {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn grpc_precedence_ranks_service_then_method_exact_before_regex() {
+        use ValueMatchType::{Exact, RegularExpression as Re};
+        let best_first = [
+            Some(gm(Exact, Some("pkg.Service"), Some("Get"))),
+            Some(gm(Exact, Some("pkg.Service"), None)),
+            Some(gm(Exact, Some("pkg.S"), Some("Get"))),
+            Some(gm(Re, Some("pkg\\..*"), Some("Get"))),
+            Some(gm(Re, Some("p.*"), None)),
+            Some(gm(Exact, None, Some("GetAll"))),
+            Some(gm(Exact, None, Some("Get"))),
+            Some(gm(Re, None, Some("G.*"))),
+            None,
+        ];
+        let ranks: Vec<_> = best_first
+            .iter()
+            .map(|m| GrpcMethodMatch::precedence(m.as_ref()))
+            .collect();
+        for (i, w) in ranks.windows(2).enumerate() {
+            assert!(
+                w[0] < w[1],
+                "{:?} must rank before {:?}",
+                best_first[i],
+                best_first[i + 1]
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_method_matches_are_validated_against_their_path_and_kind() {
+        let grpc = |m: &str| -> HttpRoute {
+            serde_json::from_str(&format!(
+                r#"{{"kind": "GRPCRoute", "name": "g", "namespace": "shop",
+                    "rules": [{{"matches": [{m}]}}]}}"#
+            ))
+            .unwrap()
+        };
+        let ok = grpc(
+            r#"{"path": {"type": "Exact", "value": "/pkg.Svc/Get"},
+                          "grpcMethod": {"service": "pkg.Svc", "method": "Get"}}"#,
+        );
+        ok.validate().unwrap();
+        let json = serde_json::to_string(&ok).unwrap();
+        assert!(json.starts_with(r#"{"kind":"GRPCRoute","#), "{json}");
+        let http: HttpRoute =
+            serde_json::from_str(&json.replace(r#""kind":"GRPCRoute","#, "")).unwrap();
+        assert_eq!(http.kind, RouteKind::Http);
+        assert!(
+            !serde_json::to_string(&http).unwrap().contains("kind"),
+            "HTTPRoute is the default and left out"
+        );
+        let e = http.validate().unwrap_err();
+        assert!(
+            e.field.ends_with("grpcMethod") && e.reason.contains("only a GRPCRoute"),
+            "{e}"
+        );
+
+        let cases = [
+            (
+                r#"{"path": {"type": "Exact", "value": "/pkg.Svc/Put"}, "grpcMethod": {"service": "pkg.Svc", "method": "Get"}}"#,
+                "rules[0].matches[0].path",
+                "what the grpcMethod selects",
+            ),
+            (
+                r#"{"path": {"type": "PathPrefix", "value": "/"}, "grpcMethod": {}}"#,
+                "rules[0].matches[0].grpcMethod",
+                "needs a service",
+            ),
+            (
+                r#"{"path": {"type": "Exact", "value": "/pkg/Svc/Get"}, "grpcMethod": {"service": "pkg/Svc", "method": "Get"}}"#,
+                "rules[0].matches[0].grpcMethod.service",
+                "not a gRPC service name",
+            ),
+            (
+                r#"{"path": {"type": "Exact", "value": "/a/G-t"}, "grpcMethod": {"service": "a", "method": "G-t"}}"#,
+                "rules[0].matches[0].grpcMethod.method",
+                "not a gRPC method name",
+            ),
+            (
+                r#"{"path": {"type": "RegularExpression", "value": "/(?:a)|(?:.*)/[^/]+"}, "grpcMethod": {"type": "RegularExpression", "service": "a)|(?:.*"}}"#,
+                "rules[0].matches[0].grpcMethod.service",
+                "on its own",
+            ),
+        ];
+        for (m, field, reason) in cases {
+            let e = grpc(m).validate().unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+        }
     }
 }

@@ -153,22 +153,31 @@ impl Ca {
         let key_path = dir.join(CA_KEY_FILE);
         let cert_pem = read(&cert_path)?;
         let key_pem = read(&key_path)?;
+        Self::from_pem(cert_pem, &key_pem).map_err(|bad| CaError::BadPem {
+            path: match bad {
+                BadPart::Cert => cert_path,
+                BadPart::Key => key_path,
+            },
+            what: bad.what(),
+        })
+    }
+
+    /// Parses a CA from PEM text (certificate and PKCS#8 key), e.g. from a Secret.
+    pub fn from_pem(cert_pem: String, key_pem: &str) -> Result<Self, BadPart> {
         let cert =
-            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| CaError::BadPem {
-                path: cert_path.clone(),
-                what: "PEM certificate",
-            })?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|_| CaError::BadPem {
-            path: key_path,
-            what: "PEM private key",
-        })?;
-        let issuer = Issuer::from_ca_cert_der(&cert, key)
-            .map_err(rcgen_err("cannot use the CA certificate"))?;
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| BadPart::Cert)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|_| BadPart::Key)?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|_| BadPart::Cert)?;
         Ok(Self {
             issuer,
             cert,
             cert_pem,
         })
+    }
+
+    /// The CA private key, PEM (PKCS#8): only for storing the CA where it came from.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// Writes `ca.pem` and `ca-key.pem` (mode 0600) into `dir`, creating it; refuses
@@ -224,6 +233,58 @@ impl Ca {
             .signed_by(public_key, &self.issuer)
             .map_err(rcgen_err("cannot sign the workload certificate"))?;
         Ok(cert.der().clone())
+    }
+}
+
+/// Which half of a CA pair is unusable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadPart {
+    /// The certificate: no PEM certificate, or not one rcgen can sign with.
+    Cert,
+    /// The private key: no PEM key, or not one rcgen can sign with.
+    Key,
+}
+
+impl BadPart {
+    /// What was expected, for error messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            Self::Cert => "PEM CA certificate",
+            Self::Key => "PEM private key",
+        }
+    }
+}
+
+impl Ca {
+    /// Signs a serving certificate for the control plane's mesh endpoint: DNS SANs
+    /// `dns_names` for clients that check a server name, plus the URI SAN of its own
+    /// service account `id`. The key is made here and returned with it.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
+        if lifetime.is_zero() || lifetime > MAX_LIFETIME {
+            return Err(CaError::Lifetime(lifetime));
+        }
+        let key = KeyPair::generate().map_err(rcgen_err("cannot generate the server key"))?;
+        let mut params = workload_params(id, lifetime)?;
+        for name in dns_names {
+            let dns = name
+                .clone()
+                .try_into()
+                .map_err(rcgen_err("a control-plane DNS name is not a valid DNS SAN"))?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rcgen_err("cannot sign the control-plane certificate"))?;
+        Ok(Issued {
+            cert_pem: pem("CERTIFICATE", cert.der()),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem.clone(),
+        })
     }
 }
 

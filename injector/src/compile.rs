@@ -1,6 +1,12 @@
 //! The mesh config compiler from manifest files (`meshlet-injector compile --from-files`):
-//! Services, the workloads behind them (for identities) and Gateway API HTTPRoutes whose
-//! parentRef is a Service (GAMMA), into one [`MeshConfig`] document.
+//! Services, the workloads behind them (for identities) and Gateway API HTTPRoutes and
+//! GRPCRoutes ([`grpc`]) whose parentRef is a Service (GAMMA), into one [`MeshConfig`]
+//! document.
+//!
+//! Where a GRPCRoute and an HTTPRoute attach to the same Service port, the GRPCRoute
+//! wins and the HTTPRoute's parentRef is left out with `Conflicted` (GEP-1294, "Route
+//! types": one route type per Service and port, GRPCRoute before HTTPRoute); a
+//! parentRef without a port covers every port of the Service.
 //!
 //! An HTTPRoute that cannot be applied is left out with a problem that carries the
 //! reason the Gateway API would put in its status (`BackendNotFound`, `UnsupportedValue`,
@@ -14,10 +20,12 @@ use std::{
 };
 
 use meshlet_api::{
-    config::{RetryConstraint, Service, ServicePort},
+    annotations as ann,
+    config::{OutlierDetection, RetryConstraint, Service, ServicePort},
     route::{
-        BackendRef, Filter, HeaderModifier, HttpRoute, PathMatch, PathMatchType, PathModifier,
-        RequestRedirect, Retry, RouteMatch, RouteRule, RouteTimeouts, UrlRewrite, ValueMatch,
+        BackendRef, Filter, GrpcMethodMatch, HeaderModifier, HttpRoute, PathMatch, PathMatchType,
+        PathModifier, RequestRedirect, Retry, RouteKind, RouteMatch, RouteRule, RouteTimeouts,
+        UrlRewrite, ValueMatch,
     },
     MeshConfig, SpiffeId, DEFAULT_TRUST_DOMAIN, INJECT_LABEL,
 };
@@ -25,6 +33,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 pub mod authz;
+mod grpc;
 
 /// Why the manifests could not be compiled at all.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +62,7 @@ pub enum CompileError {
 /// A route (or policy) left out, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
-    /// The object's kind: `HTTPRoute` or `XBackendTrafficPolicy`.
+    /// The object's kind: `HTTPRoute`, `GRPCRoute` or `XBackendTrafficPolicy`.
     pub kind: &'static str,
     /// `namespace/name` of the object.
     pub route: String,
@@ -73,6 +82,64 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// A Service annotation with a value meshlet cannot use. It is refused for that
+/// Service alone (its outlier detection keeps the defaults): one bad annotation must
+/// not stop the cluster's whole mesh config from being compiled.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Service {service}: annotation {name} has the invalid value {value:?}: {reason}; fix or \
+     remove the annotation (the defaults apply until then)"
+)]
+pub struct BadServiceAnnotation {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// The annotation.
+    pub name: &'static str,
+    /// The value as written.
+    pub value: String,
+    /// What is wrong and what a valid value looks like.
+    pub reason: String,
+}
+
+/// An HTTPRoute left out of one Service parent because a GRPCRoute attaches to the same
+/// Service port (reason `Conflicted`); its other parents still apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// `namespace/name` of the HTTPRoute.
+    pub route: String,
+    /// `namespace/name` of the parent Service.
+    pub service: String,
+    /// The parentRef's port (`None`: every port).
+    pub port: Option<u16>,
+    /// `namespace/name` of the GRPCRoute that holds the port.
+    pub by: String,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HTTPRoute {} left out of Service {}{}: Conflicted: {}",
+            self.route,
+            self.service,
+            self.port.map(|p| format!(" port {p}")).unwrap_or_default(),
+            self.message()
+        )
+    }
+}
+
+impl Conflict {
+    /// What happened and what to do, for the route's status.
+    pub fn message(&self) -> String {
+        format!(
+            "GRPCRoute {} attaches to the same Service port, and a GRPCRoute takes a port \
+             before an HTTPRoute (GEP-1294); move one of them to another port with \
+             parentRef.port, or route gRPC and HTTP with one kind",
+            self.by
+        )
+    }
+}
+
 /// The compiled document and the routes left out.
 #[derive(Debug)]
 pub struct Compiled {
@@ -80,6 +147,10 @@ pub struct Compiled {
     pub config: MeshConfig,
     /// Routes that were left out.
     pub problems: Vec<Problem>,
+    /// Service annotations that were refused.
+    pub bad_annotations: Vec<BadServiceAnnotation>,
+    /// HTTPRoute parents left out for a GRPCRoute on the same Service port.
+    pub conflicts: Vec<Conflict>,
     /// AuthorizationPolicies (and namespace defaults) that were left out.
     pub authz_problems: Vec<authz::PolicyProblem>,
 }
@@ -201,7 +272,7 @@ pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, Compi
                 grants.extend(grant(o));
                 continue;
             }
-            "HTTPRoute" if api.starts_with("gateway.networking.k8s.io/") => {
+            "HTTPRoute" | "GRPCRoute" if api.starts_with("gateway.networking.k8s.io/") => {
                 routes.push(o);
                 continue;
             }
@@ -231,9 +302,10 @@ pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, Compi
         });
     }
 
+    let mut bad_annotations = Vec::new();
     let mut out: Vec<Service> = services
         .iter()
-        .map(|o| service(o, &pods, &injected_namespaces))
+        .map(|o| service(o, &pods, &injected_namespaces, &mut bad_annotations))
         .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
@@ -250,16 +322,27 @@ pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, Compi
             Err(p) => problems.push(p),
         }
     }
+    let conflicts = conflicts(&parsed);
     for (r, parents) in parsed {
         for (ns, name, port) in parents {
+            let id = r.id();
+            let service = format!("{ns}/{name}");
+            if conflicts
+                .iter()
+                .any(|c| c.route == id && c.service == service && c.port == port)
+                && r.kind == RouteKind::Http
+            {
+                continue;
+            }
             if let Some(svc) = out.iter_mut().find(|s| s.namespace == ns && s.name == name) {
                 svc.routes.push(HttpRoute { port, ..r.clone() });
             }
         }
     }
     for svc in &mut out {
-        svc.routes
-            .sort_by(|a, b| (&a.namespace, &a.name, a.port).cmp(&(&b.namespace, &b.name, b.port)));
+        svc.routes.sort_by(|a, b| {
+            (&a.namespace, &a.name, a.kind, a.port).cmp(&(&b.namespace, &b.name, b.kind, b.port))
+        });
     }
     let (authorization, authz_problems) =
         authz::compile(objects, &out, opts.default_inbound_policy);
@@ -273,12 +356,53 @@ pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, Compi
     Ok(Compiled {
         config,
         problems,
+        bad_annotations,
+        conflicts,
         authz_problems,
     })
 }
 
-fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
+/// The HTTPRoute parents that share a Service port with a GRPCRoute.
+fn conflicts(parsed: &[(HttpRoute, Parents)]) -> Vec<Conflict> {
+    let overlap = |a: Option<u16>, b: Option<u16>| a.is_none() || b.is_none() || a == b;
+    let mut out = Vec::new();
+    for (r, parents) in parsed.iter().filter(|(r, _)| r.kind == RouteKind::Http) {
+        for (ns, name, port) in parents {
+            let by = parsed.iter().find(|(g, gp)| {
+                g.kind == RouteKind::Grpc
+                    && gp.iter().any(|(gns, gname, gport)| {
+                        gns == ns && gname == name && overlap(*port, *gport)
+                    })
+            });
+            if let Some((g, _)) = by {
+                out.push(Conflict {
+                    route: r.id(),
+                    service: format!("{ns}/{name}"),
+                    port: *port,
+                    by: g.id(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn service(
+    o: &Value,
+    pods: &[PodInfo],
+    injected: &BTreeSet<&str>,
+    bad: &mut Vec<BadServiceAnnotation>,
+) -> Service {
     let namespace = namespace_of(o);
+    let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
+    let outlier_detection = outlier_detection(
+        &labels(o, &["metadata", "annotations"]),
+        &format!("{namespace}/{name}"),
+    )
+    .unwrap_or_else(|e| {
+        bad.push(e);
+        None
+    });
     let spec = o.get("spec").cloned().unwrap_or_default();
     let mut cluster_ips: Vec<IpAddr> = spec
         .get("clusterIPs")
@@ -327,7 +451,7 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
         }
     }
     Service {
-        name: s(o, &["metadata", "name"]).unwrap_or_default().to_string(),
+        name,
         namespace,
         cluster_ips,
         ports,
@@ -336,7 +460,77 @@ fn service(o: &Value, pods: &[PodInfo], injected: &BTreeSet<&str>) -> Service {
         endpoints: Vec::new(),
         routes: Vec::new(),
         retry_constraint: None,
+        outlier_detection,
     }
+}
+
+/// The Service's `meshlet.io/outlier-*` annotations; `None` when it has none (the
+/// proxy's defaults apply). Unset ones keep their default.
+fn outlier_detection(
+    annotations: &BTreeMap<String, String>,
+    service: &str,
+) -> Result<Option<OutlierDetection>, BadServiceAnnotation> {
+    if !ann::SERVICE_ANNOTATIONS
+        .iter()
+        .any(|a| annotations.contains_key(*a))
+    {
+        return Ok(None);
+    }
+    let bad = |name: &'static str, reason: String| BadServiceAnnotation {
+        service: service.to_string(),
+        name,
+        value: annotations.get(name).cloned().unwrap_or_default(),
+        reason,
+    };
+    let mut od = OutlierDetection::default();
+    if let Some(v) = annotations.get(ann::OUTLIER_CONSECUTIVE_FAILURES) {
+        let v = v.trim();
+        od.consecutive_failures = v
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| v.parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                bad(
+                    ann::OUTLIER_CONSECUTIVE_FAILURES,
+                    "write a whole number of failures such as 5 (0 turns ejection off)".into(),
+                )
+            })?;
+    }
+    for (name, field) in [
+        (ann::OUTLIER_BASE_EJECTION, &mut od.base_ejection),
+        (ann::OUTLIER_MAX_EJECTION, &mut od.max_ejection),
+    ] {
+        if let Some(v) = annotations.get(name) {
+            *field = v.trim().parse().map_err(|e| bad(name, format!("{e}")))?;
+        }
+    }
+    if od.base_ejection.is_zero() {
+        return Err(bad(
+            ann::OUTLIER_BASE_EJECTION,
+            "an ejection must last more than zero; write a duration such as 1s".into(),
+        ));
+    }
+    if od.max_ejection < od.base_ejection {
+        // Name the annotation that was written; with both, the maximum.
+        let name = if annotations.contains_key(ann::OUTLIER_MAX_EJECTION) {
+            ann::OUTLIER_MAX_EJECTION
+        } else {
+            ann::OUTLIER_BASE_EJECTION
+        };
+        return Err(bad(
+            name,
+            format!(
+                "the longest ejection ({}) is shorter than the first ({}); make \
+                 {} at least {}",
+                od.max_ejection,
+                od.base_ejection,
+                ann::OUTLIER_MAX_EJECTION,
+                od.base_ejection
+            ),
+        ));
+    }
+    Ok(Some(od))
 }
 
 // The HTTPRoute subset meshlet reads; unknown fields are ignored as the API server's
@@ -383,6 +577,8 @@ struct K8sMatch {
     #[serde(default)]
     query_params: Vec<ValueMatch>,
     method: Option<String>,
+    /// Only in the HTTPRoute shape of a GRPCRoute ([`grpc::http_spec`]).
+    grpc_method: Option<GrpcMethodMatch>,
 }
 
 #[derive(Deserialize)]
@@ -442,15 +638,16 @@ struct K8sBackendRef {
     filters: Vec<K8sFilter>,
 }
 
-/// A ReferenceGrant entry that lets HTTPRoutes of one namespace use Services of another.
+/// A ReferenceGrant entry that lets routes of one namespace use Services of another.
 struct Grant {
+    /// `HTTPRoute` or `GRPCRoute`.
+    from_kind: String,
     from_namespace: String,
     to_namespace: String,
     /// `None`: every Service of `to_namespace`.
     to_name: Option<String>,
 }
 
-/// The (from, to) pairs of a ReferenceGrant that concern HTTPRoutes and Services.
 /// Applies an `XBackendTrafficPolicy`'s `retryConstraint` (GEP-3388) to the Services its
 /// `targetRefs` name in its namespace. The first policy that targets a Service wins, as
 /// the oldest would in a cluster (files are read in name order); a later one is left out
@@ -519,6 +716,7 @@ fn traffic_policy(o: &Value, services: &mut [Service]) -> Result<(), Problem> {
     Ok(())
 }
 
+/// The (from, to) pairs of a ReferenceGrant that concern routes and Services.
 fn grant(o: &Value) -> Vec<Grant> {
     let to_namespace = namespace_of(o);
     let list = |k: &str| {
@@ -530,9 +728,11 @@ fn grant(o: &Value) -> Vec<Grant> {
     };
     let mut out = Vec::new();
     for from in list("from") {
-        let route_kind = s(&from, &["group"]) == Some("gateway.networking.k8s.io")
-            && s(&from, &["kind"]) == Some("HTTPRoute");
-        let Some(from_ns) = s(&from, &["namespace"]).filter(|_| route_kind) else {
+        let route_kind = s(&from, &["kind"]).filter(|k| matches!(*k, "HTTPRoute" | "GRPCRoute"));
+        let (Some(from_kind), Some(from_ns)) = (
+            route_kind.filter(|_| s(&from, &["group"]) == Some("gateway.networking.k8s.io")),
+            s(&from, &["namespace"]),
+        ) else {
             continue;
         };
         for to in list("to") {
@@ -540,6 +740,7 @@ fn grant(o: &Value) -> Vec<Grant> {
                 && s(&to, &["kind"]) == Some("Service")
             {
                 out.push(Grant {
+                    from_kind: from_kind.to_string(),
                     from_namespace: from_ns.to_string(),
                     to_namespace: to_namespace.clone(),
                     to_name: s(&to, &["name"]).map(str::to_string),
@@ -558,7 +759,7 @@ fn is_core_service(group: &Option<String>, kind: &Option<String>) -> bool {
         && matches!(kind.as_deref(), None | Some("Service"))
 }
 
-/// One HTTPRoute, compiled, with the Services it attaches to.
+/// One HTTPRoute or GRPCRoute, compiled, with the Services it attaches to.
 fn route(
     o: &Value,
     services: &[Service],
@@ -567,13 +768,21 @@ fn route(
     let namespace = namespace_of(o);
     let name = s(o, &["metadata", "name"]).unwrap_or_default().to_string();
     let id = format!("{namespace}/{name}");
+    let kind = match s(o, &["kind"]) {
+        Some("GRPCRoute") => RouteKind::Grpc,
+        _ => RouteKind::Http,
+    };
     let problem = |reason, message: String| Problem {
-        kind: "HTTPRoute",
+        kind: kind.as_str(),
         route: id.clone(),
         reason,
         message,
     };
-    let spec: K8sRoute = serde_json::from_value(o.get("spec").cloned().unwrap_or_default())
+    let mut spec = o.get("spec").cloned().unwrap_or_default();
+    if kind == RouteKind::Grpc {
+        spec = grpc::http_spec(&spec).map_err(|m| problem("UnsupportedValue", m))?;
+    }
+    let spec: K8sRoute = serde_json::from_value(spec)
         .map_err(|e| problem("UnsupportedValue", format!("spec: {e}")))?;
     let find = |ns: &str, n: &str| services.iter().find(|s| s.namespace == ns && s.name == n);
 
@@ -619,7 +828,8 @@ fn route(
             }
             let ns = b.namespace.clone().unwrap_or_else(|| namespace.clone());
             let granted = |g: &Grant| {
-                g.to_namespace == ns
+                g.from_kind == kind.as_str()
+                    && g.to_namespace == ns
                     && g.from_namespace == namespace
                     && g.to_name.as_ref().is_none_or(|n| *n == b.name)
             };
@@ -628,7 +838,7 @@ fn route(
                     "RefNotPermitted",
                     format!(
                         "{bat}: Service {ns}/{} is in another namespace and no ReferenceGrant \
-                         in {ns} allows HTTPRoutes from {namespace}; add one",
+                         in {ns} allows {kind}s from {namespace}; add one",
                         b.name
                     ),
                 ));
@@ -679,6 +889,7 @@ fn route(
                     headers: m.headers.clone(),
                     query_params: m.query_params.clone(),
                     method: m.method.clone(),
+                    grpc_method: m.grpc_method.clone(),
                 })
                 .collect()
         };
@@ -692,6 +903,7 @@ fn route(
         });
     }
     let compiled = HttpRoute {
+        kind,
         name,
         namespace: namespace.clone(),
         creation_timestamp: s(o, &["metadata", "creationTimestamp"]).map(str::to_string),

@@ -34,6 +34,20 @@ pub struct Defaults {
     pub tls_mode: String,
     /// Mesh config path inside the proxy container (`MESHLET_CONFIG_PATH`); `None` omits it.
     pub mesh_config_path: Option<String>,
+    /// Where proxies get their identity online; `None` (offline `inject`, identity off)
+    /// leaves the proxy to `MESHLET_IDENTITY_DIR` or plaintext.
+    pub identity: Option<IdentityEnv>,
+}
+
+/// What the injected proxy needs to ask the issuer for its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityEnv {
+    /// `host:port` of the mesh endpoint (`MESHLET_CONTROL_PLANE_ADDR`).
+    pub address: String,
+    /// Name its certificate carries (`MESHLET_CONTROL_PLANE_NAME`).
+    pub name: String,
+    /// The mesh CA certificate, PEM (`MESHLET_TRUST_ANCHORS`).
+    pub trust_anchors: String,
 }
 
 impl Default for Defaults {
@@ -50,6 +64,7 @@ impl Default for Defaults {
             native_sidecar: true,
             tls_mode: "permissive".to_string(),
             mesh_config_path: None,
+            identity: None,
         }
     }
 }
@@ -158,6 +173,7 @@ impl DefaultsArgs {
             native_sidecar: self.native_sidecar,
             tls_mode: self.proxy_tls_mode.clone(),
             mesh_config_path: nonempty(&self.mesh_config_path),
+            identity: None,
         };
         Ok(d)
     }

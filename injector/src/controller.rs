@@ -1,8 +1,8 @@
 //! The config controller: watches the cluster and keeps the mesh config document
 //! current, the way linkerd's policy controller and istiod do, in one small loop.
 //!
-//! One watcher per kind (Services, EndpointSlices, Pods, HTTPRoutes, ReferenceGrants,
-//! XBackendTrafficPolicies) fills a cache of cut-down JSON objects ([`world`]); any
+//! One watcher per kind (Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes,
+//! ReferenceGrants, XBackendTrafficPolicies) fills a cache of cut-down JSON objects ([`world`]); any
 //! change wakes the reconciler, which waits out the burst ([`Options::debounce`]),
 //! compiles the whole document ([`crate::compile`] is fast) and publishes it on a
 //! `watch` channel only when it changed, with `generation` bumped. Then it writes the
@@ -49,7 +49,7 @@ use tokio::{
 };
 
 use self::world::World;
-use crate::compile::Problem;
+use crate::compile::{Conflict, Problem};
 
 /// Histogram: seconds one rebuild of the whole document takes.
 pub const BUILD_SECONDS: &str = "meshlet_controller_build_seconds";
@@ -63,7 +63,7 @@ pub const STATUS_WRITES: &str = "meshlet_controller_status_writes_total";
 /// How the controller runs.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Write Accepted/ResolvedRefs into the status of HTTPRoutes (off for a read-only
+    /// Write Accepted/ResolvedRefs into the status of HTTPRoutes and GRPCRoutes (off for a read-only
     /// `controller --print`).
     pub write_status: bool,
     /// How long a burst of changes may go on before the document is rebuilt.
@@ -90,6 +90,7 @@ enum Kind {
     EndpointSlice,
     Pod,
     HttpRoute,
+    GrpcRoute,
     ReferenceGrant,
     BackendTrafficPolicy,
 }
@@ -99,7 +100,7 @@ impl Kind {
     fn optional(self) -> bool {
         matches!(
             self,
-            Kind::HttpRoute | Kind::ReferenceGrant | Kind::BackendTrafficPolicy
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant | Kind::BackendTrafficPolicy
         )
     }
 
@@ -110,6 +111,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::ReferenceGrant => "ReferenceGrant",
             Kind::BackendTrafficPolicy => "XBackendTrafficPolicy",
         }
@@ -125,6 +127,11 @@ impl Kind {
                  `tools/kube/cluster.sh gateway-api` or `kubectl apply --server-side -f \
                  standard-install.yaml` of a Gateway API release; until then no route is \
                  applied; retrying"
+            ),
+            Kind::GrpcRoute => tracing::info!(
+                "GRPCRoute (v1) is not served: gRPC routes are not applied until the Gateway \
+                 API CRDs of v1.1 or later are installed (`tools/kube/cluster.sh gateway-api`); \
+                 retrying"
             ),
             Kind::ReferenceGrant => tracing::info!(
                 "ReferenceGrant (v1beta1) is not served: cross-namespace backendRefs are \
@@ -202,11 +209,12 @@ impl Shared {
     }
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::Service,
     Kind::EndpointSlice,
     Kind::Pod,
     Kind::HttpRoute,
+    Kind::GrpcRoute,
     Kind::ReferenceGrant,
     Kind::BackendTrafficPolicy,
 ];
@@ -218,6 +226,20 @@ fn api_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiReso
 /// The HTTPRoute resource meshlet reads and writes status on.
 pub fn http_route_resource() -> ApiResource {
     api_resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes")
+}
+
+/// The GRPCRoute resource meshlet reads and writes status on (v1: Gateway API v1.1+).
+pub fn grpc_route_resource() -> ApiResource {
+    api_resource("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes")
+}
+
+/// The route resource of a kind as Kubernetes spells it (`HTTPRoute`, `GRPCRoute`).
+pub fn route_resource(kind: &str) -> Option<ApiResource> {
+    match kind {
+        "HTTPRoute" => Some(http_route_resource()),
+        "GRPCRoute" => Some(grpc_route_resource()),
+        _ => None,
+    }
 }
 
 /// ReferenceGrant at v1beta1: served by every Gateway API release that has it.
@@ -274,6 +296,7 @@ async fn run(client: Client, options: Options, tx: watch::Sender<Arc<MeshConfig>
     ));
     for (kind, ar) in [
         (Kind::HttpRoute, http_route_resource()),
+        (Kind::GrpcRoute, grpc_route_resource()),
         (Kind::ReferenceGrant, reference_grant_resource()),
         (
             Kind::BackendTrafficPolicy,
@@ -305,6 +328,7 @@ async fn run(client: Client, options: Options, tx: watch::Sender<Arc<MeshConfig>
         options,
         tx,
         problems: Vec::new(),
+        conflicts: Vec::new(),
         leader,
     };
     loop {
@@ -450,6 +474,7 @@ struct Reconciler {
     options: Options,
     tx: watch::Sender<Arc<MeshConfig>>,
     problems: Vec<Problem>,
+    conflicts: Vec<Conflict>,
     /// Whether this replica holds the Lease; `None` without election.
     leader: Option<Arc<AtomicBool>>,
 }
@@ -467,6 +492,9 @@ impl Reconciler {
                 return;
             }
         };
+        for b in &compiled.bad_annotations {
+            tracing::warn!(problem = %b, "Service annotation refused");
+        }
         self.publish(compiled.config);
         if compiled.problems != self.problems {
             for p in compiled
@@ -477,8 +505,18 @@ impl Reconciler {
                 tracing::info!("{p}");
             }
             self.problems = compiled.problems;
-            metrics::gauge!(ROUTE_PROBLEMS).set(self.problems.len() as f64);
         }
+        if compiled.conflicts != self.conflicts {
+            for c in compiled
+                .conflicts
+                .iter()
+                .filter(|c| !self.conflicts.contains(c))
+            {
+                tracing::info!("{c}");
+            }
+            self.conflicts = compiled.conflicts;
+        }
+        metrics::gauge!(ROUTE_PROBLEMS).set((self.problems.len() + self.conflicts.len()) as f64);
         let holds = self
             .leader
             .as_ref()
@@ -506,18 +544,20 @@ impl Reconciler {
     }
 
     async fn write_statuses(&self, world: &World) {
-        let outcomes = status::outcomes(&world.objects, &self.problems);
+        let outcomes = status::outcomes(&world.objects, &self.problems, &self.conflicts);
         let services = self.tx.borrow().services.clone();
-        let ar = http_route_resource();
         let now = status::now();
-        let ok = status::Outcome {
-            problem: None,
-            refs: None,
-        };
-        for route in world.objects.iter().filter(|o| o["kind"] == "HTTPRoute") {
+        let ok = status::Outcome::default();
+        for route in &world.objects {
+            let kind = route["kind"].as_str().unwrap_or_default();
+            let Some(ar) = route_resource(kind) else {
+                continue;
+            };
             let ns = route["metadata"]["namespace"].as_str().unwrap_or("default");
             let name = route["metadata"]["name"].as_str().unwrap_or_default();
-            let outcome = outcomes.get(&format!("{ns}/{name}")).unwrap_or(&ok);
+            let outcome = outcomes
+                .get(&(kind.to_string(), format!("{ns}/{name}")))
+                .unwrap_or(&ok);
             let Some(parents) = status::desired_parents(route, outcome, &services, &now) else {
                 continue;
             };
@@ -535,15 +575,15 @@ impl Reconciler {
             {
                 Ok(_) => {
                     metrics::counter!(STATUS_WRITES, "result" => "ok").increment(1);
-                    tracing::debug!(route = %format!("{ns}/{name}"), "status written");
+                    tracing::debug!(kind, route = %format!("{ns}/{name}"), "status written");
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
                     metrics::counter!(STATUS_WRITES, "result" => "conflict").increment(1);
-                    tracing::debug!(route = %format!("{ns}/{name}"), "route changed meanwhile; status follows on the next event")
+                    tracing::debug!(kind, route = %format!("{ns}/{name}"), "route changed meanwhile; status follows on the next event")
                 }
                 Err(error) => {
                     metrics::counter!(STATUS_WRITES, "result" => "error").increment(1);
-                    tracing::warn!(route = %format!("{ns}/{name}"), %error, "cannot write route status; the controller needs patch on httproutes/status")
+                    tracing::warn!(kind, route = %format!("{ns}/{name}"), %error, "cannot write route status; the controller needs patch on {}/status", ar.plural)
                 }
             }
         }
@@ -576,7 +616,7 @@ pub struct ControllerArgs {
     /// With --print: how long to wait for the cluster to be listed, e.g. 30s.
     #[arg(long, default_value = "30s")]
     pub timeout: meshlet_api::Duration,
-    /// Do not write HTTPRoute status (read-only).
+    /// Do not write HTTPRoute and GRPCRoute status (read-only).
     #[arg(long)]
     pub no_status: bool,
 }

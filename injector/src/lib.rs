@@ -4,16 +4,20 @@
 //! The layering follows kube's admission example and linkerd's policy controller: the
 //! pure [`mutate::mutate`] core turns a pod into a JSON Patch; [`webhook`] only translates
 //! AdmissionReviews, [`offline`] only walks manifests, and [`serve`] only does HTTPS.
-//! [`ca`] is the mesh CA that issues workload identities. [`controller`] watches the
-//! cluster and keeps the mesh config that [`compile`] builds current.
+//! [`ca`] is the mesh CA that issues workload identities; [`issuer`] signs them online
+//! for proxies that present a service-account token, on [`control_plane`]'s port 15012.
+//! [`controller`] watches the cluster and keeps the mesh config that [`compile`] builds
+//! current; [`delivery`] serves it to proxies.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod ca;
 pub mod compile;
 pub mod config;
+pub mod control_plane;
 pub mod controller;
 pub mod delivery;
+pub mod issuer;
 pub mod mutate;
 pub mod offline;
 pub mod serve;

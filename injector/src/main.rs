@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the mutating admission webhook over HTTPS (POST /mutate, /healthz, /readyz, /metrics).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Serve proxies their mesh config (GET /v1/config, a watch) compiled from manifest
     /// files, re-published when the files change.
     ServeConfig(serve_config::ServeConfigArgs),
@@ -129,6 +129,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let compiled = compile::compile_dir_with(&from_files, &opts)?;
             for p in &compiled.problems {
                 eprintln!("meshlet-injector: {p}");
+            }
+            for b in &compiled.bad_annotations {
+                eprintln!("meshlet-injector: {b}");
+            }
+            for c in &compiled.conflicts {
+                eprintln!("meshlet-injector: {c}");
             }
             for p in &compiled.authz_problems {
                 eprintln!("meshlet-injector: {p}");

@@ -24,9 +24,9 @@ use crate::{
 };
 
 /// A slow or silent client may not hold a connection slot forever before it finishes TLS.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight reviews may take after SIGTERM before connections are dropped.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where Kubernetes mounts a pod's ServiceAccount token.
 const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// Histogram buckets (seconds): reviews take microseconds to a few milliseconds.
@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// Sidecar defaults.
     #[command(flatten)]
     pub defaults: DefaultsArgs,
+    /// The identity issuer on the mesh endpoint.
+    #[command(flatten)]
+    pub identity: IdentityArgs,
     /// Run the config controller (watch the cluster, compile the mesh config, write
     /// HTTPRoute status). Default: on when in-cluster credentials exist.
     #[arg(long, overrides_with = "no_controller")]
@@ -71,6 +74,61 @@ pub struct ServeArgs {
     /// Do not run the config controller.
     #[arg(long, overrides_with = "controller")]
     pub no_controller: bool,
+}
+
+/// Flags of the identity issuer and the mesh endpoint (port 15012).
+#[derive(Clone, Debug, clap::Args)]
+pub struct IdentityArgs {
+    /// Issue workload certificates: serve the mesh endpoint, keep the CA in a Secret,
+    /// and inject the control plane's address and trust anchors into proxies.
+    #[arg(long = "identity", env = "MESHLET_INJECTOR_IDENTITY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+    /// Address of the mesh endpoint (issuer, config delivery).
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_MESH_ADDR",
+        default_value = "0.0.0.0:15012"
+    )]
+    pub mesh_addr: SocketAddr,
+    /// The injector's namespace (downward API): where the CA Secret lives.
+    #[arg(long, env = "MESHLET_INJECTOR_NAMESPACE", default_value = meshlet_api::CONTROL_PLANE_NAMESPACE)]
+    pub namespace: String,
+    /// The injector's Service name, for the serving certificate's DNS names.
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_SERVICE",
+        default_value = "meshlet-injector"
+    )]
+    pub service: String,
+    /// The injector's service account (downward API), for its own SPIFFE id.
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_SERVICE_ACCOUNT",
+        default_value = "meshlet-injector"
+    )]
+    pub service_account: String,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "MESHLET_INJECTOR_TRUST_DOMAIN", default_value = meshlet_api::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Lifetime of issued workload certificates (NotBefore is backdated 5 minutes).
+    #[arg(long, env = "MESHLET_INJECTOR_CERT_LIFETIME", default_value = "24h")]
+    pub cert_lifetime: meshlet_api::Duration,
+    /// Name of the Secret (tls.crt, tls.key) holding the mesh root CA.
+    #[arg(long, env = "MESHLET_INJECTOR_CA_SECRET", default_value = crate::issuer::ca_secret::DEFAULT_SECRET)]
+    pub ca_secret: String,
+    /// Create the CA Secret with a new CA when it is missing; false for a user-provided CA.
+    #[arg(long, env = "MESHLET_INJECTOR_CA_SECRET_CREATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ca_secret_create: bool,
+    /// host:port proxies dial for the mesh endpoint (an IP works where there is no DNS).
+    #[arg(
+        long,
+        env = "MESHLET_INJECTOR_CONTROL_PLANE_ADDRESS",
+        default_value = "meshlet-injector.meshlet-system.svc:15012"
+    )]
+    pub control_plane_address: String,
+    /// Name proxies verify in the mesh endpoint's certificate (also its first DNS SAN).
+    #[arg(long, env = "MESHLET_INJECTOR_CONTROL_PLANE_NAME", default_value = meshlet_api::identity::CONTROL_PLANE_NAME)]
+    pub control_plane_name: String,
 }
 
 /// Why the server could not start.
@@ -88,6 +146,21 @@ pub enum Error {
          with a ServiceAccount, set KUBECONFIG, or pass --no-controller"
     )]
     Kube(#[source] kube::Error),
+    /// No Kubernetes client could be built for the identity issuer.
+    #[error("cannot reach the Kubernetes API for the identity issuer: {0}; in a pod it uses the service account, elsewhere KUBECONFIG (or run with --identity=false)")]
+    IssuerKube(#[source] Box<kube::Error>),
+    /// The CA Secret could not be read or created.
+    #[error(transparent)]
+    CaSecret(#[from] crate::issuer::ca_secret::CaSecretError),
+    /// The issuer's settings are invalid.
+    #[error("identity issuer: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    /// The injector's own SPIFFE id is invalid.
+    #[error("--namespace, --service-account and --trust-domain must form a SPIFFE id: {0}")]
+    Id(#[from] meshlet_api::identity::ParseSpiffeIdError),
+    /// The mesh endpoint cannot start.
+    #[error(transparent)]
+    Mesh(#[from] crate::control_plane::Error),
     /// The address cannot be bound.
     #[error("cannot listen on {addr}: {source}; is another process using the port?")]
     Bind {
@@ -259,7 +332,7 @@ async fn connection<S>(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     service: S,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) where
     S: hyper::service::Service<
             hyper::Request<hyper::body::Incoming>,
@@ -282,13 +355,34 @@ async fn connection<S>(
             return;
         }
     };
+    serve_http(TokioIo::new(tls), peer, service, stop).await;
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on an established (TLS) connection until it ends or
+/// `stop` flips, then finishes the request in flight.
+pub(crate) async fn serve_http<I, S>(
+    io: I,
+    peer: SocketAddr,
+    service: S,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client that opens a connection and never finishes its headers is cut off.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -304,11 +398,18 @@ async fn connection<S>(
 
 /// Runs `serve` until SIGTERM or Ctrl-C.
 pub async fn run(args: &ServeArgs) -> Result<(), Error> {
-    let config = args.to_config()?;
+    run_with(args, axum::Router::new()).await
+}
+
+/// Runs `serve` with `mesh_routes` merged into the mesh endpoint's Router next to the
+/// issuer and, when the config controller runs, config delivery (`GET /v1/config`);
+/// the mesh endpoint (port 15012) is served only with `--identity`.
+pub async fn run_with(args: &ServeArgs, mesh_routes: axum::Router) -> Result<(), Error> {
+    let mut config = args.to_config()?;
     // Before the controller starts, so its first build is counted.
     let _ = metrics_handle();
-    // Held for as long as the server runs: the controller stops when it is dropped.
-    let _mesh_config = if args.controller_enabled() {
+    // The controller stops when the last receiver is dropped: held until the end.
+    let mesh_config = if args.controller_enabled() {
         match kube::Client::try_default().await {
             Ok(client) => {
                 tracing::info!("config controller started");
@@ -330,13 +431,93 @@ pub async fn run(args: &ServeArgs) -> Result<(), Error> {
         tracing::info!("config controller off (no in-cluster credentials, or --no-controller)");
         None
     };
+    let mesh = if args.identity.enabled {
+        let (endpoint, issuer, anchors) = identity(&args.identity).await?;
+        config.defaults.identity = Some(crate::config::IdentityEnv {
+            address: args.identity.control_plane_address.clone(),
+            name: args.identity.control_plane_name.clone(),
+            trust_anchors: anchors,
+        });
+        if let Ok(addr) = endpoint.local_addr() {
+            tracing::info!(%addr, delivery = mesh_config.is_some(), "mesh endpoint (identity issuer) listening");
+        }
+        let mut app = crate::issuer::router(issuer).merge(mesh_routes);
+        if let Some(rx) = mesh_config.clone() {
+            app = app.merge(delivery::router(rx, delivery::Options::default()));
+        }
+        Some((endpoint, app))
+    } else {
+        None
+    };
     let server = Server::bind(config).await?;
     if let Ok(addr) = server.local_addr() {
         tracing::info!(%addr, "meshlet-injector webhook listening");
     }
-    server.run(shutdown_signal()).await;
+    // One signal stops both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mesh_task =
+        mesh.map(|(endpoint, app)| tokio::spawn(endpoint.run(app, stopped(stop_rx.clone()))));
+    server.run(stopped(stop_rx)).await;
+    if let Some(t) = mesh_task {
+        let _ = t.await;
+    }
+    drop(mesh_config);
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Bootstraps the CA from its Secret and binds the mesh endpoint: the endpoint, the
+/// issuer and the trust anchors (PEM) for injected proxies.
+pub async fn identity(
+    args: &IdentityArgs,
+) -> Result<
+    (
+        crate::control_plane::Endpoint,
+        Arc<crate::issuer::Issuer>,
+        String,
+    ),
+    Error,
+> {
+    use crate::{control_plane, issuer};
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::IssuerKube(Box::new(e)))?;
+    let (ca, origin) = issuer::ca_secret::load_or_create(
+        client.clone(),
+        &args.namespace,
+        &args.ca_secret,
+        &args.trust_domain,
+        args.ca_secret_create,
+    )
+    .await?;
+    tracing::info!(secret = %args.ca_secret, namespace = %args.namespace, ?origin, "mesh CA loaded");
+    let ca = Arc::new(ca);
+    let lifetime = args.cert_lifetime.as_std();
+    let issuer = Arc::new(issuer::Issuer::new(
+        ca.clone(),
+        Arc::new(issuer::kube::KubeReviewer::new(client)),
+        &args.trust_domain,
+        lifetime,
+    )?);
+    let who = control_plane::ServerIdentity {
+        dns_names: control_plane::ServerIdentity::service_names(
+            &args.service,
+            &args.namespace,
+            std::slice::from_ref(&args.control_plane_name),
+        ),
+        id: meshlet_api::SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)?,
+        lifetime,
+    };
+    let anchors = ca.cert_pem().to_string();
+    let endpoint = control_plane::Endpoint::bind(args.mesh_addr, ca, who).await?;
+    Ok((endpoint, issuer, anchors))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use meshlet_api::{route::Filter, MeshConfig};
+use meshlet_api::{
+    route::{Filter, PathMatchType, RouteKind},
+    MeshConfig,
+};
 use meshlet_injector::compile::compile_dir;
 
 fn golden(name: &str, actual: &str) {
@@ -37,7 +40,12 @@ fn compiles_manifests_to_the_golden_mesh_config() {
     let c = compiled();
     let json = serde_json::to_string_pretty(&c.config).unwrap() + "\n";
     golden("mesh.json", &json);
-    let problems: String = c.problems.iter().map(|p| format!("{p}\n")).collect();
+    let problems: String = c
+        .problems
+        .iter()
+        .map(|p| format!("{p}\n"))
+        .chain(c.conflicts.iter().map(|p| format!("{p}\n")))
+        .collect();
     golden("problems.txt", &problems);
     // The output is a valid document the proxy accepts.
     assert_eq!(MeshConfig::from_json(json.as_bytes()).unwrap(), c.config);
@@ -58,6 +66,8 @@ fn invalid_routes_are_reported_with_gateway_api_reasons_and_left_out() {
             ("bookinfo/missing-backend", "BackendNotFound"),
             ("bookinfo/mirror", "UnsupportedValue"),
             ("shop/reviews-from-shop", "RefNotPermitted"),
+            ("rpc/greeter-mirror", "UnsupportedValue"),
+            ("shop/greeter-from-shop", "RefNotPermitted"),
         ]
     );
     assert!(
@@ -213,4 +223,188 @@ fn cli_writes_the_file_and_reports_problems_on_stderr() {
     );
     let cfg = MeshConfig::from_json(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(cfg, compiled().config);
+}
+
+/// A Service with `annotations`, compiled next to one without.
+fn compile_service(annotations: serde_json::Value) -> meshlet_injector::compile::Compiled {
+    let svc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop", "annotations": annotations},
+        "spec": {"clusterIP": "198.19.0.10", "ports": [{"port": 80}]}
+    });
+    let other = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "db", "namespace": "shop"},
+        "spec": {"clusterIP": "198.19.0.11", "ports": [{"port": 5432}]}
+    });
+    meshlet_injector::compile::compile(&[svc, other]).unwrap()
+}
+
+#[test]
+fn outlier_annotations_compile_into_the_service() {
+    use meshlet_api::{config::OutlierDetection, Duration};
+    let od = |a| {
+        let c = compile_service(a);
+        assert!(c.bad_annotations.is_empty(), "{:?}", c.bad_annotations);
+        let web = c.config.services.iter().find(|s| s.name == "web").unwrap();
+        web.outlier_detection.clone()
+    };
+    assert_eq!(
+        od(serde_json::json!({})),
+        None,
+        "no annotation: proxy defaults"
+    );
+    assert_eq!(
+        od(serde_json::json!({"meshlet.io/outlier-consecutive-failures": " 3 "})),
+        Some(OutlierDetection {
+            consecutive_failures: 3,
+            ..OutlierDetection::default()
+        })
+    );
+    assert_eq!(
+        od(serde_json::json!({
+            "meshlet.io/outlier-consecutive-failures": "0",
+            "meshlet.io/outlier-base-ejection": "500ms",
+            "meshlet.io/outlier-max-ejection": "1m",
+        })),
+        Some(OutlierDetection {
+            consecutive_failures: 0,
+            base_ejection: Duration::from_millis(500),
+            max_ejection: Duration::from_secs(60),
+        })
+    );
+}
+
+#[test]
+fn bad_outlier_annotations_are_refused_naming_annotation_and_value() {
+    let cases = [
+        (
+            serde_json::json!({"meshlet.io/outlier-consecutive-failures": "five"}),
+            "annotation meshlet.io/outlier-consecutive-failures has the invalid value \"five\": write a whole number",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-consecutive-failures": "-1"}),
+            "meshlet.io/outlier-consecutive-failures has the invalid value \"-1\"",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-base-ejection": "1 second"}),
+            "meshlet.io/outlier-base-ejection has the invalid value \"1 second\": invalid duration",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-base-ejection": "0s"}),
+            "meshlet.io/outlier-base-ejection has the invalid value \"0s\": an ejection must last more than zero",
+        ),
+        (
+            serde_json::json!({"meshlet.io/outlier-max-ejection": "500ms"}),
+            "meshlet.io/outlier-max-ejection has the invalid value \"500ms\": the longest ejection (500ms) is shorter than the first (1s)",
+        ),
+    ];
+    for (annotations, want) in cases {
+        // Refused for this Service alone: the document still compiles, with the
+        // defaults for it, and the other Service is untouched.
+        let c = compile_service(annotations);
+        assert_eq!(c.bad_annotations.len(), 1, "{want}");
+        let e = c.bad_annotations[0].to_string();
+        assert!(
+            e.starts_with("Service shop/web: ")
+                && e.contains(want)
+                && e.contains("fix or remove the annotation"),
+            "{e}"
+        );
+        assert_eq!(c.config.services.len(), 2);
+        assert!(c
+            .config
+            .services
+            .iter()
+            .all(|s| s.outlier_detection.is_none()));
+    }
+}
+
+#[test]
+fn grpc_routes_compile_to_path_matches_and_take_their_port_from_http_routes() {
+    let c = compiled();
+    let greeter = c
+        .config
+        .services
+        .iter()
+        .find(|s| s.namespace == "rpc" && s.name == "greeter")
+        .unwrap();
+    let kinds: Vec<(&str, RouteKind, Option<u16>)> = greeter
+        .routes
+        .iter()
+        .map(|r| (r.name.as_str(), r.kind, r.port))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("greeter", RouteKind::Grpc, Some(50051)),
+            ("greeter-web", RouteKind::Http, Some(8080)),
+        ],
+        "greeter-http conflicts on 50051 and is left out; greeter-web on 8080 stays"
+    );
+    let grpc = &greeter.routes[0];
+    let paths: Vec<(Option<&str>, PathMatchType, &str)> = grpc
+        .rules
+        .iter()
+        .map(|r| {
+            let p = r.matches[0].path.as_ref().unwrap();
+            (r.name.as_deref(), p.kind, p.value.as_str())
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            (Some("default"), PathMatchType::PathPrefix, "/"),
+            (Some("service"), PathMatchType::PathPrefix, "/pkg.Greeter"),
+            (Some("exact"), PathMatchType::Exact, "/pkg.Greeter/SayHello"),
+            (
+                Some("method-only"),
+                PathMatchType::RegularExpression,
+                "/[^/]+/Check"
+            ),
+            (
+                Some("regex"),
+                PathMatchType::RegularExpression,
+                r"/(?:pkg\.v[0-9]+\.Greeter)/(?:Say.*)"
+            ),
+            (Some("header-only"), PathMatchType::PathPrefix, "/"),
+        ]
+    );
+    let exact = &grpc.rules[2];
+    assert_eq!(
+        exact.matches[0].headers.len(),
+        1,
+        "X-Canary repeats x-canary: only the first counts"
+    );
+    assert!(matches!(exact.filters[0], Filter::RequestHeaderModifier(_)));
+    assert!(matches!(
+        exact.backend_refs[0].filters[0],
+        Filter::ResponseHeaderModifier(_)
+    ));
+    assert_eq!(c.conflicts.len(), 1, "{:?}", c.conflicts);
+    let conflict = &c.conflicts[0];
+    assert_eq!(
+        (
+            conflict.route.as_str(),
+            conflict.service.as_str(),
+            conflict.port,
+            conflict.by.as_str()
+        ),
+        (
+            "rpc/greeter-http",
+            "rpc/greeter",
+            Some(50051),
+            "rpc/greeter"
+        )
+    );
+    let refused = c
+        .problems
+        .iter()
+        .find(|p| p.route == "rpc/greeter-mirror")
+        .unwrap();
+    assert_eq!(refused.kind, "GRPCRoute");
+    assert!(
+        refused.message.contains("RequestMirror is not supported"),
+        "{refused}"
+    );
 }

@@ -6,7 +6,8 @@
 //! still publishes Services with their endpoints and identities; the CRDs are
 //! installed and routes show up without a restart; a route with an unknown backend
 //! gets ResolvedRefs=False/BackendNotFound and never reaches the document while the
-//! good route does; observedGeneration follows the route; another controller's parent
+//! good route does; a GRPCRoute is accepted and compiled, one with an unsupported
+//! filter is refused, an HTTPRoute on the GRPCRoute's port is Conflicted; observedGeneration follows the route; another controller's parent
 //! status is kept; an unchanged world writes no status; `controller --print` prints
 //! the document; deleting the route removes it; deleting the CRD removes every route;
 //! of two controllers sharing a Lease, the one that got it keeps it.
@@ -32,7 +33,7 @@ use kube::{
     core::{ApiResource, GroupVersionKind},
     Client, Config,
 };
-use meshlet_api::{MeshConfig, CONTROLLER_NAME};
+use meshlet_api::{route::RouteKind, MeshConfig, CONTROLLER_NAME};
 use meshlet_injector::controller::{
     self,
     lease::{LeaseOptions, LEASE_NAME},
@@ -141,6 +142,7 @@ fn resource(kind: &str) -> Result<(ApiResource, bool)> {
         "Pod" => ("", "v1", "pods", true),
         "EndpointSlice" => ("discovery.k8s.io", "v1", "endpointslices", true),
         "HTTPRoute" => ("gateway.networking.k8s.io", "v1", "httproutes", true),
+        "GRPCRoute" => ("gateway.networking.k8s.io", "v1", "grpcroutes", true),
         other => bail!("the test does not know kind {other}"),
     };
     Ok((
@@ -170,7 +172,11 @@ async fn apply(client: &Client, obj: Value) -> Result<DynamicObject> {
 }
 
 async fn get_route(client: &Client, name: &str) -> Result<Value> {
-    let r = api_for(client, "HTTPRoute")?.get(name).await?;
+    get_route_of(client, "HTTPRoute", name).await
+}
+
+async fn get_route_of(client: &Client, kind: &str, name: &str) -> Result<Value> {
+    let r = api_for(client, kind)?.get(name).await?;
     Ok(serde_json::to_value(r)?)
 }
 
@@ -213,10 +219,20 @@ async fn wait_status(
     want: [(&str, &str); 2],
     generation: i64,
 ) -> Result<Value> {
+    wait_status_of(client, "HTTPRoute", name, want, generation).await
+}
+
+async fn wait_status_of(
+    client: &Client,
+    kind: &str,
+    name: &str,
+    want: [(&str, &str); 2],
+    generation: i64,
+) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = Value::Null;
     while Instant::now() < deadline {
-        last = get_route(client, name).await?;
+        last = get_route_of(client, kind, name).await?;
         if let Some([a, r]) = our_conditions(&last) {
             if (a.0.as_str(), a.1.as_str()) == want[0]
                 && (r.0.as_str(), r.1.as_str()) == want[1]
@@ -229,7 +245,7 @@ async fn wait_status(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!(
-        "route {name} never got Accepted={:?} ResolvedRefs={:?} at generation {generation}; status: {}",
+        "{kind} {name} never got Accepted={:?} ResolvedRefs={:?} at generation {generation}; status: {}",
         want[0],
         want[1],
         last["status"]
@@ -433,6 +449,111 @@ async fn story(cp: &ControlPlane) -> Result<()> {
     ensure!(ours["controllerName"] == CONTROLLER_NAME, "{ours}");
     ensure!(ours["parentRef"]["name"] == "web", "{ours}");
     println!("ok   broken: ResolvedRefs=False/BackendNotFound");
+
+    // (2b) GRPCRoutes on Service rpc: one accepted and in the document, one with an
+    // unsupported filter refused; an HTTPRoute on the same port is Conflicted.
+    apply(
+        &client,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rpc", "namespace": NS},
+               "spec": {"selector": {"app": "web"},
+                        "ports": [{"name": "grpc", "port": 50051, "targetPort": 8080}]}}),
+    )
+    .await?;
+    let grpc = |name: &str, filters: Value| {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "rpc", "port": 50051}],
+                "rules": [{"matches": [{"method": {"service": "pkg.Svc", "method": "Get"}}],
+                           "filters": filters,
+                           "backendRefs": [{"name": "rpc", "port": 50051}]}],
+            },
+        })
+    };
+    apply(&client, grpc("rpc", json!([]))).await?;
+    apply(
+        &client,
+        grpc(
+            "rpc-mirror",
+            json!([{"type": "RequestMirror",
+                    "requestMirror": {"backendRef": {"name": "web", "port": 80}}}]),
+        ),
+    )
+    .await?;
+    let mut http_on_rpc = route("rpc-http", "/", "rpc");
+    http_on_rpc["spec"]["parentRefs"][0]["name"] = "rpc".into();
+    http_on_rpc["spec"]["parentRefs"][0]["port"] = 50051.into();
+    http_on_rpc["spec"]["rules"][0]["backendRefs"][0]["port"] = 50051.into();
+    apply(&client, http_on_rpc).await?;
+    let doc = wait_doc(&mut rx, "GRPCRoute rpc", Duration::from_secs(30), |d| {
+        has_route(d, "rpc")
+    })
+    .await?;
+    let rpc = doc
+        .services
+        .iter()
+        .find(|s| s.namespace == NS && s.name == "rpc")
+        .context("Service rpc")?;
+    let kinds: Vec<(&str, RouteKind, String)> = rpc
+        .routes
+        .iter()
+        .map(|r| {
+            let path = r.rules[0].matches[0].path.as_ref().map(|p| p.value.clone());
+            (r.name.as_str(), r.kind, path.unwrap_or_default())
+        })
+        .collect();
+    ensure!(
+        kinds == [("rpc", RouteKind::Grpc, "/pkg.Svc/Get".to_string())],
+        "routes of Service rpc: {kinds:?} (rpc-mirror refused, rpc-http conflicted)"
+    );
+    wait_status_of(
+        &client,
+        "GRPCRoute",
+        "rpc",
+        [("True", "Accepted"), ("True", "ResolvedRefs")],
+        1,
+    )
+    .await?;
+    let mirror = wait_status_of(
+        &client,
+        "GRPCRoute",
+        "rpc-mirror",
+        [("False", "UnsupportedValue"), ("True", "ResolvedRefs")],
+        1,
+    )
+    .await?;
+    ensure!(
+        mirror["status"]["parents"][0]["conditions"]
+            .to_string()
+            .contains("RequestMirror"),
+        "{}",
+        mirror["status"]
+    );
+    wait_status(
+        &client,
+        "rpc-http",
+        [("False", "Conflicted"), ("True", "ResolvedRefs")],
+        1,
+    )
+    .await?;
+    println!(
+        "ok   GRPCRoute rpc: Accepted, /pkg.Svc/Get in the document; rpc-mirror: \
+         UnsupportedValue; HTTPRoute rpc-http on its port: Conflicted"
+    );
+    for (kind, name) in [
+        ("GRPCRoute", "rpc"),
+        ("GRPCRoute", "rpc-mirror"),
+        ("HTTPRoute", "rpc-http"),
+    ] {
+        api_for(&client, kind)?
+            .delete(name, &DeleteParams::default())
+            .await?;
+    }
+    wait_doc(&mut rx, "no GRPCRoute rpc", Duration::from_secs(10), |d| {
+        !has_route(d, "rpc")
+    })
+    .await?;
 
     // (3) observedGeneration follows the route.
     apply(&client, route("web", "/v2", "web")).await?;

@@ -27,7 +27,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Mesh config in force.
     pub mesh: Arc<Mesh>,
-    /// The workload identity, when `MESHLET_IDENTITY_DIR` is set; ready waits for it.
+    /// The workload identity, from `MESHLET_IDENTITY_DIR` or the issuer; ready waits for it.
     pub identity: Option<Arc<Identity>>,
     /// Process config.
     pub config: Config,
@@ -127,7 +127,7 @@ impl Admin {
                 } else if self.identity.as_ref().is_some_and(|i| !i.is_loaded()) {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: waiting for the mesh identity in MESHLET_IDENTITY_DIR\n",
+                        "not ready: waiting for the mesh identity (MESHLET_IDENTITY_DIR or the control plane's issuer)\n",
                     )
                 } else {
                     text(StatusCode::OK, "ready\n")
@@ -135,6 +135,7 @@ impl Admin {
             }
             "/live" => text(StatusCode::OK, "live\n"),
             "/metrics" => {
+                self.mesh.record_ejected(&self.metrics);
                 let mut rsp = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 rsp.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -70,6 +70,8 @@ pub struct Config {
     pub service_account: Option<String>,
     /// Workload identity directory (`cert.pem`, `key.pem`, `ca.pem`); `None`: no mTLS.
     pub identity_dir: Option<PathBuf>,
+    /// Where to get the identity online when there is no identity directory.
+    pub issuer: Option<IssuerConfig>,
     /// Whether inbound plaintext is accepted.
     pub tls_mode: TlsMode,
     /// The app's original httpGet probes, served under `/app-health/...`.
@@ -91,6 +93,22 @@ pub struct ControlPlane {
     /// (`MESHLET_TRUST_ANCHORS`); left out of the logged config, it is long.
     #[serde(skip)]
     pub trust_anchors: String,
+}
+
+/// The control plane's issuer: `MESHLET_CONTROL_PLANE_ADDR` and friends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerConfig {
+    /// `host:port` of the mesh endpoint (an IP literal needs no DNS).
+    pub address: String,
+    /// The name its certificate must carry (also the SNI).
+    pub name: String,
+    /// PEM trust anchors that sign the control plane's certificate; left out of the
+    /// logged config, it is long.
+    #[serde(skip)]
+    pub trust_anchors: String,
+    /// The projected service-account token file, re-read at each request.
+    pub token_path: PathBuf,
 }
 
 /// An environment variable with a value the proxy cannot use.
@@ -220,13 +238,34 @@ impl Config {
                 )
             })?,
         };
-        if tls_mode == TlsMode::Strict && identity_dir.is_none() {
+        let control_plane = match value(env, env::CONTROL_PLANE_ADDR) {
+            None => None,
+            Some(addr) => Some(control_plane(env, addr)?),
+        };
+        // The issuer needs the control plane and a token to show it; a mounted
+        // identity directory wins over it: files are what an operator set on purpose.
+        let issuer = match (
+            &identity_dir,
+            &control_plane,
+            value(env, env::IDENTITY_TOKEN_PATH),
+        ) {
+            (None, Some(cp), Some(token)) => Some(IssuerConfig {
+                address: cp.addr.clone(),
+                name: cp.name.clone(),
+                trust_anchors: cp.trust_anchors.clone(),
+                token_path: token.into(),
+            }),
+            _ => None,
+        };
+        if tls_mode == TlsMode::Strict && identity_dir.is_none() && issuer.is_none() {
             return Err(invalid(
                 env::PROXY_TLS_MODE,
                 "strict",
                 &format!(
-                    "strict mode refuses everything but mesh mTLS, which needs {}; set it or use permissive",
-                    env::PROXY_IDENTITY_DIR
+                    "strict mode refuses everything but mesh mTLS, which needs {} or {} with {}; set them or use permissive",
+                    env::PROXY_IDENTITY_DIR,
+                    env::CONTROL_PLANE_ADDR,
+                    env::IDENTITY_TOKEN_PATH
                 ),
             ));
         }
@@ -240,11 +279,6 @@ impl Config {
                     &format!("{e}; it must be the JSON object the injector writes"),
                 )
             })?,
-        };
-
-        let control_plane = match value(env, env::CONTROL_PLANE_ADDR) {
-            None => None,
-            Some(addr) => Some(control_plane(env, addr)?),
         };
 
         Ok(Self {
@@ -261,6 +295,7 @@ impl Config {
             pod_namespace: value(env, env::POD_NAMESPACE),
             service_account: value(env, env::SERVICE_ACCOUNT),
             identity_dir,
+            issuer,
             tls_mode,
             app_probes,
             control_plane,

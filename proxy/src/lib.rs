@@ -86,6 +86,9 @@ pub enum Error {
     /// The TLS setup failed.
     #[error(transparent)]
     Identity(#[from] tls::IdentityError),
+    /// The issuer client cannot be set up (trust anchors, server name).
+    #[error(transparent)]
+    Issuer(#[from] tls::issuer::IssuerError),
     /// Signal handlers could not be installed.
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(stdio::Error),
@@ -170,10 +173,17 @@ impl Proxy {
         };
 
         let metrics = Metrics::new();
-        let identity = match &cfg.identity_dir {
-            Some(dir) => Some(tls::Identity::new(dir.clone(), metrics.clone())?),
-            None => None,
+        let identity = match (&cfg.identity_dir, &cfg.issuer) {
+            (Some(dir), _) => Some(tls::Identity::new(dir.clone(), metrics.clone())?),
+            (None, Some(_)) => Some(tls::Identity::issued(metrics.clone())?),
+            (None, None) => None,
         };
+        // Built before anything is spawned, so bad anchors fail the start.
+        let issuer = cfg
+            .issuer
+            .as_ref()
+            .map(tls::issuer::IssuerClient::new)
+            .transpose()?;
         // A config file wins over the control plane; with neither, the empty document.
         let remote = match (&cfg.control_plane, &cfg.config_path) {
             (Some(cp), None) => Some(control::ControlPlane::new(
@@ -183,11 +193,12 @@ impl Proxy {
             )?),
             _ => None,
         };
-        let mesh = Arc::new(if remote.is_some() {
+        let mesh = if remote.is_some() {
             Mesh::pending(cfg.opaque_ports.clone())
         } else {
             Mesh::new(self.mesh_config, cfg.opaque_ports.clone())
-        });
+        };
+        let mesh = Arc::new(mesh.with_metrics(metrics.clone()));
         let mut local_ips = listen::local_ips();
         local_ips.extend(cfg.pod_ip);
         let own_ports = vec![
@@ -240,6 +251,9 @@ impl Proxy {
                 metrics.clone(),
                 mesh::POLL_INTERVAL,
             ));
+        }
+        if let (Some(identity), Some(client)) = (&identity, issuer) {
+            tokio::spawn(tls::issuer::run(identity.clone(), client));
         }
         if let Some(control) = remote {
             tokio::spawn(mesh::remote::watch(

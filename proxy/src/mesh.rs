@@ -9,24 +9,25 @@
 //! connections follow endpoint changes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
 use meshlet_api::{config::ConfigError as DocError, MeshConfig, SpiffeId};
-use metrics::SharedString;
+use metrics::{Label, SharedString};
+use tokio::time::Instant;
 
 use crate::{
-    balance::{Balancer, Endpoint, Pick},
-    metrics::{Metrics, UNKNOWN_SERVICE},
+    balance::{Balancer, Endpoint, Outlier, Pick},
+    metrics::{Metrics, OUTLIER_EJECTED, UNKNOWN_SERVICE},
     route::table::{Budgets, RouteTable},
 };
 
@@ -82,6 +83,11 @@ pub struct Snapshot {
 pub struct Mesh {
     current: ArcSwap<Snapshot>,
     opaque_override: Option<Vec<u16>>,
+    /// Where balancers count ejections.
+    metrics: Option<Arc<Metrics>>,
+    /// Services whose ejected-endpoints gauge was ever non-zero: they keep being
+    /// reported (at zero) so the series falls back instead of freezing.
+    reported: Mutex<HashSet<SharedString>>,
     /// Whether a document was loaded; false only while a remote watch waits for its
     /// first document.
     loaded: AtomicBool,
@@ -102,6 +108,16 @@ impl Snapshot {
         opaque_override: Option<&[u16]>,
         prev: Option<&Snapshot>,
     ) -> Self {
+        Self::build(config, opaque_override, prev, None)
+    }
+
+    /// [`Snapshot::reload`] whose balancers count ejections in `metrics`.
+    fn build(
+        config: MeshConfig,
+        opaque_override: Option<&[u16]>,
+        prev: Option<&Snapshot>,
+        metrics: Option<&Arc<Metrics>>,
+    ) -> Self {
         // One state per endpoint address, shared by every Service that selects it:
         // the lookup by address is then unambiguous (a HashMap's iteration order
         // would otherwise pick either Service's copy at random).
@@ -117,6 +133,21 @@ impl Snapshot {
             .map(|svc| {
                 let label: Arc<str> = format!("{}/{}", svc.namespace, svc.name).into();
                 SharedString::from(label)
+            })
+            .collect();
+        let outliers: Vec<Arc<Outlier>> = config
+            .services
+            .iter()
+            .zip(&labels)
+            .map(|(svc, label)| {
+                let od = svc.outlier_detection.clone().unwrap_or_default();
+                Arc::new(Outlier::new(
+                    label.clone(),
+                    od.consecutive_failures,
+                    od.base_ejection.as_std(),
+                    od.max_ejection.as_std(),
+                    metrics.cloned(),
+                ))
             })
             .collect();
         let mut services = HashMap::new();
@@ -142,7 +173,7 @@ impl Snapshot {
                     known.entry(ep).or_insert_with(|| Endpoint::new(ep)).clone()
                 })
                 .collect();
-            if let Some(b) = Balancer::new(ready) {
+            if let Some(b) = Balancer::with_outlier(ready, outliers[r.index].clone()) {
                 balancers.insert(addr, b);
             }
             if !svc.routes.is_empty() {
@@ -262,8 +293,25 @@ impl Mesh {
         Self {
             current: ArcSwap::from_pointee(snap),
             opaque_override,
+            metrics: None,
+            reported: Mutex::default(),
             loaded: AtomicBool::new(true),
         }
+    }
+
+    /// Counts outlier ejections in `metrics` from now on (the snapshot in force is
+    /// rebuilt with it, keeping its endpoints' state).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        let prev = self.current.load_full();
+        let snap = Snapshot::build(
+            prev.config.clone(),
+            self.opaque_override.as_deref(),
+            Some(&prev),
+            Some(&metrics),
+        );
+        self.current.store(Arc::new(snap));
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Starts empty, waiting for a first document ([`Mesh::is_loaded`] is false until
@@ -287,7 +335,12 @@ impl Mesh {
     /// Replaces the snapshot; endpoints that stay keep their load state.
     pub fn store(&self, config: MeshConfig) {
         let prev = self.current.load();
-        let snap = Snapshot::reload(config, self.opaque_override.as_deref(), Some(&prev));
+        let snap = Snapshot::build(
+            config,
+            self.opaque_override.as_deref(),
+            Some(&prev),
+            self.metrics.as_ref(),
+        );
         self.current.store(Arc::new(snap));
         self.loaded.store(true, Ordering::Release);
     }
@@ -296,6 +349,34 @@ impl Mesh {
     /// request, so keep-alive connections follow route changes).
     pub fn routes(&self, dst: SocketAddr) -> Option<Arc<RouteTable>> {
         self.current.load().routes(dst).cloned()
+    }
+
+    /// Sets the gauge of endpoints ejected right now, per Service. Ejections end by
+    /// the clock, not by an event, so the gauge is computed when it is read.
+    pub fn record_ejected(&self, metrics: &Metrics) {
+        let snap = self.load();
+        let now = Instant::now();
+        // An endpoint counts once per Service, whatever its ports and families.
+        let mut ejected: HashMap<SharedString, HashSet<SocketAddr>> = HashMap::new();
+        for (dst, b) in &snap.balancers {
+            for e in b.endpoints().iter().filter(|e| e.is_ejected_at(now)) {
+                ejected
+                    .entry(snap.service_label(*dst))
+                    .or_default()
+                    .insert(e.addr());
+            }
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        reported.extend(ejected.keys().cloned());
+        for service in reported.iter() {
+            let n = ejected.get(service).map_or(0, HashSet::len);
+            metrics
+                .gauge(
+                    OUTLIER_EJECTED,
+                    vec![Label::new("service", service.clone())],
+                )
+                .set(n as f64);
+        }
     }
 
     /// Picks an endpoint of ClusterIP:port `dst` for one request in the snapshot in

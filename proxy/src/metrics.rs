@@ -57,6 +57,11 @@ pub const CERT_EXPIRY: &str = "meshlet_identity_cert_expiry_timestamp_seconds";
 /// Mesh config reloads, with `result` (`ok`, `error`).
 pub const CONFIG_RELOADS: &str = "meshlet_config_reloads_total";
 
+/// Endpoints ejected by outlier detection, by `service`.
+pub const OUTLIER_EJECTIONS: &str = "meshlet_outlier_ejections_total";
+/// Endpoints ejected right now, by `service` (computed when scraped).
+pub const OUTLIER_EJECTED: &str = "meshlet_outlier_ejected_endpoints";
+
 /// Buckets of [`REQUEST_DURATION`]: 0.5 ms to 10 s, dense below 100 ms where a
 /// sidecar's overhead shows.
 pub const DURATION_BUCKETS: [f64; 16] = [
@@ -171,7 +176,7 @@ impl Metrics {
             handle,
             peers: Mutex::default(),
         };
-        let counters: [(&'static str, &'static str); 10] = [
+        let counters: [(&'static str, &'static str); 11] = [
             (REQUESTS, "HTTP requests proxied, by response status"),
             (TCP_OPENED, "Connections accepted"),
             (TCP_CLOSED, "Accepted connections closed"),
@@ -188,6 +193,10 @@ impl Metrics {
             (TIMEOUTS, "Timeouts (detect, connect, idle)"),
             (TLS_HANDSHAKE_ERRORS, "Failed TLS handshakes"),
             (CONFIG_RELOADS, "Mesh config reloads"),
+            (
+                OUTLIER_EJECTIONS,
+                "Endpoints ejected after consecutive failures",
+            ),
         ];
         for (name, help) in counters {
             m.recorder
@@ -197,6 +206,11 @@ impl Metrics {
             KeyName::from_const_str(REQUEST_DURATION),
             Some(Unit::Seconds),
             "Time from request to response headers".into(),
+        );
+        m.recorder.describe_gauge(
+            KeyName::from_const_str(OUTLIER_EJECTED),
+            None,
+            "Endpoints currently ejected by outlier detection".into(),
         );
         m.recorder.describe_gauge(
             KeyName::from_const_str(CERT_EXPIRY),

@@ -7,14 +7,21 @@
 //! prefix beats a `RegularExpression`; then a match with a method wins, then the one with
 //! more header matches, then more query parameter matches; then the oldest route
 //! (`creationTimestamp`), then `namespace/name` alphabetically, then rule and match order.
+//! A GRPCRoute (compiled into the same shape, `kind: GRPCRoute`) ranks its matches by
+//! GEP-1016 instead: the service its method match names, then the method (exact names
+//! before regexes, longer first; see `GrpcMethodMatch::precedence`), then more header
+//! matches; the path match it was compiled into only does the matching. GRPCRoute
+//! matches go before HTTPRoute ones, as a GRPCRoute takes a Service port first
+//! (GEP-1294); the compiler never puts both kinds on one port.
 //! Consumer routes (in the client's namespace, not the Service's) are tried before the
 //! producer routes. [`table`] resolves backends and per-rule policies against the mesh
 //! config; `http::route` applies decisions to requests.
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use meshlet_api::route::{
-    compile_regex, BackendRef, Filter, HeaderModifier, HttpRoute, PathMatchType, PathModifier,
-    Regex, RequestRedirect, RouteError, RouteRule, UrlRewrite, ValueMatchType,
+    compile_regex, BackendRef, Filter, GrpcMethodMatch, GrpcPrecedence, HeaderModifier, HttpRoute,
+    PathMatchType, PathModifier, Regex, RequestRedirect, RouteError, RouteKind, RouteRule,
+    UrlRewrite, ValueMatchType,
 };
 
 pub mod table;
@@ -93,6 +100,8 @@ pub struct Forward<'a> {
 struct Entry {
     route: usize,
     rule: usize,
+    /// GEP-1016 rank of a GRPCRoute match; `None` in an HTTPRoute.
+    grpc: Option<GrpcPrecedence>,
     path: PathCond,
     method: Option<Method>,
     headers: Vec<(HeaderName, ValueCond)>,
@@ -175,9 +184,12 @@ impl Routes {
                         let f = format!("{at}.queryParams[{i}].value");
                         query.push((q.name.clone(), cond(q.kind, &q.value, f)?));
                     }
+                    let grpc = (route.kind == RouteKind::Grpc)
+                        .then(|| GrpcMethodMatch::precedence(m.grpc_method.as_ref()));
                     entries.push(Entry {
                         route: ri,
                         rule: ui,
+                        grpc,
                         path,
                         method,
                         headers,
@@ -189,9 +201,17 @@ impl Routes {
         // A stable sort keeps rule and match order as the last tie-breaker.
         entries.sort_by(|a, b| {
             let (ra, rb) = (&routes[a.route], &routes[b.route]);
-            a.path
-                .rank()
-                .cmp(&b.path.rank())
+            // gRPC matches first, by their own rank; among equals, and for HTTP
+            // matches, the path decides.
+            let grpc = |e: &Entry| {
+                (
+                    e.grpc.is_none(),
+                    e.grpc.map(|g| (g, std::cmp::Reverse(e.headers.len()))),
+                )
+            };
+            grpc(a)
+                .cmp(&grpc(b))
+                .then(a.path.rank().cmp(&b.path.rank()))
                 .then(b.method.is_some().cmp(&a.method.is_some()))
                 .then(b.headers.len().cmp(&a.headers.len()))
                 .then(b.query.len().cmp(&a.query.len()))

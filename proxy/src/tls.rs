@@ -2,8 +2,8 @@
 //! outbound origination.
 //!
 //! TLS 1.3 only, rustls with the ring provider. The proxy's certificate, key and trust
-//! anchor come from `MESHLET_IDENTITY_DIR` ([`identity`]) and are swapped atomically
-//! when the files change; rustls reads them through [`identity::Identity`]'s resolvers
+//! anchor come from `MESHLET_IDENTITY_DIR` ([`identity`]) or from the control plane's
+//! issuer ([`issuer`]) and are swapped atomically when they change; rustls reads them through [`identity::Identity`]'s resolvers
 //! at every handshake, so rotation never touches an established connection.
 //!
 //! Inbound ([`accept`]): the first bytes are sniffed for a ClientHello offering ALPN
@@ -18,6 +18,7 @@ pub mod client_hello;
 pub mod connect;
 pub mod der;
 pub mod identity;
+pub mod issuer;
 pub mod verify;
 
 use std::sync::Arc;

@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -29,25 +29,35 @@ const CLUSTER_IP: &str = "127.0.0.10:80";
 const HOST: &str = "web.shop.svc.cluster.local";
 
 /// An upstream that answers `<name> <host>` after `delay` (HTTP/1 and h2c), counting
-/// requests; `/slow` waits 500 ms more.
+/// requests; `/slow` waits 500 ms more; while `failing` is set it answers 503.
 struct Upstream {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    failing: Arc<AtomicBool>,
 }
 
 async fn upstream(ip: &str, name: &'static str, delay: Duration) -> Upstream {
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
+    let failing = Arc::new(AtomicBool::new(false));
     let count = requests.clone();
+    let fail = failing.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let count = count.clone();
+            let fail = fail.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let count = count.clone();
+                    let fail = fail.clone();
                     async move {
                         count.fetch_add(1, Ordering::SeqCst);
+                        if fail.load(Ordering::SeqCst) {
+                            let mut rsp = Response::new(Full::new(Bytes::from("failing")));
+                            *rsp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            return Ok::<_, Infallible>(rsp);
+                        }
                         let mut wait = delay;
                         if req.uri().path() == "/slow" {
                             wait += Duration::from_millis(500);
@@ -72,7 +82,11 @@ async fn upstream(ip: &str, name: &'static str, delay: Duration) -> Upstream {
             });
         }
     });
-    Upstream { addr, requests }
+    Upstream {
+        addr,
+        requests,
+        failing,
+    }
 }
 
 /// A mesh config whose Service `shop/web` at [`CLUSTER_IP`] has `endpoints`
@@ -323,4 +337,82 @@ async fn inbound_service_label_comes_from_the_endpoints() {
         !m.contains("direction=\"inbound\",service=\"unknown\""),
         "{m}"
     );
+}
+
+/// The `service="shop/web"` sample of `name` in a scrape (0 when absent).
+fn sample(m: &str, name: &str) -> f64 {
+    m.lines()
+        .find(|l| l.starts_with(&format!("{name}{{service=\"shop/web\"}} ")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_endpoint_is_ejected_then_returns() {
+    let a = upstream("127.0.0.1", "a", Duration::ZERO).await;
+    let b = upstream("127.0.0.2", "b", Duration::ZERO).await;
+    let c = upstream("127.0.0.3", "c", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.json");
+    let cluster: SocketAddr = CLUSTER_IP.parse().unwrap();
+    let eps: Vec<_> = [&a, &b, &c]
+        .iter()
+        .map(|u| serde_json::json!({"ip": u.addr.ip(), "ports": {"80": u.addr.port()}}))
+        .collect();
+    const EJECTION: Duration = Duration::from_secs(2);
+    let doc = serde_json::json!({"generation": 1, "services": [{"name": "web",
+        "namespace": "shop", "clusterIPs": [cluster.ip()], "ports": [{"port": 80}],
+        "endpoints": eps,
+        "outlierDetection": {"consecutiveFailures": 5, "baseEjection": "2s", "maxEjection": "10s"}}]});
+    std::fs::write(&path, doc.to_string()).unwrap();
+    let proxy = client_proxy(&path);
+    let mut tx = test_util::h1_client(proxy.outbound).await;
+    for i in 0..30 {
+        assert_eq!(get_h1(&mut tx, &format!("/warm/{i}")).await.0, 200);
+    }
+    assert!(c.requests.load(Ordering::SeqCst) > 0, "c never served");
+
+    c.failing.store(true, Ordering::SeqCst);
+    let failing_since = Instant::now();
+    let c_before = c.requests.load(Ordering::SeqCst);
+    let mut failures = 0;
+    for i in 0..100 {
+        let (status, _) = get_h1(&mut tx, &format!("/fail/{i}")).await;
+        failures += usize::from(status == 503);
+    }
+    let elapsed = failing_since.elapsed();
+    assert!(
+        elapsed < EJECTION,
+        "100 local requests took {elapsed:?}, longer than the ejection: the machine is too \
+         loaded for this test to say anything"
+    );
+    let to_c = c.requests.load(Ordering::SeqCst) - c_before;
+    assert_eq!(
+        (failures, to_c),
+        (5, 5),
+        "5 failures in a row eject c: the client should see exactly those 5 503s and c \
+         get nothing after them"
+    );
+    let m = proxy.metrics();
+    assert_eq!(sample(&m, "meshlet_outlier_ejections_total"), 1.0, "{m}");
+    assert_eq!(sample(&m, "meshlet_outlier_ejected_endpoints"), 1.0, "{m}");
+
+    // Healthy again; once the ejection is over it takes requests, on probation.
+    c.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(
+        EJECTION.saturating_sub(failing_since.elapsed()) + Duration::from_millis(100),
+    )
+    .await;
+    let c_before = c.requests.load(Ordering::SeqCst);
+    for i in 0..60 {
+        assert_eq!(get_h1(&mut tx, &format!("/back/{i}")).await.0, 200);
+    }
+    let back = c.requests.load(Ordering::SeqCst) - c_before;
+    assert!(
+        back >= 5,
+        "c got {back} of 60 requests after its ejection ended"
+    );
+    let m = proxy.metrics();
+    assert_eq!(sample(&m, "meshlet_outlier_ejected_endpoints"), 0.0, "{m}");
+    assert_eq!(sample(&m, "meshlet_outlier_ejections_total"), 1.0, "{m}");
 }

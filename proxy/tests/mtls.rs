@@ -808,3 +808,112 @@ async fn balanced_endpoints_each_get_mtls() {
         );
     }
 }
+
+/// An app (HTTP/1.1 and h2c) that answers how the request reached it:
+/// `<version> <request target> host=<Host> orig=<meshlet-orig-proto>`, and counts its
+/// connections.
+async fn how_app() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .map_or("-".to_string(), |v| v.to_str().unwrap_or("?").to_string())
+                };
+                let body = format!(
+                    "{:?} {} host={} orig={}",
+                    req.version(),
+                    req.uri(),
+                    h("host"),
+                    h("meshlet-orig-proto")
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_connections_multiplex_over_one_mesh_h2_connection() {
+    let (app, _) = how_app().await;
+    let p = pair(app);
+    // A burst of new client connections, each with a request in flight at once.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let outbound = p.client.outbound;
+        tasks.push(tokio::spawn(async move {
+            let mut tx = test_util::h1_client::<Empty<Bytes>>(outbound).await;
+            tx.ready().await.unwrap();
+            let req = Request::get(format!("/burst/{i}?q=1"))
+                .header("host", "web.shop:8080")
+                .header("meshlet-orig-proto", "spoofed by the app")
+                .body(Empty::new())
+                .unwrap();
+            let rsp = tx.send_request(req).await.unwrap();
+            assert_eq!(rsp.status(), 200);
+            assert_eq!(rsp.version(), http::Version::HTTP_11);
+            assert!(!rsp.headers().contains_key("meshlet-orig-proto"));
+            (i, test_util::body_bytes(rsp.into_body()).await)
+        }));
+    }
+    for t in tasks {
+        let (i, body) = t.await.unwrap();
+        assert_eq!(
+            body,
+            format!("HTTP/1.1 /burst/{i}?q=1 host=web.shop:8080 orig=-"),
+            "the app gets the HTTP/1.1 request the client sent, unmarked"
+        );
+    }
+    let sm = p.server.metrics();
+    has(
+        &sm,
+        &format!(
+            r#"meshlet_tcp_connections_opened_total{{direction="inbound",service="unknown",tls="true",peer_identity="{CLIENT_ID}"}}"#
+        ),
+        1.0,
+    );
+    has(
+        &sm,
+        &format!(
+            r#"meshlet_requests_total{{direction="inbound",service="unknown",status_code="200",tls="true",peer_identity="{CLIENT_ID}"}}"#
+        ),
+        20.0,
+    );
+    let cm = p.client.metrics();
+    has(
+        &cm,
+        r#"meshlet_tcp_connections_opened_total{direction="outbound",service="shop/web",tls="true"}"#,
+        20.0,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orig_proto_mark_is_not_trusted_from_outside_the_mesh() {
+    let (app, _) = how_app().await;
+    let p = pair(app);
+    // Plaintext h2c straight to the server sidecar (permissive): no verified peer.
+    let mut tx = test_util::h2_client::<Empty<Bytes>>(p.server.inbound).await;
+    let req = Request::get("http://web.shop/x")
+        .header("meshlet-orig-proto", "HTTP/1.1")
+        .body(Empty::new())
+        .unwrap();
+    let rsp = tx.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(
+        test_util::body_bytes(rsp.into_body()).await,
+        "HTTP/2.0 http://web.shop/x host=- orig=-",
+        "the request stays HTTP/2 and loses the mark"
+    );
+}

@@ -18,7 +18,22 @@ meshlet-injector-tls
 
 {{/* Secret in which the identity issuer keeps its CA (created by the injector, not by the chart). */}}
 {{- define "meshlet.identity.caSecretName" -}}
-meshlet-identity-ca
+{{- .Values.identity.caSecret | default "meshlet-identity-ca" -}}
+{{- end }}
+
+{{/* host:port proxies dial for the mesh endpoint (identity issuer, config). */}}
+{{- define "meshlet.controlPlane.address" -}}
+{{- if .Values.controlPlane.address -}}
+{{- .Values.controlPlane.address -}}
+{{- else if .Values.injector.service.clusterIP -}}
+{{- if contains ":" .Values.injector.service.clusterIP -}}
+[{{ .Values.injector.service.clusterIP }}]:15012
+{{- else -}}
+{{ .Values.injector.service.clusterIP }}:15012
+{{- end -}}
+{{- else -}}
+{{ include "meshlet.injector.name" . }}.{{ .Release.Namespace }}.svc:15012
+{{- end -}}
 {{- end }}
 
 {{/* ConfigMap with the mesh defaults the injector applies to pods. */}}
@@ -141,6 +156,17 @@ ConfigMap for the settings the injector does not take as flags yet.
 - --proxy-log-level={{ .Values.proxy.logLevel }}
 - --native-sidecar={{ include "meshlet.proxy.nativeSidecar" . }}
 - --proxy-tls-mode={{ .Values.proxy.tlsMode }}
+- --identity={{ .Values.identity.enabled }}
+{{- if .Values.identity.enabled }}
+- --mesh-addr=0.0.0.0:15012
+- --service={{ include "meshlet.injector.name" . }}
+- --trust-domain={{ .Values.trustDomain }}
+- --cert-lifetime={{ .Values.identity.certLifetime }}
+- --ca-secret={{ include "meshlet.identity.caSecretName" . }}
+- --ca-secret-create={{ empty .Values.identity.caSecret }}
+- --control-plane-address={{ include "meshlet.controlPlane.address" . }}
+- --control-plane-name={{ include "meshlet.injector.name" . }}.{{ .Release.Namespace }}.svc
+{{- end }}
 {{- if not ((.Values.injector.controller | default dict).enabled | default false) }}
 - --no-controller
 {{- end }}

@@ -1,5 +1,7 @@
-//! Route status: what meshlet tells the owner of each HTTPRoute about the Services it
-//! attaches to, in the conditions the Gateway API names (Accepted, ResolvedRefs).
+//! Route status: what meshlet tells the owner of each HTTPRoute and GRPCRoute about the
+//! Services it attaches to, in the conditions the Gateway API names (Accepted,
+//! ResolvedRefs). Both kinds share the route status shape (`status.parents`), so one
+//! set of functions serves both; routes are told apart by (kind, `namespace/name`).
 //!
 //! Pure functions of the route and the compile outcome, so the status is computed the
 //! same way every time and written only when it differs from what the route carries.
@@ -10,55 +12,74 @@ use std::collections::BTreeMap;
 use meshlet_api::{config::Service, CONTROLLER_NAME};
 use serde_json::{json, Value};
 
-use crate::compile::{self, Problem};
+use crate::compile::{self, Conflict, Problem};
 
 /// Reasons that mean a backendRef did not resolve (ResolvedRefs=False); the route is
 /// still accepted.
 const REF_REASONS: [&str; 3] = ["BackendNotFound", "InvalidKind", "RefNotPermitted"];
 
 /// What compile made of one route.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// Why the route was left out, if it was.
     pub problem: Option<Problem>,
     /// A backendRef that does not resolve, when `problem` is about something else
     /// (compile stops at the first problem, so the refs are checked again on their own).
     pub refs: Option<Problem>,
+    /// Service parents the route was left out of for a route of another kind on the
+    /// same port (only HTTPRoutes, for a GRPCRoute).
+    pub conflicts: Vec<Conflict>,
 }
 
-/// The outcome of every route (`namespace/name`) of the world: compile's problems, and
-/// for a route refused for an unsupported value, its refs checked again without the
-/// parts compile refused.
-pub fn outcomes(objects: &[Value], problems: &[Problem]) -> BTreeMap<String, Outcome> {
-    let mut out = BTreeMap::new();
+/// Which route an outcome is of: (kind, `namespace/name`).
+pub type RouteKey = (String, String);
+
+/// The key of a route object.
+pub fn route_key(route: &Value) -> RouteKey {
+    (
+        route["kind"].as_str().unwrap_or_default().to_string(),
+        format!(
+            "{}/{}",
+            route["metadata"]["namespace"].as_str().unwrap_or("default"),
+            route["metadata"]["name"].as_str().unwrap_or("")
+        ),
+    )
+}
+
+/// The outcome of every route of the world that has something to tell: compile's
+/// problems, for a route refused for an unsupported value its refs checked again
+/// without the parts compile refused, and the parents an HTTPRoute lost to a GRPCRoute.
+/// Routes without an entry applied as written.
+pub fn outcomes(
+    objects: &[Value],
+    problems: &[Problem],
+    conflicts: &[Conflict],
+) -> BTreeMap<RouteKey, Outcome> {
+    let mut out: BTreeMap<RouteKey, Outcome> = BTreeMap::new();
     for p in problems {
+        let key = (p.kind.to_string(), p.route.clone());
         let refs = if REF_REASONS.contains(&p.reason) {
             None
         } else {
-            recheck_refs(objects, &p.route)
+            recheck_refs(objects, &key)
         };
-        out.insert(
-            p.route.clone(),
-            Outcome {
-                problem: Some(p.clone()),
-                refs,
-            },
-        );
+        let o = out.entry(key).or_default();
+        o.problem = Some(p.clone());
+        o.refs = refs;
+    }
+    for c in conflicts {
+        out.entry(("HTTPRoute".into(), c.route.clone()))
+            .or_default()
+            .conflicts
+            .push(c.clone());
     }
     out
 }
 
 /// Compiles the route alone with its filters, parents, timeouts and retries taken
 /// out; what is left to fail is a backendRef.
-fn recheck_refs(objects: &[Value], id: &str) -> Option<Problem> {
-    let is_route = |o: &Value| {
-        o["kind"] == "HTTPRoute"
-            && format!(
-                "{}/{}",
-                o["metadata"]["namespace"].as_str().unwrap_or("default"),
-                o["metadata"]["name"].as_str().unwrap_or("")
-            ) == id
-    };
+fn recheck_refs(objects: &[Value], key: &RouteKey) -> Option<Problem> {
+    let is_route = |o: &Value| route_key(o) == *key;
     let mut route = objects.iter().find(|o| is_route(o))?.clone();
     if let Some(spec) = route.get_mut("spec").and_then(Value::as_object_mut) {
         spec.remove("parentRefs");
@@ -140,6 +161,20 @@ fn parent_conditions(route_ns: &str, p: &Value, services: &[Service], o: &Outcom
             false,
             "NoMatchingParent",
             format!("Service {svc}{port} does not exist; create it or fix the parentRef"),
+        )
+    } else if let Some(c) = o
+        .conflicts
+        .iter()
+        .find(|c| c.service == svc && c.port.map(u64::from) == p["port"].as_u64())
+    {
+        condition(
+            "Accepted",
+            false,
+            "Conflicted",
+            format!(
+                "meshlet does not apply this route to Service {svc}: {}",
+                c.message()
+            ),
         )
     } else {
         match &o.problem {

@@ -260,23 +260,19 @@ fn cond<'a>(parents: &'a [Value], i: usize, kind: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
+/// Every route of the world (both kinds, in world order) with its outcome.
 fn statuses(w: &World) -> (Vec<meshlet_api::config::Service>, Vec<(Value, Outcome)>) {
     let c = world::build(w).expect("builds");
-    let outcomes = status::outcomes(&w.objects, &c.problems);
+    let outcomes = status::outcomes(&w.objects, &c.problems, &c.conflicts);
     let routes = w
         .objects
         .iter()
-        .filter(|o| o["kind"] == "HTTPRoute")
+        .filter(|o| matches!(o["kind"].as_str(), Some("HTTPRoute" | "GRPCRoute")))
         .map(|r| {
-            let id = format!(
-                "{}/{}",
-                r["metadata"]["namespace"].as_str().unwrap_or(""),
-                r["metadata"]["name"].as_str().unwrap_or("")
-            );
-            let o = outcomes.get(&id).cloned().unwrap_or(Outcome {
-                problem: None,
-                refs: None,
-            });
+            let o = outcomes
+                .get(&status::route_key(r))
+                .cloned()
+                .unwrap_or_default();
             (r.clone(), o)
         })
         .collect();
@@ -475,4 +471,144 @@ fn the_lease_is_created_renewed_taken_over_only_when_stale() {
         s.lease_duration_seconds = Some(60);
     }
     assert_eq!(step(Some(&long), "a", d(30), d(15)), Step::Follow);
+}
+
+fn grpc_route(ns: &str, name: &str, generation: i64, spec: Value) -> Value {
+    let mut r = route(ns, name, generation, spec);
+    r["kind"] = "GRPCRoute".into();
+    r
+}
+
+fn grpc_web_route(backend: &str) -> Value {
+    json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [{"matches": [{"method": {"service": "shop.Cart", "method": "Add"}}],
+                   "backendRefs": [{"name": backend, "port": 80}]}],
+    })
+}
+
+/// (name, kind, [Accepted status, reason, ResolvedRefs status, reason]) of each route.
+fn conditions(w: &World) -> Vec<(String, String, [String; 4])> {
+    let (services, routes) = statuses(w);
+    routes
+        .iter()
+        .map(|(r, o)| {
+            let p = status::desired_parents(r, o, &services, "t").expect("status");
+            let a = cond(&p, 0, "Accepted");
+            let rr = cond(&p, 0, "ResolvedRefs");
+            (
+                r["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                r["kind"].as_str().unwrap_or("").to_string(),
+                [&a["status"], &a["reason"], &rr["status"], &rr["reason"]]
+                    .map(|v| v.as_str().unwrap_or("").to_string()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn grpc_routes_get_the_same_status_as_http_routes_told_apart_by_kind() {
+    let mut w = base_world();
+    w.objects.retain(|o| !o.is_null());
+    // Same name as an HTTPRoute on another port: two routes, two statuses.
+    let mut http = web_route("web");
+    http["parentRefs"][0]["port"] = 9090.into();
+    w.objects.push(route("shop", "cart", 1, http));
+    w.objects
+        .push(grpc_route("shop", "cart", 2, grpc_web_route("web")));
+    let mut mirror = grpc_web_route("web");
+    mirror["rules"][0]["filters"] = json!([{"type": "RequestMirror",
+        "requestMirror": {"backendRef": {"name": "web", "port": 80}}}]);
+    w.objects.push(grpc_route("shop", "mirror", 1, mirror));
+    w.objects
+        .push(grpc_route("shop", "lost", 1, grpc_web_route("nowhere")));
+    let want = |name: &str, kind: &str, c: [&str; 4]| {
+        (name.to_string(), kind.to_string(), c.map(str::to_string))
+    };
+    assert_eq!(
+        conditions(&w),
+        [
+            want(
+                "cart",
+                "HTTPRoute",
+                ["True", "Accepted", "True", "ResolvedRefs"]
+            ),
+            want(
+                "cart",
+                "GRPCRoute",
+                ["True", "Accepted", "True", "ResolvedRefs"]
+            ),
+            want(
+                "mirror",
+                "GRPCRoute",
+                ["False", "UnsupportedValue", "True", "ResolvedRefs"]
+            ),
+            want(
+                "lost",
+                "GRPCRoute",
+                ["True", "Accepted", "False", "BackendNotFound"]
+            ),
+        ]
+    );
+    let (services, routes) = statuses(&w);
+    let p = status::desired_parents(&routes[1].0, &routes[1].1, &services, "t").expect("status");
+    assert_eq!(cond(&p, 0, "Accepted")["observedGeneration"], 2);
+    let doc = world::build(&w).expect("builds").config;
+    let web = doc.services.iter().find(|s| s.name == "web").expect("web");
+    let kinds: Vec<(&str, meshlet_api::route::RouteKind)> = web
+        .routes
+        .iter()
+        .map(|r| (r.name.as_str(), r.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("cart", meshlet_api::route::RouteKind::Http),
+            ("cart", meshlet_api::route::RouteKind::Grpc),
+        ]
+    );
+}
+
+#[test]
+fn an_http_route_on_a_grpc_routes_port_is_conflicted_on_that_parent_only() {
+    let mut w = base_world();
+    w.objects.retain(|o| !o.is_null());
+    w.objects
+        .push(service("shop", "api", "198.19.0.11", json!({"app": "web"})));
+    w.objects
+        .push(grpc_route("shop", "rpc", 1, grpc_web_route("web")));
+    // Parents: web (every port, so 80 too: conflicted) and api (no GRPCRoute: applied).
+    let mut both = web_route("web");
+    both["parentRefs"] = json!([{"kind": "Service", "name": "web"},
+                                {"kind": "Service", "name": "api", "port": 80}]);
+    w.objects.push(route("shop", "both", 1, both));
+    let (services, routes) = statuses(&w);
+    let (r, o) = &routes[1];
+    let p = status::desired_parents(r, o, &services, "t").expect("status");
+    assert_eq!(p.len(), 2);
+    let web = cond(&p, 0, "Accepted");
+    assert_eq!(
+        (&web["status"], &web["reason"]),
+        (&json!("False"), &json!("Conflicted"))
+    );
+    assert!(
+        web["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("GRPCRoute shop/rpc"),
+        "{web}"
+    );
+    assert_eq!(cond(&p, 0, "ResolvedRefs")["status"], "True");
+    assert_eq!(cond(&p, 1, "Accepted")["reason"], "Accepted");
+
+    let doc = world::build(&w).expect("builds").config;
+    let on = |svc: &str| -> Vec<String> {
+        doc.services
+            .iter()
+            .find(|s| s.name == svc)
+            .map(|s| s.routes.iter().map(|r| r.name.clone()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(on("web"), ["rpc"], "the HTTPRoute is left out of web");
+    assert_eq!(on("api"), ["both"], "and still applies to api");
 }

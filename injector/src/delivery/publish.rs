@@ -57,6 +57,9 @@ impl Source {
                 for p in &compiled.problems {
                     tracing::warn!(problem = %p, "route left out");
                 }
+                for b in &compiled.bad_annotations {
+                    tracing::warn!(problem = %b, "Service annotation refused");
+                }
                 Ok(compiled.config)
             }
             Self::Document(path) => read_document(path),

@@ -24,8 +24,10 @@ use meshlet_api::probes::AppProbes;
 pub const TOKEN_VOLUME: &str = "meshlet-token";
 /// Where the proxy finds its token (file `token` inside).
 pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/meshlet/tokens";
+/// The token's file name in [`TOKEN_MOUNT_PATH`].
+pub const TOKEN_FILE: &str = "token";
 /// Audience of the projected token; the issuer accepts only this audience.
-const TOKEN_AUDIENCE: &str = "meshlet";
+const TOKEN_AUDIENCE: &str = meshlet_api::identity::TOKEN_AUDIENCE;
 /// Kubelet refreshes the token at 80% of its life; one hour keeps a stolen one short-lived.
 const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 /// Resources of meshlet-init: it runs one iptables-restore and exits.
@@ -45,6 +47,7 @@ pub(super) struct Settings {
     pub native_sidecar: bool,
     pub tls_mode: String,
     pub mesh_config_path: Option<String>,
+    pub identity: Option<crate::config::IdentityEnv>,
     /// The pod's termination grace period, as the proxy's drain deadline.
     pub drain_timeout: Option<String>,
     pub o: Overrides,
@@ -92,6 +95,7 @@ impl Settings {
             native_sidecar: o.native_sidecar.unwrap_or(d.native_sidecar),
             tls_mode: o.tls_mode.clone().unwrap_or_else(|| d.tls_mode.clone()),
             mesh_config_path: d.mesh_config_path.clone(),
+            identity: d.identity.clone(),
             drain_timeout: None,
             o: o.clone(),
         })
@@ -242,6 +246,15 @@ pub(super) fn proxy_container(s: &Settings, app_probes: &AppProbes) -> Container
     if let Some(p) = &s.mesh_config_path {
         env_vars.push(value_env(env::PROXY_CONFIG_PATH, p.clone()));
     }
+    if let Some(id) = &s.identity {
+        env_vars.push(value_env(env::CONTROL_PLANE_ADDR, id.address.clone()));
+        env_vars.push(value_env(env::CONTROL_PLANE_NAME, id.name.clone()));
+        env_vars.push(value_env(env::TRUST_ANCHORS, id.trust_anchors.clone()));
+        env_vars.push(value_env(
+            env::IDENTITY_TOKEN_PATH,
+            format!("{TOKEN_MOUNT_PATH}/{TOKEN_FILE}"),
+        ));
+    }
     if let Some(d) = &s.drain_timeout {
         env_vars.push(value_env(env::PROXY_DRAIN_TIMEOUT, d.clone()));
     }
@@ -351,7 +364,7 @@ pub(super) fn token_volume() -> Volume {
                 service_account_token: Some(ServiceAccountTokenProjection {
                     audience: Some(TOKEN_AUDIENCE.to_string()),
                     expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
-                    path: "token".to_string(),
+                    path: TOKEN_FILE.to_string(),
                 }),
                 ..Default::default()
             }]),

@@ -268,3 +268,55 @@ fn grace_period_becomes_the_drain_deadline() {
     assert_eq!(drain(Some(0)).as_deref(), Some("0s"));
     assert_eq!(drain(Some(90)).as_deref(), Some("1m30s"));
 }
+
+#[test]
+fn identity_env_points_the_proxy_at_the_issuer_and_its_token() {
+    let p = pod(BASIC);
+    let env_of = |d: &Defaults| {
+        let out = apply(&p, &ops(mutate(&p, &Context::default(), d).unwrap()));
+        let spec = out.spec.unwrap();
+        let proxy = spec
+            .init_containers
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == "meshlet-proxy")
+            .unwrap();
+        let mount = proxy.volume_mounts.clone().unwrap()[0].mount_path.clone();
+        let env: std::collections::BTreeMap<String, String> = proxy
+            .env
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        (env, mount)
+    };
+    // Offline: nothing about the control plane.
+    let (env, _) = env_of(&Defaults::default());
+    assert!(!env
+        .keys()
+        .any(|k| k.contains("CONTROL_PLANE") || k.contains("TRUST")));
+
+    let d = Defaults {
+        identity: Some(crate::config::IdentityEnv {
+            address: "198.19.0.12:15012".into(),
+            name: "meshlet-injector.meshlet-system.svc".into(),
+            trust_anchors: "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n".into(),
+        }),
+        ..Defaults::default()
+    };
+    let (env, mount) = env_of(&d);
+    assert_eq!(
+        env[meshlet_api::env::CONTROL_PLANE_ADDR],
+        "198.19.0.12:15012"
+    );
+    assert_eq!(
+        env[meshlet_api::env::CONTROL_PLANE_NAME],
+        "meshlet-injector.meshlet-system.svc"
+    );
+    assert!(env[meshlet_api::env::TRUST_ANCHORS].starts_with("-----BEGIN CERTIFICATE-----"));
+    // The token path is inside the projected token volume the proxy mounts.
+    assert_eq!(
+        env[meshlet_api::env::IDENTITY_TOKEN_PATH],
+        format!("{mount}/token")
+    );
+}

@@ -118,6 +118,55 @@ fn identity_and_tls_mode() {
 }
 
 #[test]
+fn issuer_from_the_control_plane_env() {
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let base = [
+        ("MESHLET_CONTROL_PLANE_ADDR", "198.19.0.12:15012"),
+        ("MESHLET_TRUST_ANCHORS", PEM),
+        (
+            "MESHLET_IDENTITY_TOKEN",
+            "/var/run/secrets/meshlet/tokens/token",
+        ),
+        ("MESHLET_TLS_MODE", "strict"),
+    ];
+    let c = parse(&base).unwrap();
+    let i = c.issuer.unwrap();
+    assert_eq!(i.address, "198.19.0.12:15012");
+    assert_eq!(i.name, "meshlet-injector.meshlet-system.svc");
+    assert_eq!(
+        i.token_path,
+        PathBuf::from("/var/run/secrets/meshlet/tokens/token")
+    );
+
+    // An identity directory wins: the operator set it on purpose.
+    let mut with_dir = base.to_vec();
+    with_dir.push(("MESHLET_IDENTITY_DIR", "/id"));
+    assert_eq!(parse(&with_dir).unwrap().issuer, None);
+
+    for (drop, name) in [
+        ("MESHLET_TRUST_ANCHORS", "MESHLET_TRUST_ANCHORS"),
+        // Config delivery alone needs no token; strict mode then has no identity.
+        ("MESHLET_IDENTITY_TOKEN", "MESHLET_TLS_MODE"),
+        ("MESHLET_CONTROL_PLANE_ADDR", "MESHLET_TLS_MODE"),
+    ] {
+        let env: Vec<_> = base.iter().copied().filter(|(k, _)| *k != drop).collect();
+        assert_eq!(parse(&env).unwrap_err().name, name, "without {drop}");
+    }
+    for bad in ["meshlet-injector", ":15012", "host:0", "host:http"] {
+        let mut env = base.to_vec();
+        env[0].1 = bad;
+        assert_eq!(
+            parse(&env).unwrap_err().name,
+            "MESHLET_CONTROL_PLANE_ADDR",
+            "{bad}"
+        );
+    }
+    let mut env = base.to_vec();
+    env[1].1 = "not pem";
+    assert_eq!(parse(&env).unwrap_err().name, "MESHLET_TRUST_ANCHORS");
+}
+
+#[test]
 fn control_plane() {
     let pem = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
     assert_eq!(parse(&[]).unwrap().control_plane, None);

@@ -7,6 +7,13 @@
 //! Host / `:authority` and the request target pass through untouched (HTTP/1 keeps
 //! the origin-form target and Host header, HTTP/2 the full URI hyper rebuilt from the
 //! pseudo-headers), so the app sees what its client sent.
+//!
+//! One exception to "the same protocol": between two sidecars (mesh mTLS), an
+//! HTTP/1.1 request travels over the endpoint's shared HTTP/2 connection, marked
+//! [`headers::ORIG_PROTO`], and the receiving sidecar restores it for its app, so a
+//! burst of client connections costs one mesh connection instead of one each (and
+//! one TLS handshake). Upgrades, CONNECT, HTTP/1.0 and requests in absolute form stay
+//! HTTP/1 end to end.
 
 use std::{
     future::Future,
@@ -133,6 +140,7 @@ where
     async fn dispatch(
         &self,
         mut req: Request<B>,
+        h2: bool,
     ) -> Result<
         (
             Response<Incoming>,
@@ -149,7 +157,7 @@ where
                 .as_ref()
                 .and_then(|mesh| mesh.pick(self.dst, exclude));
             let dst = pick.as_ref().map_or(self.dst, |p| p.addr());
-            let sent = if self.protocol == Protocol::H2 {
+            let sent = if h2 {
                 self.send_h2(dst, req, &mut pick)
                     .await
                     .map(|rsp| (rsp, None))
@@ -160,8 +168,9 @@ where
             };
             match (sent, pick) {
                 (Ok((rsp, tx)), pick) => {
+                    // The status feeds outlier detection (a run of 503s ejects).
                     if let Some(p) = pick {
-                        p.answered();
+                        p.responded(rsp.status());
                     }
                     return Ok((rsp, tx, dst));
                 }
@@ -182,14 +191,16 @@ where
                 }
                 (Err(f), pick) => {
                     // A blackholed endpoint (connect timeout) must lose the next
-                    // comparisons too; a failure after the request left says nothing
-                    // certain about the endpoint.
+                    // comparisons too, and every failure to reach it counts towards
+                    // ejecting it; a failure after the request left says nothing
+                    // certain about the endpoint (the client's body may have broken).
                     if let Some(p) = pick {
                         if matches!(
                             f.error,
                             ProxyError::Connect { .. }
                                 | ProxyError::ConnectTimeout { .. }
                                 | ProxyError::Handshake { .. }
+                                | ProxyError::Tls { .. }
                         ) {
                             p.failed();
                         }
@@ -221,10 +232,25 @@ where
         let connect = http1 && req.method() == Method::CONNECT;
         let downstream = (upgrade || connect).then(|| hyper::upgrade::on(&mut req));
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        // An HTTP/1.1 request another sidecar carried over HTTP/2 goes to the app as
+        // HTTP/1.1 again; the mark is believed only from a verified mesh peer.
+        let restored = self.protocol == Protocol::H2
+            && headers::from_mesh_h2(&mut req, self.client_id.is_some());
+        req.headers_mut().remove(headers::ORIG_PROTO);
         // Only this proxy may say who the client is: whatever arrived is dropped.
         headers::set_client_id(req.headers_mut(), self.client_id.clone());
+        // Between two sidecars (mesh mTLS) HTTP/1.1 rides one multiplexed HTTP/2
+        // connection per endpoint instead of a connection per request in flight.
+        let multiplexed =
+            http1 && !upgrade && !connect && self.tls.is_some() && headers::to_mesh_h2(&mut req);
+        let h2 = multiplexed || (self.protocol == Protocol::H2 && !restored);
 
-        let (mut rsp, checkin, dst) = self.dispatch(req).await?;
+        let (mut rsp, checkin, dst) = self.dispatch(req, h2).await?;
+        if multiplexed {
+            *rsp.version_mut() = http::Version::HTTP_11;
+        } else if restored {
+            *rsp.version_mut() = http::Version::HTTP_2;
+        }
 
         let switched = (upgrade && rsp.status() == StatusCode::SWITCHING_PROTOCOLS)
             || (connect && rsp.status().is_success());

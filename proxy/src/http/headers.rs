@@ -23,6 +23,82 @@ pub fn set_client_id(headers: &mut HeaderMap, id: Option<HeaderValue>) {
     }
 }
 
+/// Marks an HTTP/1.1 request that one sidecar carried over HTTP/2 to another (as
+/// Linkerd's `l5d-orig-proto`); the receiving sidecar turns it back into HTTP/1.1.
+/// Trusted only on a verified mesh mTLS connection, removed everywhere else.
+pub const ORIG_PROTO: &str = "meshlet-orig-proto";
+const ORIG_HTTP11: &str = "HTTP/1.1";
+
+/// Client side: turns an HTTP/1.1 request in origin form (`GET /path` with a Host
+/// header) into one that can travel over HTTP/2 to a meshed sidecar, marked with
+/// [`ORIG_PROTO`]. Leaves `req` alone and returns false when it cannot be restored
+/// exactly on the other side (HTTP/1.0, absolute or asterisk form, no usable Host).
+pub fn to_mesh_h2<B>(req: &mut Request<B>) -> bool {
+    req.headers_mut().remove(ORIG_PROTO);
+    if req.version() != Version::HTTP_11
+        || req.uri().scheme().is_some()
+        || req.uri().authority().is_some()
+        || !req.uri().path().starts_with('/')
+    {
+        return false;
+    }
+    let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+    else {
+        return false;
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let Ok(uri) = http::Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(pq)
+        .build()
+    else {
+        return false;
+    };
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    req.headers_mut()
+        .insert(ORIG_PROTO, HeaderValue::from_static(ORIG_HTTP11));
+    true
+}
+
+/// Server side: removes [`ORIG_PROTO`]; when `trusted` (a verified mesh peer) and it
+/// marks an HTTP/1.1 request, restores that request (origin form, Host, version) for
+/// the app and returns true.
+pub fn from_mesh_h2<B>(req: &mut Request<B>, trusted: bool) -> bool {
+    let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
+        return false;
+    };
+    if !trusted || orig != ORIG_HTTP11 || req.version() != Version::HTTP_2 {
+        return false;
+    }
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = http::Uri::from(pq);
+    *req.version_mut() = Version::HTTP_11;
+    true
+}
+
 /// Whether `req` asks for an HTTP/1.1 protocol upgrade (`Connection: upgrade` plus
 /// an `Upgrade` header), e.g. WebSocket.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -170,5 +246,58 @@ mod tests {
             .body(())
             .unwrap();
         assert!(!is_upgrade(&h2));
+    }
+
+    #[test]
+    fn http1_round_trips_through_mesh_h2() {
+        let mut req = Request::get("/a/b?c=d")
+            .version(Version::HTTP_11)
+            .header("host", "web.shop:8080")
+            .header(ORIG_PROTO, "spoofed")
+            .header("x-app", "kept")
+            .body(())
+            .unwrap();
+        assert!(to_mesh_h2(&mut req));
+        assert_eq!(req.uri(), "http://web.shop:8080/a/b?c=d");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.headers()[ORIG_PROTO], "HTTP/1.1");
+        assert_eq!(req.headers().get_all(ORIG_PROTO).iter().count(), 1);
+
+        assert!(from_mesh_h2(&mut req, true));
+        assert_eq!(req.uri(), "/a/b?c=d");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.headers()["host"], "web.shop:8080");
+        assert_eq!(req.headers()["x-app"], "kept");
+        assert!(!req.headers().contains_key(ORIG_PROTO));
+    }
+
+    #[test]
+    fn mesh_h2_only_for_what_restores_exactly_and_only_from_the_mesh() {
+        for (uri, version, host) in [
+            ("/x", Version::HTTP_10, Some("a")),
+            ("http://a/x", Version::HTTP_11, Some("a")),
+            ("*", Version::HTTP_11, Some("a")),
+            ("/x", Version::HTTP_11, None),
+            ("/x", Version::HTTP_11, Some("bad host")),
+        ] {
+            let mut b = Request::builder().uri(uri).version(version);
+            if let Some(h) = host {
+                b = b.header("host", h);
+            }
+            let mut req = b.body(()).unwrap();
+            let before = (req.uri().clone(), req.version());
+            assert!(!to_mesh_h2(&mut req), "{uri} {version:?} {host:?}");
+            assert_eq!((req.uri().clone(), req.version()), before);
+        }
+        // From outside the mesh the mark is dropped and the request left as it is.
+        let mut req = Request::get("http://a/x")
+            .version(Version::HTTP_2)
+            .header(ORIG_PROTO, "HTTP/1.1")
+            .body(())
+            .unwrap();
+        assert!(!from_mesh_h2(&mut req, false));
+        assert!(!req.headers().contains_key(ORIG_PROTO));
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.uri(), "http://a/x");
     }
 }

@@ -712,3 +712,120 @@ fn decides_on_the_compilers_golden_document() {
     assert_eq!(t, Some(meshlet_api::Duration::from_secs(3)));
     assert_eq!(to(&rs, &r).as_deref(), Some("reviews-v1"));
 }
+
+/// The routes `meshlet-injector compile` made of the GRPCRoutes in its test manifests
+/// (its golden output, which `cargo test -p meshlet-injector --test compile` pins).
+fn compiled_greeter_routes() -> Routes {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../injector/tests/testdata/compile-golden/mesh.json");
+    let doc = meshlet_api::MeshConfig::from_json(&std::fs::read(&path).unwrap()).unwrap();
+    let svc = doc
+        .services
+        .iter()
+        .find(|s| s.namespace == "rpc" && s.name == "greeter")
+        .expect("the golden document has Service rpc/greeter");
+    Routes::new("rpc", &svc.routes).unwrap()
+}
+
+/// A gRPC call: `POST path` over h2 with `content-type: application/grpc`.
+fn grpc_call(path: &str, headers: &[(&str, &str)], port: u16) -> Req {
+    let mut all = vec![("content-type", "application/grpc"), ("te", "trailers")];
+    all.extend_from_slice(headers);
+    let mut r = req("POST", path, &all);
+    r.port = port;
+    r.ns = Some("rpc");
+    r
+}
+
+#[test]
+fn compiled_grpc_routes_send_each_call_by_gep_1016_precedence() {
+    let rs = compiled_greeter_routes();
+    // (path, headers, rule that must win, backend)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: [Case<'_>; 8] = [
+        // Service and method, with its header: the most specific.
+        (
+            "/pkg.Greeter/SayHello",
+            &[("x-canary", "1")],
+            "exact",
+            "greeter-v2",
+        ),
+        // Without the header: the service-only rule.
+        ("/pkg.Greeter/SayHello", &[], "service", "greeter-v1"),
+        (
+            "/pkg.Greeter/SayHello",
+            &[("x-canary", "2")],
+            "service",
+            "greeter-v1",
+        ),
+        // A service beats a method: pkg.Greeter/Check is not the method-only rule's.
+        ("/pkg.Greeter/Check", &[], "service", "greeter-v1"),
+        // A method beats no method at all, though its path is a regex and the
+        // match-all's a prefix (which HTTPRoute ranking would put first).
+        (
+            "/grpc.health.v1.Health/Check",
+            &[],
+            "method-only",
+            "greeter-v2",
+        ),
+        // A regex service beats a method-only match and the match-all.
+        ("/pkg.v3.Greeter/SayHi", &[], "regex", "greeter-v2"),
+        // Among matches naming nothing, the one with a header wins.
+        (
+            "/other.Svc/Call",
+            &[("x-tenant", "green")],
+            "header-only",
+            "greeter-v2",
+        ),
+        ("/other.Svc/Call", &[], "default", "greeter-v1"),
+    ];
+    for (path, headers, rule, backend) in cases {
+        let call = grpc_call(path, headers, 50051);
+        let d = rs
+            .decide(&call.info(), 0)
+            .unwrap_or_else(|| panic!("{path}: no rule"));
+        assert_eq!(d.route.kind, RouteKind::Grpc);
+        assert_eq!(d.rule.name.as_deref(), Some(rule), "{path} {headers:?}");
+        match d.action {
+            Action::Forward(f) => assert_eq!(f.backend.name, backend, "{path} {headers:?}"),
+            a => panic!("{path}: not forwarded: {a:?}"),
+        }
+    }
+}
+
+#[test]
+fn compiled_grpc_header_modifiers_apply_and_http_routes_keep_their_own_port() {
+    let rs = compiled_greeter_routes();
+    let call = grpc_call("/pkg.Greeter/SayHello", &[("x-canary", "1")], 50051);
+    let Some(Decision {
+        action: Action::Forward(f),
+        ..
+    }) = rs.decide(&call.info(), 0)
+    else {
+        panic!("not forwarded")
+    };
+    let (mut parts, ()) = http::Request::post("/pkg.Greeter/SayHello")
+        .body(())
+        .unwrap()
+        .into_parts();
+    f.apply_request(&mut parts);
+    assert_eq!(parts.headers["x-route"], "exact");
+    assert_eq!(
+        parts.uri.path(),
+        "/pkg.Greeter/SayHello",
+        "the path is kept"
+    );
+    let mut resp = HeaderMap::new();
+    for m in &f.response_headers {
+        apply_headers(m, &mut resp);
+    }
+    assert_eq!(resp["x-served-by"], "v2");
+
+    // Port 8080 has the HTTPRoute greeter-web only (no GRPCRoute there).
+    let web = grpc_call("/pkg.Greeter/SayHello", &[("x-canary", "1")], 8080);
+    let d = rs.decide(&web.info(), 0).unwrap();
+    assert_eq!(
+        (d.route.name.as_str(), d.route.kind),
+        ("greeter-web", RouteKind::Http)
+    );
+}

@@ -124,7 +124,8 @@ pub struct Credentials {
 
 /// The identity store and the TLS configs built over it.
 pub struct Identity {
-    dir: PathBuf,
+    /// `None` when the certificate comes from the control plane's issuer.
+    dir: Option<PathBuf>,
     creds: Arc<ArcSwapOption<Credentials>>,
     provider: Arc<CryptoProvider>,
     server: Arc<ServerConfig>,
@@ -244,6 +245,24 @@ impl Identity {
     /// An identity store for `dir`; loads the files if they are there already (else
     /// it starts empty and [`watch`] fills it when they appear).
     pub fn new(dir: PathBuf, metrics: Arc<Metrics>) -> Result<Arc<Self>, IdentityError> {
+        let id = Self::build(Some(dir), metrics)?;
+        if let Some(dir) = &id.dir {
+            match Credentials::load(dir, &id.provider) {
+                Ok(c) => id.store(c),
+                Err(error) => {
+                    tracing::warn!(%error, "no mesh identity yet; not ready until it loads")
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    /// An empty identity store that the issuer client ([`super::issuer::run`]) fills.
+    pub fn issued(metrics: Arc<Metrics>) -> Result<Arc<Self>, IdentityError> {
+        Self::build(None, metrics)
+    }
+
+    fn build(dir: Option<PathBuf>, metrics: Arc<Metrics>) -> Result<Arc<Self>, IdentityError> {
         let provider = super::provider();
         let creds = Arc::new(ArcSwapOption::empty());
         let algs = provider.signature_verification_algorithms;
@@ -266,16 +285,17 @@ impl Identity {
             expiry,
             metrics,
         });
-        match Credentials::load(&id.dir, &id.provider) {
-            Ok(c) => id.store(c),
-            Err(error) => tracing::warn!(%error, "no mesh identity yet; not ready until it loads"),
-        }
         Ok(id)
     }
 
-    /// The directory watched.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The directory watched, if the identity comes from files.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The crypto provider of every config built here.
+    pub fn provider(&self) -> &Arc<CryptoProvider> {
+        &self.provider
     }
 
     /// Whether a certificate is loaded.
@@ -349,7 +369,10 @@ pub async fn watch(identity: Arc<Identity>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut w = DirWatch::new(identity.dir.clone(), identity.is_loaded());
+    let Some(dir) = identity.dir.clone() else {
+        return;
+    };
+    let mut w = DirWatch::new(dir, identity.is_loaded());
     loop {
         tick.tick().await;
         match w.poll(&identity.provider) {

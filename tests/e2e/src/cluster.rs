@@ -961,6 +961,7 @@ impl Cluster {
                 endpoints,
                 routes: Vec::new(),
                 retry_constraint: None,
+                outlier_detection: None,
             });
         }
         let cfg = MeshConfig {

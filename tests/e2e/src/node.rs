@@ -13,6 +13,7 @@
 //! dialing inside the node namespace, so the host's root namespace is never changed.
 
 pub mod api;
+pub mod apiserver;
 pub mod egress;
 pub mod exec;
 pub mod metrics;
@@ -142,6 +143,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     tasks.spawn(api::heartbeat(agent.clone()));
     tasks.spawn(status::writer(agent.clone(), status_rx));
     tasks.spawn(proxy::run(agent.clone()));
+    tasks.spawn(apiserver::run(agent.clone()));
     tasks.spawn(metrics::run(agent.clone()));
     if let Some(sock) = agent.cfg.egress_socket.clone() {
         tasks.spawn(egress::run(agent.clone(), sock));

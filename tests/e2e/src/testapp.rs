@@ -8,6 +8,7 @@
 pub mod banner;
 pub mod dns;
 pub mod http;
+pub mod http_load;
 pub mod load;
 pub mod pattern;
 pub mod ws;
@@ -85,6 +86,25 @@ pub enum Command {
         /// reply and then EOF.
         #[arg(long)]
         half_close: bool,
+    },
+    /// Requests to one URL over one connection, one after another; prints who
+    /// answered each (`byName`, `byStatus`, `records` of `[unixMs, status, name]`).
+    HttpLoad {
+        /// `http://HOST[:PORT]/PATH`.
+        #[arg(long)]
+        url: String,
+        /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+        #[arg(long)]
+        h2: bool,
+        /// Stop after this many requests.
+        #[arg(long, default_value_t = 1000)]
+        requests: u64,
+        /// Stop after this many milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        duration_ms: u64,
+        /// Pause after each answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// Writes the first N bytes of the `/bytes/N` pattern to stdout (upload input).
     Pattern {
@@ -170,6 +190,21 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             send,
             half_close,
         } => rt.block_on(banner::client(&addr, &send, half_close)),
+        Command::HttpLoad {
+            url,
+            h2,
+            requests,
+            duration_ms,
+            interval_ms,
+        } => rt.block_on(http_load::run(
+            &url,
+            h2,
+            http_load::Limits {
+                requests,
+                duration: std::time::Duration::from_millis(duration_ms),
+                interval: std::time::Duration::from_millis(interval_ms),
+            },
+        )),
         Command::UdpDns { port, answer } => dns::serve(port, answer),
         Command::Pattern { bytes } => write_pattern(bytes),
     }

@@ -49,6 +49,16 @@ use routing::*;
 mod authz;
 use authz::*;
 
+// Outlier detection cases.
+#[path = "mesh/outlier.rs"]
+mod outlier;
+use outlier::*;
+
+// HTTP/1.1 multiplexed over HTTP/2 between sidecars.
+#[path = "mesh/multiplex.rs"]
+mod multiplex;
+use multiplex::*;
+
 type Case = (&'static str, fn() -> Result<()>);
 
 /// Names each case after its function.
@@ -88,10 +98,15 @@ const CASES: &[Case] = cases![
     mtls_server_sees_client_identity,
     mtls_rotation_mid_traffic_loses_nothing,
     mtls_strict_closes_garbage_and_foreign_tls,
+    outlier_one_h2_connection_spreads_evenly_over_three_endpoints,
+    outlier_failing_endpoint_is_ejected_and_returns,
+    outlier_opaque_tcp_goes_to_the_original_destination,
+    mtls_http1_connections_multiplex_over_one_h2_connection,
     config_delivered_by_the_control_plane,
     routing_by_headers_weights_redirects_rewrites_timeouts,
     routing_retries_are_safe_and_within_budget,
     routing_change_under_traffic_loses_no_request,
+    routing_grpc_route_by_service_and_method,
     authz_policy_allows_only_frontend,
     authz_tcp_denied_identity_closed,
     authz_plaintext_denied_once_targeted,

@@ -25,6 +25,103 @@ use support::*;
 
 const SUBNET: u8 = 79;
 
+/// The injector Service's pinned ClusterIP (proxies find the issuer there).
+const INJECTOR_IP: &str = "198.19.0.12";
+
+/// Every injected pod's sidecar holds a certificate the in-cluster issuer signed
+/// after a real TokenReview, for exactly the pod's service account: its log names
+/// the SPIFFE id, and its expiry metric is about 24 h ahead.
+fn identities(k: &Kubectl, prefix: &str, pods: &[Value]) -> Result<()> {
+    let secret = k.json(&[
+        "-n",
+        "meshlet-system",
+        "get",
+        "secret",
+        "meshlet-identity-ca",
+    ])?;
+    ensure!(
+        secret["data"]["tls.crt"].is_string(),
+        "the injector did not create the CA Secret: {secret}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let mut ids = Vec::new();
+    for p in pods {
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        if name.starts_with("legacy-") {
+            continue;
+        }
+        let sa = p["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default");
+        let want = format!("spiffe://cluster.local/ns/hello/sa/{sa}");
+        let log = k.run(&["-n", "hello", "logs", name, "-c", "meshlet-proxy"])?;
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("mesh identity loaded") && l.contains(&want)),
+            "{name}: no `mesh identity loaded` for {want} in the proxy log:\n{log}"
+        );
+        let ns = netns::Netns::existing(&format!("{prefix}hello.{name}"));
+        let metrics = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://127.0.0.1:15020/metrics"])
+            .map_err(|e| anyhow::anyhow!("{name}: reading the sidecar's metrics: {e}"))?;
+        let expiry = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("meshlet_identity_cert_expiry_timestamp_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("{name}: no expiry metric"))?;
+        ensure!(
+            (expiry - now - 24.0 * 3600.0).abs() < 600.0,
+            "{name}: certificate expires at {expiry}, not ~24 h from {now}"
+        );
+        ids.push(format!("{name}={sa}"));
+    }
+    println!(
+        "ok   sidecars got 24 h certificates from the in-cluster issuer (TokenReview): {}",
+        ids.join(", ")
+    );
+    Ok(())
+}
+
+/// The backends' sidecars counted the client's requests as mesh mTLS from the
+/// client's issued identity (the mesh config from the in-cluster controller says the
+/// backend is meshed, the identities come from the issuer).
+fn mtls(prefix: &str, pods: &[Value]) -> Result<()> {
+    let want = r#"tls="true",peer_identity="spiffe://cluster.local/ns/hello/sa/client"}"#;
+    let mut seen = 0.0;
+    let mut all = String::new();
+    for p in pods {
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        if !name.starts_with("backend-") {
+            continue;
+        }
+        let ns = netns::Netns::existing(&format!("{prefix}hello.{name}"));
+        let m = ns
+            .exec(&["curl", "-sS", "-m", "5", "http://127.0.0.1:15020/metrics"])
+            .map_err(|e| anyhow::anyhow!("{name}: reading the sidecar's metrics: {e}"))?;
+        for l in m
+            .lines()
+            .filter(|l| l.starts_with("meshlet_requests_total{"))
+        {
+            all.push_str(&format!("{name}: {l}\n"));
+            if l.contains(r#"direction="inbound""#) && l.contains(want) {
+                seen += l
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    ensure!(
+        seen >= 3.0,
+        "the backends counted {seen} inbound mTLS requests from the client's identity, want 3:\n{all}"
+    );
+    println!("ok   client -> backend over mesh mTLS: the backends saw {seen} requests from spiffe://cluster.local/ns/hello/sa/client");
+    Ok(())
+}
+
 fn hello_pods(k: &Kubectl) -> Result<Vec<Value>> {
     Ok(k.json(&["-n", "hello", "get", "pods"])?["items"]
         .as_array()
@@ -77,6 +174,10 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
             "-n",
             "meshlet-system",
             "--create-namespace",
+            // No DNS here: proxies dial the injector's mesh endpoint by a pinned
+            // ClusterIP (the chart derives controlPlane.address from it).
+            "--set",
+            &format!("injector.service.clusterIP={INJECTOR_IP}"),
             "--wait",
             "--timeout",
             "120s",
@@ -122,6 +223,7 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
         "ok   webhook injected 5 pods (legacy opted out), all Ready {} ms after apply",
         t.elapsed().as_millis()
     );
+    identities(k, prefix, &pods)?;
 
     let client = pods
         .iter()
@@ -137,6 +239,7 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
         ensure!(body.contains("backend-v"), "reply {body}");
     }
     println!("ok   client -> backend through both sidecars");
+    mtls(prefix, &pods)?;
 
     exec_steps(k, &client)?;
 

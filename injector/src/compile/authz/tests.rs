@@ -99,6 +99,7 @@ fn services() -> Vec<Service> {
         endpoints,
         routes: vec![],
         retry_constraint: None,
+        outlier_detection: None,
     };
     vec![
         svc(

@@ -303,7 +303,8 @@ async fn env_of(
     pod_name: &str,
 ) -> Result<Vec<(String, String)>, Error> {
     let ns = fields.pod.metadata.namespace.clone().unwrap_or_default();
-    let mut env: Vec<(String, String)> = Vec::new();
+    // What a kubelet sets first, so the container's own env may override it.
+    let mut env: Vec<(String, String)> = super::apiserver::env().to_vec();
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(r) = &from.config_map_ref {

@@ -141,7 +141,8 @@ pub async fn run(agent: Agent) -> Result<(), Error> {
         changed.notified().await;
         // Coalesce bursts (a rollout changes many objects at once).
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let rules = rules(&svc_r.state(), &eps_r.state());
+        let mut rules = rules(&svc_r.state(), &eps_r.state());
+        super::apiserver::patch_rules(&mut rules, agent.net.node_ip());
         let text = kubeproxy::render(&rules);
         if text == last {
             continue;

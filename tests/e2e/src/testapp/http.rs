@@ -2,20 +2,25 @@
 //!
 //! Routes: `/bytes/N` streams N pattern bytes, `/upload` answers the length and
 //! SHA-256 of the request body, `/slow?ms=N` answers after N ms, `/status/N` answers
-//! status N, `/count` answers how many requests the server received (all but `/count`
-//! and the probes' `/ready` and `/live`), anything else echoes the request as JSON.
-//! With `--fail-every N` every N-th counted request is read whole and answered 503.
+//! status N, `/count` answers how many requests the server received (all but `/count`,
+//! the switches and the probes' `/ready` and `/live`), anything else echoes the request
+//! as JSON. With `--fail-every N` every N-th counted request is read whole and answered
+//! 503.
+//!
+//! Switches for outlier tests: `/testapp/fail` makes every other request answer 503
+//! from then on, `/testapp/heal` ends that, `/testapp/count` tells how many requests
+//! were served and how many of them failed on purpose.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -42,14 +47,33 @@ const ECHO_BODY_LIMIT: usize = 4096;
 
 type RespBody = BoxBody<Bytes, Infallible>;
 
-/// Requests counted so far (see the module docs).
+/// Requests counted so far for `/count` and `--fail-every` (see the module docs).
 static COUNTED: AtomicU64 = AtomicU64::new(0);
+
+/// Where the switch routes live; they are never failed or counted.
+const SWITCH_PREFIX: &str = "/testapp/";
+
+/// The server's switch and counters, shared by its connections.
+#[derive(Default)]
+struct State {
+    failing: AtomicBool,
+    served: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Milliseconds since the unix epoch, as the load client stamps its records.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Serves until the process is killed; `fail_every` > 0 answers every N-th request 503.
 pub async fn serve(port: u16, name: String, fail_every: u64) -> Result<(), Error> {
     let listener = super::bind_tcp(port).await?;
     eprintln!("testapp http {name}: listening on port {port} (IPv4 and IPv6) (HTTP/1.1 and h2c)");
     let name: Arc<str> = name.into();
+    let state = Arc::new(State::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -60,9 +84,11 @@ pub async fn serve(port: u16, name: String, fail_every: u64) -> Result<(), Error
             }
         };
         let name = name.clone();
+        let state = state.clone();
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req| handle(req, name.clone(), peer, fail_every));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(req, name.clone(), peer, state.clone(), fail_every)
+            });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await
@@ -77,16 +103,29 @@ async fn handle(
     req: Request<Incoming>,
     name: Arc<str>,
     peer: SocketAddr,
+    state: Arc<State>,
     fail_every: u64,
 ) -> Result<Response<RespBody>, Infallible> {
     let path = req.uri().path().to_string();
-    let counted = !matches!(path.as_str(), "/count" | "/ready" | "/live");
+    if !path.starts_with(SWITCH_PREFIX) {
+        state.served.fetch_add(1, Ordering::Relaxed);
+    }
+    let counted =
+        !path.starts_with(SWITCH_PREFIX) && !matches!(path.as_str(), "/count" | "/ready" | "/live");
     let n = if counted {
         COUNTED.fetch_add(1, Ordering::SeqCst) + 1
     } else {
         0
     };
-    let resp = if counted && fail_every > 0 && n.is_multiple_of(fail_every) {
+    let resp = if let Some(switch) = path.strip_prefix(SWITCH_PREFIX) {
+        switch_route(switch, &name, &state)
+    } else if state.failing.load(Ordering::Relaxed) {
+        state.failed.fetch_add(1, Ordering::Relaxed);
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failing on purpose (/testapp/fail)\n",
+        )
+    } else if counted && fail_every > 0 && n.is_multiple_of(fail_every) {
         // Read the whole body first: the client must be able to tell that the request
         // arrived intact even though it failed.
         let len = match req.into_body().collect().await {
@@ -130,6 +169,36 @@ async fn handle(
         resp.headers_mut().insert(NAME_HEADER, v);
     }
     Ok(resp)
+}
+
+fn switch_route(switch: &str, name: &str, state: &State) -> Response<RespBody> {
+    let counts = |at: &str| {
+        serde_json::json!({
+            "name": name,
+            "at": at,
+            "unixMs": unix_ms(),
+            "failing": state.failing.load(Ordering::Relaxed),
+            "served": state.served.load(Ordering::Relaxed),
+            "failed": state.failed.load(Ordering::Relaxed),
+        })
+    };
+    match switch {
+        "fail" => {
+            state.failing.store(true, Ordering::Relaxed);
+            eprintln!("testapp http {name}: failing every request from now on");
+            json(counts("fail"))
+        }
+        "heal" => {
+            state.failing.store(false, Ordering::Relaxed);
+            eprintln!("testapp http {name}: healthy again");
+            json(counts("heal"))
+        }
+        "count" => json(counts("count")),
+        other => text(
+            StatusCode::NOT_FOUND,
+            &format!("no switch {other:?}: use /testapp/fail, /testapp/heal or /testapp/count\n"),
+        ),
+    }
 }
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {

@@ -1,4 +1,4 @@
-//! Routing cases: the HTTPRoutes and retry budgets of `mesh/routing/routes.yaml`,
+//! Routing cases: the HTTPRoutes, GRPCRoutes and retry budgets of `mesh/routing/routes.yaml`,
 //! compiled by `meshlet-injector compile --from-files` and put into the cluster's mesh
 //! config, applied by the client's sidecar to traffic from the client pod. The load
 //! comes from `meshlet-testapp load` (one process, keep-alive HTTP/1.1), the backends'
@@ -20,6 +20,7 @@ use super::{curl, delta, json, metrics, start, REQUESTS};
 const BACKEND: &str = "198.19.1.10";
 const FLAKY: &str = "198.19.1.13";
 const BROKEN: &str = "198.19.1.14";
+const GREETER: &str = "198.19.1.15";
 const ROUTE: &str = "route/backend";
 
 fn dir() -> PathBuf {
@@ -426,5 +427,73 @@ pub fn routing_change_under_traffic_loses_no_request() -> Result<()> {
         v1 > 0 && v2 > 0 && v1 + v2 == n,
         "the change did not take effect on the open connection: {v}"
     );
+    Ok(())
+}
+
+/// A gRPC-shaped call from the client app: h2c with prior knowledge, `POST`,
+/// `content-type: application/grpc`, one empty length-prefixed message. The echo's JSON.
+fn grpc_call(c: &Cluster, path: &str) -> Result<serde_json::Value> {
+    let out = curl(
+        c,
+        "client",
+        &[
+            "--http2-prior-knowledge",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "--data-binary",
+            "@/dev/null",
+            "-w",
+            "\n%{http_version}",
+            &format!("http://{GREETER}{path}"),
+        ],
+    )?;
+    let (body, version) = out.rsplit_once('\n').context("no curl -w line")?;
+    ensure!(
+        version == "2",
+        "{path}: the client spoke HTTP/{version}, want 2"
+    );
+    json(body)
+}
+
+pub fn routing_grpc_route_by_service_and_method() -> Result<()> {
+    let c = routed_cluster()?;
+    let before = metrics(&c, "client")?;
+    // The GRPCRoute's exact service and method: v2, with the rule's request header.
+    let v = grpc_call(&c, "/pkg.Greeter/SayHello")?;
+    let name = v["name"].as_str().unwrap_or_default();
+    ensure!(
+        name.starts_with("backend-v2") && v["method"] == "POST",
+        "/pkg.Greeter/SayHello went to {name}: {v}"
+    );
+    ensure!(
+        v["headers"]["x-route"] == "grpc-exact"
+            && v["headers"]["content-type"] == "application/grpc",
+        "the backend saw the wrong headers: {v}"
+    );
+    // Another method of the same service, and another service: the catch-all rule, v1.
+    for path in ["/pkg.Greeter/SayBye", "/other.Svc/SayHello"] {
+        let v = grpc_call(&c, path)?;
+        let name = v["name"].as_str().unwrap_or_default();
+        ensure!(
+            name.starts_with("backend-v1") && v["headers"]["x-route"].is_null(),
+            "{path} went to {name}: {v}"
+        );
+    }
+    let after = metrics(&c, "client")?;
+    let routed = delta(
+        &before,
+        &after,
+        REQUESTS,
+        &[("direction", "outbound"), ("route", "route/greeter")],
+    );
+    ensure!(
+        routed == 3.0,
+        "the client proxy counted {routed} requests with route=route/greeter, want 3"
+    );
+    println!("    GRPCRoute: SayHello -> v2 with x-route, other calls -> v1");
     Ok(())
 }
