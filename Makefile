@@ -40,6 +40,7 @@ chart-test: deps ## helm lint/template, schema validation, Dockerfile and script
 
 chart-install-test: deps ## the chart against a real kube-apiserver (builds the control plane once)
 	bash scripts/test-chart-install.sh
+	bash scripts/test-authz-crd.sh
 
 test: lint unit chart-test chart-install-test kube-test ## everything CI runs
 	@echo "make test: all suites passed"

@@ -23,7 +23,10 @@
 #   -C target-feature=+crt-static -C relocation-model=static), PROFILE (release | dev), SKIP_BUILD (0),
 #   RESULTS (bench/results), LABEL (datapath), IDLE_SETTLE_S (3),
 #   SKIP_CLIENT_INIT (0; 1 leaves the client pod without redirect rules so that the load
-#   bypasses the client sidecar: only for the test that the pass-through check fails).
+#   bypasses the client sidecar: only for the test that the pass-through check fails),
+#   AUTHZ_POLICIES (0; N > 0 gives the mesh config N AuthorizationPolicies targeting the
+#   server pod: N-1 whose rules name service accounts the plaintext loadgen does not
+#   have, then one allowing any caller on the port, so every request scans them all).
 set -euo pipefail
 
 RATE=${RATE:-1000}
@@ -41,6 +44,7 @@ MAXTP=${MAXTP:-0}
 PROXY_LINK=${PROXY_LINK:-dynamic}
 RT=${RT:-1}
 SKIP_CLIENT_INIT=${SKIP_CLIENT_INIT:-0}
+AUTHZ_POLICIES=${AUTHZ_POLICIES:-0}
 PORT=8080
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -234,7 +238,22 @@ wait_http "$NS_DC" "$URL" "server (direct pair)"
 
 # --- meshlet: init rules and proxies in both pods of the meshed pair -----------------
 
-echo '{}' >"$WORK/mesh.json"
+if [[ $AUTHZ_POLICIES -gt 0 ]]; then
+    python3 - "$AUTHZ_POLICIES" "$SERVER_IP" "$PORT" >"$WORK/mesh.json" <<'PY'
+import json, sys
+n, ip, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+sa = lambda i: {"serviceAccount": {"namespace": "bench", "name": f"caller-{i}"}}
+policies = [{"namespace": "bench", "name": f"p{i:03}",
+             "rules": [{"sources": [sa(i), sa(i + n)], "ports": [port]}]} for i in range(n - 1)]
+policies.append({"namespace": "bench", "name": "zz-any", "rules": [{"ports": [port]}]})
+print(json.dumps({"authorization": {
+    "policies": policies,
+    "workloads": [{"ips": [ip], "namespace": "bench",
+                   "policies": [f"{p['namespace']}/{p['name']}" for p in policies]}]}}))
+PY
+else
+    echo '{}' >"$WORK/mesh.json"
+fi
 chmod 644 "$WORK/mesh.json"
 INIT_CMD=("$BIN/meshlet-init" apply)
 if [[ $SKIP_CLIENT_INIT != 1 ]]; then
@@ -304,6 +323,15 @@ for ((round = 1; round <= ROUNDS; round++)); do
             log "WARNING: $s round $round had errors: $(jq -r '.first_error' "$WORK/round-$round-$s.json")"
     done
 done
+if [[ $AUTHZ_POLICIES -gt 0 ]]; then
+    # Every request was authorized, by the last of the policies (so all were scanned).
+    allowed=$(ip netns exec "$NS_MS" curl -s http://127.0.0.1:15020/metrics |
+        awk '/^meshlet_authz_decisions_total\{/ && /policy="bench\/zz-any"/ && /result="allow"/ {s += $NF} END {print s + 0}')
+    inbound=$(jq '[.[].server_proxy_inbound] | add' <<<"$COUNTS")
+    [[ $allowed -ge $inbound ]] ||
+        die "the server proxy authorized $allowed requests by bench/zz-any, fewer than the $inbound it served"
+    log "server proxy: $allowed requests allowed after scanning $AUTHZ_POLICIES policies"
+fi
 RSS_AFTER_CLIENT=$(rss_kib "$PROXY_CLIENT")
 RSS_AFTER_SERVER=$(rss_kib "$PROXY_SERVER")
 SPLIT_AFTER_CLIENT=$(rss_split "$PROXY_CLIENT")
@@ -345,6 +373,7 @@ jq -n \
     --arg rate "$RATE" --arg duration "$DURATION" --arg warmup "$WARMUP" \
     --arg conns "$CONNECTIONS" --arg rounds "$ROUNDS" --arg threads "$PROXY_THREADS" \
     --arg pin "$PIN" --arg rt "$RT" --arg profile "$PROFILE" --arg link "$PROXY_LINK" \
+    --arg authz "$AUTHZ_POLICIES" \
     --arg pbytes "$(stat -c %s "$PROXY_BIN")" \
     --arg loadgen "meshlet-loadgen $URL --rate $RATE --duration $DURATION --warmup $WARMUP --connections $CONNECTIONS --watch NAME=PID" \
     --arg server "meshlet-bench-server --listen 0.0.0.0:$PORT --body-size 100 --threads 1" \
@@ -362,7 +391,7 @@ jq -n \
       settings: {rate: ($rate|tonumber), duration: $duration, warmup: $warmup,
                  connections: ($conns|tonumber), rounds: ($rounds|tonumber),
                  proxy_worker_threads: ($threads|tonumber), pinned: ($pin == "1"),
-                 realtime: ($rt == "1"),
+                 realtime: ($rt == "1"), authz_policies: ($authz|tonumber),
                  profile: $profile, proxy_link: $link, proxy_binary_bytes: ($pbytes|tonumber),
                  network: "two netns per pair joined by one veth (198.18.200.0/24)",
                  protocol: "HTTP/1.1 keep-alive, GET, 100-byte response", tls: false},

@@ -44,6 +44,9 @@ pub struct MeshConfig {
     /// Timeouts of the proxy's own listeners.
     #[serde(default)]
     pub timeouts: ListenerTimeouts,
+    /// Who may call which workload; absent: every workload takes every caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<crate::authz::Authorization>,
 }
 
 /// A Kubernetes Service as the proxy sees it.
@@ -298,6 +301,10 @@ impl MeshConfig {
             if op.contains(&0) {
                 return Err(ConfigError::Invalid("opaquePorts contains port 0".into()));
             }
+        }
+        if let Some(a) = &self.authorization {
+            a.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         if self.timeouts.connect.is_zero() {
             return Err(ConfigError::Invalid(

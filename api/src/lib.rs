@@ -7,6 +7,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod annotations;
+pub mod authz;
 pub mod config;
 pub mod duration;
 pub mod env;

@@ -112,3 +112,24 @@ fn fails_when_the_load_bypasses_a_sidecar() {
     assert!(kept.starts_with("/tmp/mlbench-"), "{kept}");
     std::fs::remove_dir_all(kept).unwrap();
 }
+
+#[test]
+fn authz_policies_authorize_every_request() {
+    require_root();
+    // Five policies on the server pod: the last one allows the plaintext loadgen, so
+    // every request scans all of them, and the run checks the server proxy's count.
+    let (ok, stderr, dir) = run("authz", &[("AUTHZ_POLICIES", "5")]);
+    assert!(ok, "run.sh failed:\n{stderr}");
+    assert!(
+        stderr.contains("requests allowed after scanning 5 policies"),
+        "{stderr}"
+    );
+    let json = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("-authz.json"))
+        .unwrap_or_else(|| panic!("no <date>-authz.json in {}", dir.display()));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["settings"]["authz_policies"], 5, "{}", doc["settings"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

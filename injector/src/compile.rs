@@ -32,6 +32,7 @@ use meshlet_api::{
 use serde::Deserialize;
 use serde_json::Value;
 
+pub mod authz;
 mod grpc;
 
 /// Why the manifests could not be compiled at all.
@@ -150,10 +151,24 @@ pub struct Compiled {
     pub bad_annotations: Vec<BadServiceAnnotation>,
     /// HTTPRoute parents left out for a GRPCRoute on the same Service port.
     pub conflicts: Vec<Conflict>,
+    /// AuthorizationPolicies (and namespace defaults) that were left out.
+    pub authz_problems: Vec<authz::PolicyProblem>,
+}
+
+/// Settings of a compile that the manifests do not carry.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Mesh-wide default inbound policy (chart value `defaultInboundPolicy`).
+    pub default_inbound_policy: meshlet_api::authz::DefaultPolicy,
 }
 
 /// Reads every `.yaml`, `.yml` and `.json` file of `dir` (sorted by name) and compiles it.
 pub fn compile_dir(dir: &Path) -> Result<Compiled, CompileError> {
+    compile_dir_with(dir, &Options::default())
+}
+
+/// [`compile_dir`] with [`Options`].
+pub fn compile_dir_with(dir: &Path, opts: &Options) -> Result<Compiled, CompileError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CompileError::Read { path, source }
@@ -180,7 +195,7 @@ pub fn compile_dir(dir: &Path) -> Result<Compiled, CompileError> {
             flatten(v, &mut objects);
         }
     }
-    compile(&objects)
+    compile_with(&objects, opts)
 }
 
 fn flatten(v: Value, out: &mut Vec<Value>) {
@@ -224,6 +239,11 @@ struct PodInfo {
 
 /// Compiles parsed Kubernetes objects.
 pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
+    compile_with(objects, &Options::default())
+}
+
+/// [`compile`] with [`Options`].
+pub fn compile_with(objects: &[Value], opts: &Options) -> Result<Compiled, CompileError> {
     let mut injected_namespaces = BTreeSet::new();
     let mut pods = Vec::new();
     let mut services = Vec::new();
@@ -324,9 +344,12 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
             (&a.namespace, &a.name, a.kind, a.port).cmp(&(&b.namespace, &b.name, b.kind, b.port))
         });
     }
+    let (authorization, authz_problems) =
+        authz::compile(objects, &out, opts.default_inbound_policy);
     let config = MeshConfig {
         generation: 1,
         services: out,
+        authorization,
         ..MeshConfig::default()
     };
     config.validate()?;
@@ -335,6 +358,7 @@ pub fn compile(objects: &[Value]) -> Result<Compiled, CompileError> {
         problems,
         bad_annotations,
         conflicts,
+        authz_problems,
     })
 }
 

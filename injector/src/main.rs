@@ -42,6 +42,11 @@ enum Command {
         /// Write the JSON here instead of stdout.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Mesh-wide default inbound policy for workloads no AuthorizationPolicy
+        /// targets: all-allowed, mesh-only or deny (a namespace's
+        /// meshlet.io/default-inbound-policy annotation overrides it).
+        #[arg(long, default_value = "all-allowed")]
+        default_inbound_policy: meshlet_api::authz::DefaultPolicy,
     },
     /// Run the config controller against the cluster of the current kubeconfig: watch
     /// Services, EndpointSlices, Pods and Gateway API routes, write HTTPRoute status;
@@ -113,8 +118,15 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Compile { from_files, out } => {
-            let compiled = compile::compile_dir(&from_files)?;
+        Command::Compile {
+            from_files,
+            out,
+            default_inbound_policy,
+        } => {
+            let opts = compile::Options {
+                default_inbound_policy,
+            };
+            let compiled = compile::compile_dir_with(&from_files, &opts)?;
             for p in &compiled.problems {
                 eprintln!("meshlet-injector: {p}");
             }
@@ -123,6 +135,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for c in &compiled.conflicts {
                 eprintln!("meshlet-injector: {c}");
+            }
+            for p in &compiled.authz_problems {
+                eprintln!("meshlet-injector: {p}");
             }
             let json = serde_json::to_string_pretty(&compiled.config)? + "\n";
             match out {

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod cgroup;
 pub mod config;
@@ -206,6 +207,7 @@ impl Proxy {
             addrs.admin.port(),
         ];
 
+        let authz = authz::Authz::new(mesh.clone(), metrics.clone(), cfg.pod_namespace.clone());
         let (signal, watch) = drain::channel();
         // Both listeners share one stack; the target carries the direction.
         let stack = tower::ServiceBuilder::new()
@@ -217,11 +219,15 @@ impl Proxy {
             ))
             .layer(metrics::ConnMetricsLayer::new(metrics.clone()))
             .layer(loop_guard::LoopGuardLayer::new(own_ports, local_ips))
-            .layer(detect::DetectLayer::new(tcp::ForwardTcp))
+            .layer(detect::DetectLayer::new(authz::AuthzTcp::new(
+                tcp::ForwardTcp,
+                authz.clone(),
+            )))
             .service(
                 http::server::ServeHttp::new(http::Pool::new(), watch.clone())
                     .with_balancer(mesh.clone())
-                    .with_routing(identity.clone(), cfg.pod_namespace.as_deref()),
+                    .with_routing(identity.clone(), cfg.pod_namespace.as_deref())
+                    .with_authz(authz),
             );
         for (listeners, direction) in [
             (outbound, Direction::Outbound),

@@ -33,8 +33,9 @@ use crate::{
 
 pub mod remote;
 
-/// How often the watcher looks at the file.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the watcher looks at the file: a stat of one file, cheap enough that
+/// a policy change takes effect well within a second.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A mesh config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,8 @@ pub struct Snapshot {
     /// Retry budgets of the Services routes send to, kept across reloads.
     budgets: Budgets,
     opaque: Vec<u16>,
+    /// Inbound authorization compiled from the document's `authorization` section.
+    pub authz: crate::authz::Table,
 }
 
 /// The snapshot in force.
@@ -208,7 +211,9 @@ impl Snapshot {
         };
         opaque.sort_unstable();
         opaque.dedup();
+        let authz = crate::authz::Table::new(config.authorization.as_ref());
         Self {
+            authz,
             config,
             services,
             meshed,

@@ -38,6 +38,7 @@ pub struct ServeHttp {
     drain: drain::Watch,
     balance: Option<Arc<Mesh>>,
     routing: Option<Routing>,
+    authz: Option<crate::authz::Authz>,
 }
 
 /// What the outbound route stack needs beyond forwarding.
@@ -57,7 +58,14 @@ impl ServeHttp {
             drain,
             balance: None,
             routing: None,
+            authz: None,
         }
+    }
+
+    /// Checks every inbound request against the authorization in force.
+    pub fn with_authz(mut self, authz: crate::authz::Authz) -> Self {
+        self.authz = Some(authz);
+        self
     }
 
     /// Applies HTTPRoutes to outbound requests to a Service (with
@@ -161,6 +169,16 @@ where
             }
             _ => fwd,
         };
+        let inbound_authz = self
+            .authz
+            .clone()
+            .filter(|_| target.direction == Direction::Inbound);
+        let fwd = crate::authz::AuthzHttp::new(
+            fwd,
+            inbound_authz,
+            target.dst,
+            target.tls.peer().cloned(),
+        );
         let svc = tower::ServiceBuilder::new()
             .layer(ObserveLayer::new(metrics))
             .service(fwd);

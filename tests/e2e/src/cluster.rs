@@ -1005,6 +1005,9 @@ impl Cluster {
         }
         let cfg = MeshConfig {
             services,
+            // Authorization is the test's to set (update_mesh_config); endpoint
+            // changes keep it.
+            authorization: self.mesh.authorization.clone(),
             ..Default::default()
         };
         self.store_mesh_config(cfg)

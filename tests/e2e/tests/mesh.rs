@@ -45,6 +45,9 @@ use config::*;
 #[path = "mesh/routing.rs"]
 mod routing;
 use routing::*;
+#[path = "mesh/authz.rs"]
+mod authz;
+use authz::*;
 
 // Outlier detection cases.
 #[path = "mesh/outlier.rs"]
@@ -104,6 +107,12 @@ const CASES: &[Case] = cases![
     routing_retries_are_safe_and_within_budget,
     routing_change_under_traffic_loses_no_request,
     routing_grpc_route_by_service_and_method,
+    authz_policy_allows_only_frontend,
+    authz_tcp_denied_identity_closed,
+    authz_plaintext_denied_once_targeted,
+    authz_ports_not_named_are_denied,
+    authz_namespace_default_deny_keeps_probes,
+    authz_policy_change_mid_traffic,
 ];
 
 fn main() -> ExitCode {
