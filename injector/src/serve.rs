@@ -1,6 +1,7 @@
 //! `meshlet-injector serve`: the HTTPS listener in front of [`webhook::router`]. It
-//! terminates TLS itself (tokio-rustls) so the certificate resolver can swap certificates
-//! per handshake, then hands each connection to hyper's HTTP/1.1 + HTTP/2 server.
+//! terminates TLS itself ([`delivery::server`]) so the certificate resolver can swap
+//! certificates per handshake, then hands each connection to hyper's HTTP/1.1 + HTTP/2
+//! server.
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

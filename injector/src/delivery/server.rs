@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
 /// A client may not hold a connection slot forever before it finishes TLS and headers.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long sent data may stay unacknowledged before the kernel drops the connection:
 /// with a heartbeat every 15 s, a proxy that vanished without a FIN (node lost) is
 /// noticed within about 45 s instead of the kernel's retransmission limit (~15 min).
