@@ -191,43 +191,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test]
-    async fn prefix_is_replayed_before_the_rest() {
-        let (mut a, b) = tokio::io::duplex(64);
-        a.write_all(b" world").await.unwrap();
-        drop(a);
-        let mut io = PrefixedIo::new(Bytes::from_static(b"hello"), b);
-        let mut out = String::new();
-        io.read_to_string(&mut out).await.unwrap();
-        assert_eq!(out, "hello world");
-    }
-
-    #[tokio::test]
-    async fn counts_both_ways() {
-        let m = crate::metrics::Metrics::new();
-        let conn = m.connection(crate::metrics::Direction::Inbound, "x/y".into());
-        let (mut a, b) = tokio::io::duplex(64);
-        let mut io = CountingIo::new(b, conn.sent.clone(), conn.received.clone());
-        a.write_all(b"12345").await.unwrap();
-        let mut buf = [0u8; 5];
-        io.read_exact(&mut buf).await.unwrap();
-        io.write_all(b"abc").await.unwrap();
-        let text = m.render();
-        assert!(text.contains(r#"meshlet_tcp_received_bytes_total{direction="inbound",service="x/y",tls="false"} 5"#), "{text}");
-        assert!(
-            text.contains(
-                r#"meshlet_tcp_sent_bytes_total{direction="inbound",service="x/y",tls="false"} 3"#
-            ),
-            "{text}"
-        );
-    }
-}
-
 // === impl MaybeTls ===
 
 impl<P, T> AsyncRead for MaybeTls<P, T>
@@ -293,5 +256,42 @@ where
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn prefix_is_replayed_before_the_rest() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut io = PrefixedIo::new(Bytes::from_static(b"hello"), b);
+        let mut out = String::new();
+        io.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn counts_both_ways() {
+        let m = crate::metrics::Metrics::new();
+        let conn = m.connection(crate::metrics::Direction::Inbound, "x/y".into());
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut io = CountingIo::new(b, conn.sent.clone(), conn.received.clone());
+        a.write_all(b"12345").await.unwrap();
+        let mut buf = [0u8; 5];
+        io.read_exact(&mut buf).await.unwrap();
+        io.write_all(b"abc").await.unwrap();
+        let text = m.render();
+        assert!(text.contains(r#"meshlet_tcp_received_bytes_total{direction="inbound",service="x/y",tls="false"} 5"#), "{text}");
+        assert!(
+            text.contains(
+                r#"meshlet_tcp_sent_bytes_total{direction="inbound",service="x/y",tls="false"} 3"#
+            ),
+            "{text}"
+        );
     }
 }
