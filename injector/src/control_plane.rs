@@ -18,22 +18,20 @@ use std::{
 };
 
 use axum::Router;
-use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use meshlet_api::SpiffeId;
 use rustls::{
     crypto::CryptoProvider,
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
-    RootCertStore, ServerConfig,
+    ServerConfig,
 };
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt as _;
 
 use crate::{
     ca::{self, Ca},
-    serve::{serve_http, DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT},
+    delivery::server,
+    serve::DRAIN_TIMEOUT,
 };
 
 /// Why the endpoint could not start.
@@ -125,7 +123,7 @@ fn issue(
 /// A bound mesh endpoint, ready to run.
 pub struct Endpoint {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerConfig>,
     cert: Arc<RotatingCert>,
     ca: Arc<Ca>,
     who: ServerIdentity,
@@ -149,29 +147,16 @@ impl Endpoint {
         let cert = Arc::new(RotatingCert {
             current: RwLock::new(issue(&ca, &who, &provider)?),
         });
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(ca.cert_der().clone())
+        // The issuer's callers have no certificate yet; they prove who they are with a
+        // token, so client certificates stay optional.
+        let tls = server::tls_config(cert.clone(), Some(ca.cert_pem().as_bytes()))
             .map_err(|e| Error::Tls(e.to_string()))?;
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                // The issuer's callers have no certificate yet; they prove who they are
-                // with a token.
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut cfg = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| Error::Tls(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(cert.clone());
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr, source })?;
         Ok(Self {
             listener,
-            acceptor: TlsAcceptor::from(Arc::new(cfg)),
+            tls: Arc::new(tls),
             cert,
             ca,
             who,
@@ -193,37 +178,8 @@ impl Endpoint {
             self.who.clone(),
             self.provider.clone(),
         ));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut conns = tokio::task::JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            while conns.try_join_next().is_some() {}
-            let (tcp, peer) = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed on the mesh endpoint");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            conns.spawn(connection(
-                tcp,
-                peer,
-                self.acceptor.clone(),
-                app.clone(),
-                stop_rx.clone(),
-            ));
-        }
+        server::serve_draining(self.listener, Some(self.tls), app, shutdown, DRAIN_TIMEOUT).await;
         rotator.abort();
-        drop(self.listener);
-        let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await;
     }
 }
 
@@ -250,52 +206,6 @@ async fn rotate(
             }
         }
     }
-}
-
-/// The SPIFFE id in a verified client certificate's URI SAN.
-pub fn peer_id(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
-    use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
-    let (_, x) = X509Certificate::from_der(cert).ok()?;
-    let san = x.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|g| match g {
-        GeneralName::URI(u) => u.parse().ok(),
-        _ => None,
-    })
-}
-
-async fn connection(
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    app: Router,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "mesh endpoint TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "mesh endpoint TLS handshake timed out");
-            return;
-        }
-    };
-    // rustls has already verified the chain; only the name is read here.
-    let id = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(peer_id);
-    let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        if let Some(id) = &id {
-            req.extensions_mut().insert(id.clone());
-        }
-        req
-    });
-    serve_http(TokioIo::new(tls), peer, TowerToHyperService::new(svc), stop).await;
 }
 
 #[cfg(test)]

@@ -1,17 +1,13 @@
 //! `meshlet-injector serve`: the HTTPS listener in front of [`webhook::router`]. It
-//! terminates TLS itself (tokio-rustls) so the certificate resolver can swap certificates
-//! per handshake, then hands each connection to hyper's HTTP/1.1 + HTTP/2 server.
+//! terminates TLS itself ([`delivery::server`]) so the certificate resolver can swap
+//! certificates per handshake, then hands each connection to hyper's HTTP/1.1 + HTTP/2
+//! server.
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-    service::TowerToHyperService,
-};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use meshlet_api::MeshConfig;
 use tokio::sync::watch;
@@ -23,8 +19,6 @@ use crate::{
     webhook::{self, AppState},
 };
 
-/// A slow or silent client may not hold a connection slot forever before it finishes TLS.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight reviews may take after SIGTERM before connections are dropped.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where Kubernetes mounts a pod's ServiceAccount token.
@@ -234,7 +228,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub struct Server {
     listener: TcpListener,
     cert: Arc<ReloadingCert>,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerConfig>,
     config: ServeConfig,
     mesh_config: Option<watch::Receiver<Arc<MeshConfig>>>,
 }
@@ -243,7 +237,7 @@ impl Server {
     /// Loads the certificate and binds the address.
     pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
         let cert = ReloadingCert::load(&config.tls_cert, &config.tls_key)?;
-        let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
+        let tls = Arc::new(cert.server_config()?);
         let listener = TcpListener::bind(config.addr)
             .await
             .map_err(|source| Error::Bind {
@@ -253,7 +247,7 @@ impl Server {
         Ok(Self {
             listener,
             cert,
-            acceptor,
+            tls,
             config,
             mesh_config: None,
         })
@@ -282,117 +276,16 @@ impl Server {
         if let Some(rx) = self.mesh_config.clone() {
             app = app.merge(delivery::router(rx, delivery::Options::default()));
         }
-        let service = TowerToHyperService::new(app);
         let watcher = tokio::spawn(self.cert.clone().watch(self.config.tls_reload_interval));
-        // Flipped on shutdown: every connection finishes its request in flight and closes.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut conns = tokio::task::JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            // Reap finished connection tasks so the set stays as large as the live ones.
-            while conns.try_join_next().is_some() {}
-            let (tcp, peer) = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(error) => {
-                        // Usually EMFILE: back off instead of spinning on the error.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            conns.spawn(connection(
-                tcp,
-                peer,
-                self.acceptor.clone(),
-                service.clone(),
-                stop_rx.clone(),
-            ));
-        }
-        watcher.abort();
-        drop(self.listener);
-        let _ = stop_tx.send(true);
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while conns.join_next().await.is_some() {}
-        })
+        delivery::server::serve_draining(
+            self.listener,
+            Some(self.tls),
+            app,
+            shutdown,
+            DRAIN_TIMEOUT,
+        )
         .await;
-        if drained.is_err() {
-            tracing::warn!(
-                open = conns.len(),
-                "drain deadline passed; closing the remaining connections"
-            );
-        }
-    }
-}
-
-async fn connection<S>(
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    service: S,
-    stop: tokio::sync::watch::Receiver<bool>,
-) where
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    serve_http(TokioIo::new(tls), peer, service, stop).await;
-}
-
-/// Serves HTTP/1.1 and HTTP/2 on an established (TLS) connection until it ends or
-/// `stop` flips, then finishes the request in flight.
-pub(crate) async fn serve_http<I, S>(
-    io: I,
-    peer: SocketAddr,
-    service: S,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that opens a connection and never finishes its headers is cut off.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT);
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%peer, %error, "connection ended with an error");
+        watcher.abort();
     }
 }
 

@@ -95,18 +95,13 @@ pub struct ControlPlane {
     pub trust_anchors: String,
 }
 
-/// The control plane's issuer: `MESHLET_CONTROL_PLANE_ADDR` and friends.
+/// The control plane's issuer: the control plane it is reached at, and the token shown.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IssuerConfig {
-    /// `host:port` of the mesh endpoint (an IP literal needs no DNS).
-    pub address: String,
-    /// The name its certificate must carry (also the SNI).
-    pub name: String,
-    /// PEM trust anchors that sign the control plane's certificate; left out of the
-    /// logged config, it is long.
-    #[serde(skip)]
-    pub trust_anchors: String,
+    /// The mesh endpoint that issues (the same as [`Config::control_plane`]).
+    #[serde(flatten)]
+    pub control_plane: ControlPlane,
     /// The projected service-account token file, re-read at each request.
     pub token_path: PathBuf,
 }
@@ -250,9 +245,7 @@ impl Config {
             value(env, env::IDENTITY_TOKEN_PATH),
         ) {
             (None, Some(cp), Some(token)) => Some(IssuerConfig {
-                address: cp.addr.clone(),
-                name: cp.name.clone(),
-                trust_anchors: cp.trust_anchors.clone(),
+                control_plane: cp.clone(),
                 token_path: token.into(),
             }),
             _ => None,

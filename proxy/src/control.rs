@@ -68,6 +68,7 @@ pub enum ControlError {
 pub struct ControlPlane {
     addr: String,
     name: ServerName<'static>,
+    host: String,
     tls: TlsConnector,
     timeout: Duration,
 }
@@ -100,6 +101,11 @@ impl ControlPlane {
                 ControlError::Setup(format!("MESHLET_TRUST_ANCHORS holds an unusable CA: {e}"))
             })?;
         }
+        if roots.is_empty() {
+            return Err(ControlError::Setup(
+                "MESHLET_TRUST_ANCHORS holds no CA certificate; set it to the PEM of the mesh trust anchors".into(),
+            ));
+        }
         let name = ServerName::try_from(cfg.name.clone()).map_err(|e| {
             ControlError::Setup(format!("MESHLET_CONTROL_PLANE_NAME={:?}: {e}", cfg.name))
         })?;
@@ -112,6 +118,7 @@ impl ControlPlane {
         Ok(Self {
             addr: cfg.addr.clone(),
             name,
+            host: cfg.name.clone(),
             tls: TlsConnector::from(Arc::new(tls)),
             timeout,
         })
@@ -120,6 +127,11 @@ impl ControlPlane {
     /// `host:port`, for logs and the `Host` header.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The name its certificate must carry, for the `Host` header.
+    pub fn name(&self) -> &str {
+        &self.host
     }
 
     /// A new HTTP/1.1 connection; its driver runs on a spawned task that ends with the

@@ -1,5 +1,6 @@
 use http_body_util::{BodyExt as _, Empty};
-use rustls::pki_types::ServerName;
+use hyper_util::rt::TokioIo;
+use rustls::{pki_types::ServerName, RootCertStore};
 
 use super::*;
 

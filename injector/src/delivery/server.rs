@@ -1,6 +1,7 @@
-//! A listener for the delivery router: TLS 1.3 with optional client certificates, the
-//! verified SPIFFE id of the client put into each request's extensions (as the
-//! identity issuer's server does), or plaintext on loopback for tests.
+//! The injector's one HTTPS listener (the webhook, the 15012 mesh endpoint and
+//! `serve-config`): TLS 1.3 with optional client certificates, the verified SPIFFE id
+//! of the client put into each request's extensions, or plaintext on loopback for
+//! tests; HTTP/1.1 and HTTP/2, drained on shutdown.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,7 +16,7 @@ use rustls::{
     server::{ResolvesServerCert, WebPkiClientVerifier},
     RootCertStore, ServerConfig,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
@@ -95,23 +96,58 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_draining(listener, tls, app, shutdown, Duration::ZERO).await;
+}
+
+/// [`serve`], but after `shutdown` every connection gets up to `drain` to finish its
+/// request in flight before it is dropped.
+pub async fn serve_draining(
+    listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
     let acceptor = tls.map(TlsAcceptor::from);
+    // Flipped on shutdown: every connection finishes its request in flight and closes.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Reap finished connection tasks so the set stays as large as the live ones.
         while conns.try_join_next().is_some() {}
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(error) => {
+                    // Usually EMFILE: back off instead of spinning on the error.
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        conns.spawn(connection(tcp, peer, acceptor.clone(), app.clone()));
+        conns.spawn(connection(
+            tcp,
+            peer,
+            acceptor.clone(),
+            app.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    drop(listener);
+    if drain.is_zero() {
+        return;
+    }
+    let _ = stop_tx.send(true);
+    let drained =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = conns.len(),
+            "drain deadline passed; closing the remaining connections"
+        );
     }
 }
 
@@ -120,11 +156,12 @@ async fn connection(
     peer: SocketAddr,
     acceptor: Option<TlsAcceptor>,
     app: Router,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(USER_TIMEOUT));
     let Some(acceptor) = acceptor else {
-        return http(TokioIo::new(tcp), peer, None, app).await;
+        return http(TokioIo::new(tcp), peer, None, app, stop).await;
     };
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -149,11 +186,16 @@ async fn connection(
             }
         },
     };
-    http(TokioIo::new(tls), peer, id, app).await;
+    http(TokioIo::new(tls), peer, id, app, stop).await;
 }
 
-async fn http<I>(io: TokioIo<I>, peer: SocketAddr, id: Option<SpiffeId>, app: Router)
-where
+async fn http<I>(
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    id: Option<SpiffeId>,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -163,11 +205,21 @@ where
         app.clone().oneshot(req.map(Body::new))
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and never finishes its headers is cut off.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT);
-    if let Err(error) = builder.serve_connection(io, svc).await {
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }

@@ -131,8 +131,8 @@ fn issuer_from_the_control_plane_env() {
     ];
     let c = parse(&base).unwrap();
     let i = c.issuer.unwrap();
-    assert_eq!(i.address, "198.19.0.12:15012");
-    assert_eq!(i.name, "meshlet-injector.meshlet-system.svc");
+    assert_eq!(i.control_plane.addr, "198.19.0.12:15012");
+    assert_eq!(i.control_plane.name, "meshlet-injector.meshlet-system.svc");
     assert_eq!(
         i.token_path,
         PathBuf::from("/var/run/secrets/meshlet/tokens/token")

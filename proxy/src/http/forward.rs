@@ -297,12 +297,19 @@ where
         Failed<B>,
     > {
         let mut req = req;
-        for _ in 0..MAX_ATTEMPTS {
-            let mut conn = match self
-                .pool
-                .checkout_h1(dst, self.tls.as_deref(), self.connect_timeout)
-                .await
-            {
+        // Up to MAX_ATTEMPTS pooled connections; when the last reused one was stale
+        // too, a fresh one decides.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let fresh = attempt > MAX_ATTEMPTS;
+            let (tls, timeout) = (self.tls.as_deref(), self.connect_timeout);
+            let checkout = if fresh {
+                self.pool.checkout_fresh_h1(dst, tls, timeout).await
+            } else {
+                self.pool.checkout_h1(dst, tls, timeout).await
+            };
+            let mut conn = match checkout {
                 Ok(conn) => conn,
                 Err(error) => {
                     return Err(Failed {
@@ -312,13 +319,12 @@ where
                 }
             };
             dispatched(pick);
-            dispatched(pick);
             match conn.tx.try_send_request(req).await {
                 Ok(rsp) => return Ok((rsp, conn.tx)),
                 Err(mut e) => match e.take_message() {
                     // A pooled connection the server closed while it sat idle: the
                     // request never left, so another connection may carry it.
-                    Some(unsent) if conn.reused => req = unsent,
+                    Some(unsent) if conn.reused && !fresh => req = unsent,
                     _ => {
                         return Err(ProxyError::Upstream {
                             dst,
@@ -328,29 +334,6 @@ where
                     }
                 },
             }
-        }
-        // The last reused connection was stale too: a fresh one decides.
-        let mut conn = match self
-            .pool
-            .checkout_fresh_h1(dst, self.tls.as_deref(), self.connect_timeout)
-            .await
-        {
-            Ok(conn) => conn,
-            Err(error) => {
-                return Err(Failed {
-                    error,
-                    unsent: Some(req),
-                })
-            }
-        };
-        dispatched(pick);
-        match conn.tx.try_send_request(req).await {
-            Ok(rsp) => Ok((rsp, conn.tx)),
-            Err(e) => Err(ProxyError::Upstream {
-                dst,
-                source: e.into_error(),
-            }
-            .into()),
         }
     }
 

@@ -12,17 +12,13 @@
 use std::{
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::{io::AsyncReadExt, net::TcpStream};
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tower::ServiceExt;
 
@@ -32,7 +28,7 @@ use super::{
 };
 use crate::{
     detect::MAX_PEEK,
-    io::{PrefixedIo, Reset},
+    io::{MaybeTls, PrefixedIo, Reset},
     metrics::{Direction, Metrics},
     target::{BoxError, BoxFuture, Target, TlsStatus},
 };
@@ -43,13 +39,9 @@ use crate::{
 /// sends its ClientHello right after connecting.
 pub const OPAQUE_HELLO_WAIT: Duration = Duration::from_millis(100);
 
-/// An accepted connection after the mesh TLS stage.
-pub enum ServerIo {
-    /// Plaintext, with the bytes read while sniffing replayed first.
-    Plain(PrefixedIo<TcpStream>),
-    /// Terminated mesh mTLS (boxed: a TLS session is large).
-    Tls(Box<TlsStream<PrefixedIo<TcpStream>>>),
-}
+/// An accepted connection after the mesh TLS stage: plaintext, with the bytes read
+/// while sniffing replayed first, or terminated mesh mTLS.
+pub type ServerIo = MaybeTls<PrefixedIo<TcpStream>, TlsStream<PrefixedIo<TcpStream>>>;
 
 /// An inbound connection refused by the mesh TLS stage.
 #[derive(Debug, thiserror::Error)]
@@ -285,64 +277,6 @@ impl Reset for ServerIo {
         match self {
             Self::Plain(p) => p.reset(),
             Self::Tls(t) => t.get_ref().0.reset(),
-        }
-    }
-}
-
-impl AsyncRead for ServerIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

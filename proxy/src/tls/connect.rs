@@ -3,25 +3,19 @@
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
-    io,
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::Duration,
 };
 
 use meshlet_api::MESH_ALPN;
 use metrics::Label;
 use rustls::{pki_types::ServerName, ClientConfig};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use super::Reason;
-use crate::{errors::ProxyError, metrics::Metrics};
+use crate::{errors::ProxyError, io::MaybeTls, metrics::Metrics};
 
 /// What an outbound connection needs to originate mesh mTLS.
 pub struct ClientTls {
@@ -30,13 +24,8 @@ pub struct ClientTls {
     metrics: Arc<Metrics>,
 }
 
-/// An upstream connection: plaintext, or mesh mTLS to a meshed destination.
-pub enum Upstream {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// Mesh mTLS (boxed: a TLS session is large, most connections are plain).
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// An upstream connection: plain TCP, or mesh mTLS to a meshed destination.
+pub type Upstream = MaybeTls<TcpStream, TlsStream<TcpStream>>;
 
 // === impl ClientTls ===
 
@@ -135,61 +124,3 @@ impl Metrics {
 }
 
 // === impl Upstream ===
-
-impl AsyncRead for Upstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Upstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}

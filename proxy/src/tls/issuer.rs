@@ -1,8 +1,8 @@
 //! The identity from the control plane's issuer: the proxy makes an ECDSA P-256 key in
 //! memory (it never leaves the process), sends a PKCS#10 request with its projected
-//! service-account token to `POST /v1/certificate` on `MESHLET_CONTROL_PLANE_ADDR`
-//! over TLS verified against `MESHLET_TRUST_ANCHORS` and `MESHLET_CONTROL_PLANE_NAME`,
-//! and stores the answer through [`Identity::store`]. It renews at about half the
+//! service-account token to `POST /v1/certificate` on the control plane's mesh
+//! endpoint (through [`crate::control::ControlPlane`], without a client certificate:
+//! the token is what proves who asks), and stores the answer through [`Identity::store`]. It renews at about half the
 //! certificate's remaining life (with jitter, so a fleet started together does not
 //! renew together), re-reading the token each time (kubelet rotates it), and retries
 //! failures with capped exponential backoff while the current certificate serves.
@@ -23,14 +23,13 @@ use ring::{
     rand::SystemRandom,
     signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING},
 };
-use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, ServerName},
-    ClientConfig, RootCertStore,
-};
 use serde::Deserialize;
 
 use super::identity::{Credentials, Identity};
-use crate::config::IssuerConfig;
+use crate::{
+    config::IssuerConfig,
+    control::{ControlError, ControlPlane},
+};
 
 /// The issuing route on the mesh endpoint.
 pub const PATH: &str = "/v1/certificate";
@@ -56,12 +55,9 @@ pub enum IssuerError {
         /// Why.
         source: std::io::Error,
     },
-    /// The trust anchors are unusable.
-    #[error("MESHLET_TRUST_ANCHORS holds no usable CA certificate")]
-    Anchors,
-    /// The control plane's name is not a DNS name.
-    #[error("MESHLET_CONTROL_PLANE_NAME {0:?} is not a valid server name")]
-    Name(String),
+    /// The trust anchors or the control plane's name are unusable.
+    #[error(transparent)]
+    Setup(#[from] ControlError),
     /// Key or CSR generation failed.
     #[error("cannot make the key pair or the CSR: {0}")]
     Crypto(&'static str),
@@ -105,9 +101,7 @@ struct Refusal {
 
 /// Talks to the issuer.
 pub struct IssuerClient {
-    address: String,
-    name: ServerName<'static>,
-    tls: tokio_rustls::TlsConnector,
+    control: ControlPlane,
     token_path: PathBuf,
     rng: SystemRandom,
 }
@@ -115,8 +109,7 @@ pub struct IssuerClient {
 impl std::fmt::Debug for IssuerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IssuerClient")
-            .field("address", &self.address)
-            .field("name", &self.name)
+            .field("control", &self.control)
             .finish_non_exhaustive()
     }
 }
@@ -126,27 +119,8 @@ impl std::fmt::Debug for IssuerClient {
 impl IssuerClient {
     /// A client for `cfg`.
     pub fn new(cfg: &IssuerConfig) -> Result<Self, IssuerError> {
-        let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(cfg.trust_anchors.as_bytes()) {
-            roots
-                .add(c.map_err(|_| IssuerError::Anchors)?)
-                .map_err(|_| IssuerError::Anchors)?;
-        }
-        if roots.is_empty() {
-            return Err(IssuerError::Anchors);
-        }
-        let name = ServerName::try_from(cfg.name.clone())
-            .map_err(|_| IssuerError::Name(cfg.name.clone()))?;
-        let mut tls = ClientConfig::builder_with_provider(super::provider())
-            .with_protocol_versions(super::VERSIONS)
-            .map_err(|_| IssuerError::Crypto("TLS 1.3 unavailable"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
-            address: cfg.address.clone(),
-            name,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            control: ControlPlane::new(&cfg.control_plane, None, REQUEST_TIMEOUT)?,
             token_path: cfg.token_path.clone(),
             rng: SystemRandom::new(),
         })
@@ -187,28 +161,19 @@ impl IssuerClient {
 
     fn connect_err(&self, reason: impl ToString) -> IssuerError {
         IssuerError::Connect {
-            addr: self.address.clone(),
+            addr: self.control.addr().to_string(),
             reason: reason.to_string(),
         }
     }
 
     async fn post(&self, token: &str, body: String) -> Result<(u16, Bytes), IssuerError> {
-        let tcp = tokio::net::TcpStream::connect(self.address.as_str())
+        let mut send = self
+            .control
+            .connect()
             .await
             .map_err(|e| self.connect_err(e))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
-            .connect(self.name.clone(), tcp)
-            .await
-            .map_err(|e| self.connect_err(format!("TLS: {}", super::describe(&e))))?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| self.connect_err(e))?;
-        tokio::spawn(conn);
         let req = http::Request::post(PATH)
-            .header(http::header::HOST, self.name.to_str().as_ref())
+            .header(http::header::HOST, self.control.name())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::from(body)))

@@ -110,9 +110,11 @@ async fn plane() -> Plane {
 
 fn config(p: &Plane, token: &std::path::Path) -> IssuerConfig {
     IssuerConfig {
-        address: p.addr.to_string(),
-        name: meshlet_api::identity::CONTROL_PLANE_NAME.to_string(),
-        trust_anchors: p.anchors.clone(),
+        control_plane: crate::config::ControlPlane {
+            addr: p.addr.to_string(),
+            name: meshlet_api::identity::CONTROL_PLANE_NAME.to_string(),
+            trust_anchors: p.anchors.clone(),
+        },
         token_path: token.to_path_buf(),
     }
 }
@@ -186,7 +188,7 @@ async fn refusals_and_wrong_anchors_are_reported() {
     // A control plane signed by another CA is not trusted.
     let other = Ca::generate("cluster.local", ca::DEFAULT_CA_LIFETIME).unwrap();
     let mut cfg = config(&p, &token);
-    cfg.trust_anchors = other.cert_pem().to_string();
+    cfg.control_plane.trust_anchors = other.cert_pem().to_string();
     let e = IssuerClient::new(&cfg)
         .unwrap()
         .fetch(&identity)
@@ -199,7 +201,7 @@ async fn refusals_and_wrong_anchors_are_reported() {
 
     // Nor one whose certificate does not carry the configured name.
     let mut cfg = config(&p, &token);
-    cfg.name = "evil.example".into();
+    cfg.control_plane.name = "evil.example".into();
     let e = IssuerClient::new(&cfg)
         .unwrap()
         .fetch(&identity)
@@ -207,7 +209,10 @@ async fn refusals_and_wrong_anchors_are_reported() {
         .unwrap_err();
     assert!(matches!(e, IssuerError::Connect { .. }), "{e}");
 
-    cfg.trust_anchors = "not pem".into();
-    assert!(matches!(IssuerClient::new(&cfg), Err(IssuerError::Anchors)));
+    cfg.control_plane.trust_anchors = "not pem".into();
+    assert!(matches!(
+        IssuerClient::new(&cfg),
+        Err(IssuerError::Setup(ControlError::Setup(_)))
+    ));
     assert!(!identity.is_loaded());
 }
