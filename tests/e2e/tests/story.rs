@@ -25,7 +25,6 @@ use support::*;
 
 const SUBNET: u8 = 79;
 
-
 /// Every injected pod's sidecar holds a certificate the in-cluster issuer signed
 /// after a real TokenReview, for exactly the pod's service account: its log names
 /// the SPIFFE id, and its expiry metric is about 24 h ahead.
