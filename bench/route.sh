@@ -197,6 +197,6 @@ mkdir -p "$RESULTS"
 python3 bench/route_report.py --changes "$WORK/changes.tsv" --probe "$WORK/probe.log" \
     --results "$RESULTS" --label "$LABEL" --date "$DATE" --period-ms "$PERIOD_MS" --method "$METHOD" \
     --loadavg-start "$LOADAVG_START" --loadavg-end "$(cut -d' ' -f1-3 /proc/loadavg)" \
-    --commit "$(git rev-parse --short HEAD)" --bin "$BIN" \
+    --commit "$(git rev-parse --short HEAD)" --bin "${BIN#"$ROOT"/}" \
     --kube-version "$(kubectl version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"
 log "wrote $RESULTS/$LABEL.md and $RESULTS/${DATE%%T*}-$LABEL.json"
