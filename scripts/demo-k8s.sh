@@ -84,7 +84,7 @@ echo
 backend=$(kubectl -n hello get pods -l app=backend -o jsonpath='{.items[0].status.podIP}')
 echo "what one backend's sidecar counted (GET $backend:15020/metrics, requests by status):"
 ip netns exec "mlnode-$node_pid-hello.$client" curl -sS -m 5 "http://$backend:15020/metrics" |
-  grep '^meshlet_requests_total' | sed 's/^/  /'
+  grep '^meshlet_requests_total' | sed 's/^/  /' || echo "  (none yet: the round robin sent this pod nothing)"
 
 step "4. an HTTPRoute on Service backend: 'version: v2' to backend-v2, the rest to backend-v1 (no restart)"
 show kubectl apply -f samples/hello-route.yaml
@@ -107,7 +107,7 @@ printf 'no header after delete -> '; for i in 1 2 3 4 5 6; do ask; done; echo
 step "5. helm upgrade keeps the webhook's CA and the identity CA"
 ca_before=$(kubectl get mutatingwebhookconfigurations -o jsonpath='{.items[*].webhooks[0].clientConfig.caBundle}' | sha256sum | cut -c1-16)
 id_before=$(kubectl -n meshlet-system get secret meshlet-identity-ca -o jsonpath='{.data.tls\.crt}' | sha256sum | cut -c1-16)
-show "$helm" upgrade meshlet charts/meshlet -n meshlet-system --reuse-values --set injector.logLevel=debug --wait --timeout 120s
+show "$helm" upgrade meshlet charts/meshlet -n meshlet-system --reuse-values --set injector.logLevel=debug --wait --timeout 120s | grep -E '^(\$|Release|STATUS|REVISION)'
 ca_after=$(kubectl get mutatingwebhookconfigurations -o jsonpath='{.items[*].webhooks[0].clientConfig.caBundle}' | sha256sum | cut -c1-16)
 id_after=$(kubectl -n meshlet-system get secret meshlet-identity-ca -o jsonpath='{.data.tls\.crt}' | sha256sum | cut -c1-16)
 echo "webhook caBundle sha256 $ca_before -> $ca_after; identity CA sha256 $id_before -> $id_after"
