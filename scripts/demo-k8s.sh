@@ -39,6 +39,8 @@ bash tools/kube/cluster.sh up >"$work/up.log" 2>&1 || { cat "$work/up.log"; exit
 eval "$(bash tools/kube/cluster.sh env)"
 helm=$(bash scripts/tools.sh ensure_helm)
 show kubectl version | grep -i server
+# The Gateway API CRDs (pinned in tools/gateway-api): HTTPRoutes on Services steer the mesh.
+bash tools/kube/cluster.sh gateway-api standard >"$work/crds.log" 2>&1 || { cat "$work/crds.log"; exit 1; }
 
 step "node agent (stands in for kubelet and kube-proxy)"
 "$bin/meshlet-node" --cluster-env "$MESHLET_KUBE_DIR/cluster.env" --name node-1 \
@@ -82,7 +84,36 @@ echo
 backend=$(kubectl -n hello get pods -l app=backend -o jsonpath='{.items[0].status.podIP}')
 echo "what one backend's sidecar counted (GET $backend:15020/metrics, requests by status):"
 ip netns exec "mlnode-$node_pid-hello.$client" curl -sS -m 5 "http://$backend:15020/metrics" |
-  grep '^meshlet_requests_total' | sed 's/^/  /'
+  grep '^meshlet_requests_total' | sed 's/^/  /' || echo "  (none yet: the round robin sent this pod nothing)"
+
+step "4. an HTTPRoute on Service backend: 'version: v2' to backend-v2, the rest to backend-v1 (no restart)"
+show kubectl apply -f samples/hello-route.yaml
+ask() { ip netns exec "mlnode-$node_pid-hello.$client" curl -sS -m 5 -o /dev/null -w '%header{x-testapp-name} ' "$@" "http://$svc_ip/"; }
+# The sidecars get the route from the controller within a second or so: wait for it.
+for _ in $(seq 1 100); do ask -H 'version: v2' | grep -q backend-v2 && break; sleep 0.1; done
+printf 'version: v2 -> '; for i in 1 2 3 4 5; do ask -H 'version: v2'; done; echo
+printf 'no header   -> '; for i in 1 2 3 4 5; do ask; done; echo
+kubectl wait -n hello httproute/backend-by-version --for=condition=ResolvedRefs=True --timeout=30s >/dev/null 2>&1 || true
+echo '$ kubectl -n hello get httproute backend-by-version -o yaml   (status)'
+kubectl -n hello get httproute backend-by-version -o jsonpath='{range .status.parents[*]}controllerName: {.controllerName}{"\n"}{range .conditions[*]}  {.type}={.status} reason={.reason} observedGeneration={.observedGeneration}{"\n"}{end}{end}'
+echo "a route to a Service that does not exist is accepted, its refs are not resolved:"
+printf 'apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: backend-missing, namespace: hello}\nspec:\n  parentRefs: [{group: "", kind: Service, name: backend, port: 80}]\n  rules: [{matches: [{headers: [{name: version, value: v3}]}], backendRefs: [{name: backend-v3, port: 80}]}]\n' | kubectl apply -f -
+kubectl wait -n hello httproute/backend-missing --for=condition=ResolvedRefs=False --timeout=30s >/dev/null 2>&1 || true
+kubectl -n hello get httproute backend-missing -o jsonpath='{range .status.parents[0].conditions[*]}  {.type}={.status} reason={.reason}: {.message}{"\n"}{end}'
+show kubectl -n hello delete httproute backend-by-version backend-missing
+for _ in $(seq 1 100); do ask | grep -q backend-v2 && break; sleep 0.1; done
+printf 'no header after delete -> '; for i in 1 2 3 4 5 6; do ask; done; echo
+
+step "5. helm upgrade keeps the webhook's CA and the identity CA"
+ca_before=$(kubectl get mutatingwebhookconfigurations -o jsonpath='{.items[*].webhooks[0].clientConfig.caBundle}' | sha256sum | cut -c1-16)
+id_before=$(kubectl -n meshlet-system get secret meshlet-identity-ca -o jsonpath='{.data.tls\.crt}' | sha256sum | cut -c1-16)
+show "$helm" upgrade meshlet charts/meshlet -n meshlet-system --reuse-values --set injector.logLevel=debug --wait --timeout 120s | grep -E '^(\$|Release|STATUS|REVISION)'
+ca_after=$(kubectl get mutatingwebhookconfigurations -o jsonpath='{.items[*].webhooks[0].clientConfig.caBundle}' | sha256sum | cut -c1-16)
+id_after=$(kubectl -n meshlet-system get secret meshlet-identity-ca -o jsonpath='{.data.tls\.crt}' | sha256sum | cut -c1-16)
+echo "webhook caBundle sha256 $ca_before -> $ca_after; identity CA sha256 $id_before -> $id_after"
+show kubectl -n hello rollout restart deployment/backend-v2
+show kubectl -n hello rollout status deployment/backend-v2 --timeout=120s
+show kubectl -n hello get pods -l version=v2 -o custom-columns='POD:.metadata.name,INIT:.spec.initContainers[*].name,INJECTED:.metadata.annotations.meshlet\.io/status'
 
 step "kubectl top pod --containers (app vs meshlet-proxy)"
 for _ in $(seq 1 30); do

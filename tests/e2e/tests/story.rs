@@ -3,6 +3,8 @@
 //! the sample into its labelled namespace (the real webhook injects, reached through
 //! the API server's egress socket), traffic through the sidecars, `kubectl rollout
 //! restart`, `kubectl exec` (exit code, stdin, a Service through the sidecar),
+//! `kubectl apply` of HTTPRoutes (status, routing by header without a restart, an
+//! unknown backend, delete), `helm upgrade` (same webhook and identity CAs),
 //! `kubectl top pod --containers`, `helm uninstall`, nothing left behind.
 //!
 //! Needs root, the control plane (`bash tools/kube/build.sh`), Helm
@@ -119,6 +121,257 @@ fn mtls(prefix: &str, pods: &[Value]) -> Result<()> {
     Ok(())
 }
 
+/// The condition `type` of our (meshlet.io/controller) parent status of an
+/// HTTPRoute, as `(status, reason)`, if it is written for the route's generation.
+fn route_condition(route: &Value, kind: &str) -> Option<(String, String)> {
+    let generation = route["metadata"]["generation"].as_i64()?;
+    let ours = route["status"]["parents"]
+        .as_array()?
+        .iter()
+        .find(|p| p["controllerName"] == meshlet_api::CONTROLLER_NAME)?;
+    let c = ours["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)?;
+    (c["observedGeneration"].as_i64() == Some(generation)).then(|| {
+        (
+            c["status"].as_str().unwrap_or("").to_string(),
+            c["reason"].as_str().unwrap_or("").to_string(),
+        )
+    })
+}
+
+/// `kubectl get httproute NAME -o yaml`, parsed (what a user reads).
+fn route_yaml(k: &Kubectl, name: &str) -> Result<Value> {
+    let y = k.run(&["-n", "hello", "get", "httproute", name, "-o", "yaml"])?;
+    serde_yaml::from_str(&y).with_context(|| format!("kubectl get httproute {name} -o yaml: {y}"))
+}
+
+/// Waits until the route's status from our controller has these (status, reason)s
+/// for Accepted and ResolvedRefs at its current generation.
+fn wait_route_status(
+    k: &Kubectl,
+    name: &str,
+    accepted: (&str, &str),
+    resolved: (&str, &str),
+) -> Result<Value> {
+    let own = |(s, r): (&str, &str)| Some((s.to_string(), r.to_string()));
+    let mut last = Value::Null;
+    wait_for(
+        &format!("HTTPRoute {name}: Accepted={accepted:?} ResolvedRefs={resolved:?}"),
+        Duration::from_secs(30),
+        || {
+            last = route_yaml(k, name)?;
+            Ok((route_condition(&last, "Accepted") == own(accepted)
+                && route_condition(&last, "ResolvedRefs") == own(resolved))
+            .then(|| last.clone()))
+        },
+    )
+    .with_context(|| format!("last seen: {}", last["status"]))
+}
+
+/// One request from inside the client pod: (HTTP status, body).
+fn get(ns: &netns::Netns, header: Option<&str>) -> Result<(u16, String)> {
+    let mut args = vec!["curl", "-sS", "-m", "5", "-w", "\n%{http_code}"];
+    if let Some(h) = header {
+        args.extend(["-H", h]);
+    }
+    args.push("http://198.19.0.10/");
+    let out = ns
+        .exec(&args)
+        .map_err(|e| anyhow::anyhow!("curl through the client's sidecar: {e}"))?;
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+    Ok((code.parse().unwrap_or(0), body.to_string()))
+}
+
+/// Polls (every ~10 ms, up to 30 s) until a request answers as `want` says; the time
+/// from the start until then.
+fn until_routed(
+    ns: &netns::Netns,
+    what: &str,
+    header: Option<&str>,
+    want: impl Fn(u16, &str) -> bool,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let mut last = (0, String::new());
+    while t.elapsed() < Duration::from_secs(30) {
+        last = get(ns, header)?;
+        if want(last.0, &last.1) {
+            return Ok(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    anyhow::bail!(
+        "{what}: not within 30 s; the last answer was {} {:?}",
+        last.0,
+        last.1
+    )
+}
+
+/// `kubectl exec` into the client's app container: `n` requests (with `header`),
+/// the pod names that answered.
+fn answers(k: &Kubectl, client: &str, header: &str, n: usize) -> Result<Vec<String>> {
+    let script =
+        format!("for i in $(seq {n}); do curl -sS -m 5 {header} http://198.19.0.10/; echo; done");
+    let r = k.ran(
+        &[
+            "-n", "hello", "exec", client, "-c", "app", "--", "sh", "-c", &script,
+        ],
+        None,
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        r.code == 0,
+        "kubectl exec curl ({script}): exit {}, {}",
+        r.code,
+        r.stderr
+    );
+    // The test app answers with a JSON document naming its pod.
+    let by: Vec<String> = r
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["name"].as_str().map(String::from))
+        .collect();
+    ensure!(
+        by.len() == n,
+        "{n} requests ({header}) but {} answers: {:?}",
+        by.len(),
+        r.stdout
+    );
+    Ok(by)
+}
+
+/// HTTPRoutes on the backend Service, applied while the sidecars run: status from
+/// the controller, routing by header, an unknown backend, and deleting them.
+fn routes(k: &Kubectl, prefix: &str, client: &str) -> Result<()> {
+    let ns = netns::Netns::existing(&format!("{prefix}hello.{client}"));
+    let t = Instant::now();
+    k.run(&[
+        "apply",
+        "-f",
+        &root()
+            .join("samples/hello-route.yaml")
+            .display()
+            .to_string(),
+    ])?;
+    until_routed(
+        &ns,
+        "version: v2 routed to backend-v2",
+        Some("version: v2"),
+        |c, b| c == 200 && b.contains("backend-v2-"),
+    )?;
+    let took = t.elapsed();
+    let v2 = answers(k, client, "-H 'version: v2'", 10)?;
+    ensure!(
+        v2.iter().all(|b| b.starts_with("backend-v2-")),
+        "version: v2 answered by {v2:?}"
+    );
+    let plain = answers(k, client, "", 10)?;
+    ensure!(
+        plain.iter().all(|b| b.starts_with("backend-v1-")),
+        "requests without the header answered by {plain:?}, want backend-v1 only"
+    );
+    println!(
+        "ok   kubectl apply HTTPRoute backend-by-version: routed {} ms after kubectl apply started (no pod restart); \
+         10/10 `version: v2` -> backend-v2, 10/10 others -> backend-v1 (kubectl exec curl)",
+        took.as_millis()
+    );
+    let r = wait_route_status(
+        k,
+        "backend-by-version",
+        ("True", "Accepted"),
+        ("True", "ResolvedRefs"),
+    )?;
+    println!(
+        "ok   kubectl get httproute -o yaml: {} Accepted=True ResolvedRefs=True at observedGeneration {} ({} ms after apply)",
+        meshlet_api::CONTROLLER_NAME,
+        r["metadata"]["generation"],
+        t.elapsed().as_millis()
+    );
+
+    // A rule whose backend does not exist: the route is accepted, its refs are not
+    // resolved, and it does not disturb the routing in force.
+    let missing = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: backend-missing, namespace: hello}
+spec:
+  parentRefs: [{group: "", kind: Service, name: backend, port: 80}]
+  rules:
+    - matches: [{headers: [{name: version, value: v3}]}]
+      backendRefs: [{name: backend-v3, port: 80}]
+"#;
+    let r = k.ran(
+        &["apply", "-f", "-"],
+        Some(missing.as_bytes()),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.code == 0,
+        "kubectl apply HTTPRoute backend-missing: {}",
+        r.stderr
+    );
+    let r = wait_route_status(
+        k,
+        "backend-missing",
+        ("True", "Accepted"),
+        ("False", "BackendNotFound"),
+    )?;
+    let msg = r["status"]["parents"][0]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "ResolvedRefs")
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or("")
+        .to_string();
+    ensure!(
+        msg.contains("backend-v3"),
+        "ResolvedRefs message does not name backend-v3: {msg:?}"
+    );
+    // The Gateway API wants 500s for a rule without a usable backend; meshlet's
+    // compiler leaves the whole route out until its refs resolve, so such requests
+    // keep the routing they had (here backend-by-version's default rule: backend-v1).
+    for _ in 0..5 {
+        let (code, body) = get(&ns, Some("version: v3"))?;
+        ensure!(
+            code == 200 && body.contains("backend-v1-"),
+            "version: v3 with route backend-missing: {code} {body:?}, want backend-v1"
+        );
+    }
+    println!("ok   HTTPRoute backend-missing: Accepted=True, ResolvedRefs=False/BackendNotFound ({msg}); `version: v3` still -> backend-v1");
+
+    // Deleting the routes gives the Service its own endpoints back: both versions.
+    let t = Instant::now();
+    k.run(&[
+        "-n",
+        "hello",
+        "delete",
+        "httproute",
+        "backend-by-version",
+        "backend-missing",
+    ])?;
+    until_routed(
+        &ns,
+        "a request without the header reaching backend-v2 again",
+        None,
+        |c, b| c == 200 && b.contains("backend-v2-"),
+    )?;
+    let took = t.elapsed();
+    let after = answers(k, client, "-H 'version: v3'", 20)?;
+    ensure!(
+        after.iter().any(|b| b.starts_with("backend-v1-"))
+            && after.iter().any(|b| b.starts_with("backend-v2-")),
+        "after deleting the routes 20 requests were answered by {after:?}, want both versions"
+    );
+    println!(
+        "ok   kubectl delete httproute: default routing back {} ms after delete (20 requests: both versions)",
+        took.as_millis()
+    );
+    Ok(())
+}
+
 fn hello_pods(k: &Kubectl) -> Result<Vec<Value>> {
     Ok(k.json(&["-n", "hello", "get", "pods"])?["items"]
         .as_array()
@@ -147,6 +400,19 @@ fn story() -> Result<()> {
     };
     let name = format!("story-{}", std::process::id());
     let work = tempfile::Builder::new().prefix("mlnode-story-").tempdir()?;
+    // The Gateway API CRDs first, as a user would have them: the controller then
+    // watches HTTPRoutes from its start.
+    let t = Instant::now();
+    let out = cp.script_args(&["gateway-api", "standard"])?;
+    ensure!(
+        out.status.success(),
+        "`tools/kube/cluster.sh gateway-api` failed (it needs Go 1.26 to fetch the CRDs): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "ok   Gateway API CRDs installed in {} ms",
+        t.elapsed().as_millis()
+    );
     let mut agent = start_agent(&node_bin, &cp, &name, SUBNET, &[], work.path())?;
     let prefix = format!("mlnode-{}-", agent.pid());
     let r = steps(&k, &helm_bin, &prefix, &mut agent);
@@ -239,6 +505,8 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
     mtls(prefix, &pods)?;
 
     exec_steps(k, &client)?;
+    routes(k, prefix, &client)?;
+    upgrade(k, helm_bin)?;
 
     let old: Vec<String> = pods
         .iter()
@@ -275,6 +543,27 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
         "ok   rollout restart deployment/backend-v1 done in {} ms",
         t.elapsed().as_millis()
     );
+    // After the upgrade: the new pod was injected by the upgraded webhook and got its
+    // certificate from the upgraded issuer (same CA).
+    let fresh: Vec<Value> = hello_pods(k)?
+        .into_iter()
+        .filter(|p| {
+            let n = p["metadata"]["name"].as_str().unwrap_or("");
+            n.starts_with("backend-v1-") && !old.iter().any(|o| o == n)
+        })
+        .collect();
+    ensure!(
+        fresh.len() == 1,
+        "want one new backend-v1 pod, got {}",
+        fresh.len()
+    );
+    ensure!(
+        fresh[0]["metadata"]["annotations"]["meshlet.io/status"].is_string(),
+        "the backend-v1 pod made after helm upgrade was not injected: {}",
+        fresh[0]["metadata"]
+    );
+    identities(k, prefix, &fresh)?;
+    println!("ok   after helm upgrade: the new backend-v1 pod is injected and has its identity");
 
     let top = wait_for(
         "kubectl top with meshlet-proxy rows",
@@ -306,6 +595,94 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
     let left = netns::list_with_prefix(prefix);
     ensure!(left.is_empty(), "namespaces left: {left:?}");
     println!("ok   agent stopped, no namespace left");
+    Ok(())
+}
+
+/// The webhook's caBundle and the identity CA, which `helm upgrade` must keep.
+fn cas(k: &Kubectl) -> Result<(String, String, String)> {
+    let hooks = k.json(&["get", "mutatingwebhookconfigurations"])?;
+    let hook = hooks["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| {
+            h["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .contains("meshlet")
+        })
+        .context("no meshlet MutatingWebhookConfiguration")?;
+    let bundle = hook["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .context("the webhook has no caBundle")?
+        .to_string();
+    let id = k.json(&[
+        "-n",
+        "meshlet-system",
+        "get",
+        "secret",
+        "meshlet-identity-ca",
+    ])?;
+    let uid = id["metadata"]["uid"].as_str().unwrap_or("").to_string();
+    let crt = id["data"]["tls.crt"]
+        .as_str()
+        .context("meshlet-identity-ca has no tls.crt")?
+        .to_string();
+    Ok((bundle, crt, uid))
+}
+
+/// `helm upgrade` with a changed value rolls the injector pods; the webhook keeps its
+/// CA (caBundle unchanged) and the issuer its CA Secret.
+fn upgrade(k: &Kubectl, helm_bin: &Path) -> Result<()> {
+    let before = cas(k)?;
+    let injectors = |k: &Kubectl| -> Result<Vec<String>> {
+        Ok(k.json(&["-n", "meshlet-system", "get", "pods"])?["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(String::from))
+            .collect())
+    };
+    let old = injectors(k)?;
+    let t = Instant::now();
+    helm(
+        helm_bin,
+        &k.kubeconfig,
+        &[
+            "upgrade",
+            "meshlet",
+            "charts/meshlet",
+            "-n",
+            "meshlet-system",
+            "--reuse-values",
+            "--set",
+            "injector.logLevel=debug",
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    )?;
+    let now = wait_for(
+        "only upgraded injector pods left",
+        Duration::from_secs(60),
+        || {
+            let now = injectors(k)?;
+            Ok((!now.is_empty() && !now.iter().any(|n| old.contains(n))).then_some(now))
+        },
+    )?;
+    let after = cas(k)?;
+    ensure!(
+        before.0 == after.0,
+        "helm upgrade changed the webhook's caBundle: new pods would be refused"
+    );
+    ensure!(
+        before.1 == after.1 && before.2 == after.2,
+        "helm upgrade replaced the identity CA Secret meshlet-identity-ca: issued certificates no longer verify"
+    );
+    println!(
+        "ok   helm upgrade --set injector.logLevel=debug in {} ms: injector pods {old:?} -> {now:?}; webhook caBundle and identity CA Secret unchanged",
+        t.elapsed().as_millis()
+    );
     Ok(())
 }
 
