@@ -4,9 +4,9 @@
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -102,6 +102,15 @@ impl ClientTls {
     }
 }
 
+/// This pod's own address, set once at startup (`MESHLET_POD_IP`).
+static POD_IP: OnceLock<IpAddr> = OnceLock::new();
+
+/// Records this pod's address: endpoints on it are reached in plaintext.
+pub fn set_pod_ip(ip: IpAddr) {
+    // A second call (tests start several proxies in one process) keeps the first.
+    let _ = POD_IP.set(ip);
+}
+
 /// Connects to `dst`, with mesh mTLS when `tls` is set; `timeout` bounds the TCP
 /// connect and the handshake each.
 pub async fn connect(
@@ -110,8 +119,13 @@ pub async fn connect(
     tls: Option<&ClientTls>,
 ) -> Result<Upstream, ProxyError> {
     let tcp = crate::connect::connect(dst, timeout).await?;
+    // A connection from the proxy (uid 1337) to its own pod's address never leaves the
+    // pod and bypasses the inbound redirect (iptables lets the proxy's traffic out
+    // untouched), so the app itself answers: mTLS would meet plaintext.
+    let to_self = POD_IP.get().is_some_and(|ip| *ip == dst.ip());
     match tls {
         None => Ok(Upstream::Plain(tcp)),
+        Some(_) if to_self => Ok(Upstream::Plain(tcp)),
         Some(t) => Ok(Upstream::Tls(Box::new(
             t.handshake(dst, tcp, timeout).await?,
         ))),
@@ -191,5 +205,60 @@ impl AsyncWrite for Upstream {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn client_tls() -> ClientTls {
+        let cfg = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        ClientTls::new(Arc::new(cfg), 1, Metrics::new())
+    }
+
+    /// A plaintext server on `ip` that answers the first bytes it reads.
+    async fn plain_server(ip: &str) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn own_pod_address_is_reached_in_plaintext_others_with_mtls() {
+        // 127.0.0.77 stands for the pod's address (no other test uses it).
+        set_pod_ip("127.0.0.77".parse().unwrap());
+        let tls = client_tls();
+        let own = plain_server("127.0.0.77").await;
+        let Upstream::Plain(mut s) = connect(own, Duration::from_secs(2), Some(&tls))
+            .await
+            .unwrap()
+        else {
+            panic!("mTLS to the pod's own address");
+        };
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // Any other plaintext destination still gets the handshake, which fails.
+        let other = plain_server("127.0.0.78").await;
+        let err = connect(other, Duration::from_secs(2), Some(&tls))
+            .await
+            .err()
+            .expect("a handshake with a plaintext server fails");
+        assert!(matches!(err, ProxyError::Tls { .. }), "{err}");
     }
 }
