@@ -833,7 +833,13 @@ fn route(
                     && g.from_namespace == namespace
                     && g.to_name.as_ref().is_none_or(|n| *n == b.name)
             };
-            if ns != namespace && !grants.iter().any(granted) {
+            // A consumer route may send to the very Service it attaches to: it only
+            // changes how its own namespace reaches that Service, which it could reach
+            // anyway (the mesh conformance suite's MeshConsumerRoute has no grant).
+            let own_parent = parents
+                .iter()
+                .any(|(pn, pname, _)| *pn == ns && *pname == b.name);
+            if ns != namespace && !own_parent && !grants.iter().any(granted) {
                 return Err(problem(
                     "RefNotPermitted",
                     format!(

@@ -86,8 +86,13 @@ fn invalid_routes_are_reported_with_gateway_api_reasons_and_left_out() {
     let names: Vec<&str> = reviews.routes.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
         names,
-        ["reviews", "reviews-redirect", "reviews-from-frontend"],
-        "valid routes still apply, the granted consumer route too"
+        [
+            "reviews",
+            "reviews-redirect",
+            "reviews-from-frontend",
+            "reviews-self-from-shop"
+        ],
+        "valid routes still apply, the granted consumer route and the one back to its parent too"
     );
 }
 

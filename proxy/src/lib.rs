@@ -201,6 +201,9 @@ impl Proxy {
         let mesh = Arc::new(mesh.with_metrics(metrics.clone()));
         let mut local_ips = listen::local_ips();
         local_ips.extend(cfg.pod_ip);
+        if let Some(ip) = cfg.pod_ip {
+            tls::connect::set_pod_ip(ip);
+        }
         let own_ports = vec![
             addrs.outbound.port(),
             addrs.inbound.port(),

@@ -230,8 +230,19 @@ impl Routes {
         self.routes.is_empty()
     }
 
-    /// The rule `req` selects and what to do, or `None` when no rule matches (the
-    /// request then goes to its original destination). `random` picks the weighted
+    /// Whether a route applies to `req` by its port and the client's namespace: then a
+    /// request no rule matches is answered 404 (the Gateway API's mesh semantics),
+    /// instead of going to its original destination.
+    pub fn governs(&self, req: &RequestInfo<'_>) -> bool {
+        self.routes.iter().any(|r| {
+            r.port.is_none_or(|p| p == req.port)
+                && (r.namespace == self.service_namespace
+                    || req.client_namespace == Some(r.namespace.as_str()))
+        })
+    }
+
+    /// The rule `req` selects and what to do, or `None` when no rule matches (see
+    /// [`Self::governs`] for what then happens). `random` picks the weighted
     /// backend; any uniformly distributed value will do.
     pub fn decide(&self, req: &RequestInfo<'_>, random: u32) -> Option<Decision<'_>> {
         let path = req.uri.path();

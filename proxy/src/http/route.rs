@@ -156,7 +156,15 @@ impl<S> Route<S> {
             client_namespace: sh.namespace.as_deref(),
         };
         let Some(d) = table.routes().decide(&info, random()) else {
-            return Outcome::Pass;
+            if !table.routes().governs(&info) {
+                return Outcome::Pass;
+            }
+            let rsp = synthetic(
+                StatusCode::NOT_FOUND,
+                "no-route",
+                "no rule of the routes attached to this service matches the request",
+            );
+            return Outcome::Answer(SharedString::from("no-route"), rsp);
         };
         let label = table.label(&d).clone();
         tracing::trace!(route = %label, rule = d.rule_index, "routed");

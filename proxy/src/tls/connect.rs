@@ -3,8 +3,8 @@
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
-    net::SocketAddr,
-    sync::Arc,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -91,6 +91,15 @@ impl ClientTls {
     }
 }
 
+/// This pod's own address, set once at startup (`MESHLET_POD_IP`).
+static POD_IP: OnceLock<IpAddr> = OnceLock::new();
+
+/// Records this pod's address: endpoints on it are reached in plaintext.
+pub fn set_pod_ip(ip: IpAddr) {
+    // A second call (tests start several proxies in one process) keeps the first.
+    let _ = POD_IP.set(ip);
+}
+
 /// Connects to `dst`, with mesh mTLS when `tls` is set; `timeout` bounds the TCP
 /// connect and the handshake each.
 pub async fn connect(
@@ -99,8 +108,13 @@ pub async fn connect(
     tls: Option<&ClientTls>,
 ) -> Result<Upstream, ProxyError> {
     let tcp = crate::connect::connect(dst, timeout).await?;
+    // A connection from the proxy (uid 1337) to its own pod's address never leaves the
+    // pod and bypasses the inbound redirect (iptables lets the proxy's traffic out
+    // untouched), so the app itself answers: mTLS would meet plaintext.
+    let to_self = POD_IP.get().is_some_and(|ip| *ip == dst.ip());
     match tls {
         None => Ok(Upstream::Plain(tcp)),
+        Some(_) if to_self => Ok(Upstream::Plain(tcp)),
         Some(t) => Ok(Upstream::Tls(Box::new(
             t.handshake(dst, tcp, timeout).await?,
         ))),

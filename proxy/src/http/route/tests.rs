@@ -164,18 +164,17 @@ async fn one(
 }
 
 #[tokio::test]
-async fn header_match_picks_the_backend_and_no_match_passes() {
+async fn header_match_picks_the_backend_and_no_match_is_404() {
     let (_, seen) = one(None, get("/x", &[("version", "v2")])).await;
     let seen = seen.unwrap();
     assert_eq!(seen.dst, Some(V2.parse().unwrap()));
     assert_eq!(seen.label.as_deref(), Some("shop/canary"));
 
+    // The Gateway API: a service with routes answers 404 when no rule matches.
     let (rsp, seen) = one(None, get("/x", &[("version", "v3")])).await;
-    let seen = seen.unwrap();
-    assert_eq!(rsp.status(), StatusCode::OK);
-    assert_eq!(seen.dst, None, "no rule: the original destination");
-    assert_eq!(seen.label, None);
-    assert_eq!(seen.uri, "/x", "unchanged");
+    assert_eq!(rsp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(rsp.headers()[ERROR_HEADER], "no-route");
+    assert!(seen.is_none(), "nothing forwarded");
 }
 
 #[tokio::test]
@@ -321,7 +320,7 @@ async fn metrics_carry_the_route_label() {
     for line in [
         r#"meshlet_requests_total{direction="outbound",service="shop/web",route="shop/canary",status_code="200",tls="false"} 1"#,
         r#"meshlet_requests_total{direction="outbound",service="shop/web",route="shop/canary",status_code="301",tls="false"} 1"#,
-        r#"meshlet_requests_total{direction="outbound",service="shop/web",status_code="200",tls="false"} 1"#,
+        r#"meshlet_requests_total{direction="outbound",service="shop/web",route="no-route",status_code="404",tls="false"} 1"#,
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
     }
