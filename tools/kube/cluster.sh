@@ -470,8 +470,16 @@ cmd_restart() {
   source "$STATE/cluster.env"
   APISERVER_ARGS="$(cat "$STATE/apiserver.args" 2>/dev/null || true)"
   t="$(now)"
-  stop kube-apiserver
+  # A loaded machine can take longer than the usual grace to drain watches; a
+  # SIGKILLed server may also hold its port for a moment, and the new one would
+  # exit at once on "address already in use".
+  GRACE_SECONDS="${MESHLET_KUBE_RESTART_GRACE_SECONDS:-30}" stop kube-apiserver
   log "kube-apiserver stopped ($(since "$t") s)"
+  local i
+  for ((i = 0; i < 100; i++)); do
+    ss -Htln "sport = :$API_PORT" 2>/dev/null | grep -q . || break
+    sleep 0.1
+  done
   sleep "$down"
   t="$(now)"
   start_apiserver
