@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2153
 # Shared parts of the namespace benchmarks (run.sh, mtls.sh): logging, preconditions,
 # cleanup, pinning, pod pairs, process start and /proc readings. Sourced, not run.
 #
