@@ -82,7 +82,7 @@ def summarize(facts, rounds):
     comparisons = {}
     for v in variants[1:]:
         b, x = added[base]["p99"], added[v]["p99"]
-        # The same round's two pairs ran minutes apart at most, in rotated order: their
+        # The same round's two pairs ran a minute apart at most, in alternating order: their
         # ratio is the paired view, less exposed to drift than the ratio of medians.
         paired = [
             a["p99"] / c["p99"]
@@ -189,7 +189,7 @@ def markdown(doc, json_name):
         f"({f.get('proxy_binary_bytes', 0) / 1e6:.1f} MB proxy)",
         f"- each round runs the direct path and one meshed pair per variant (own "
         f"namespaces, own proxies), {f['duration']} at {fmt(f['rate'])} req/s after "
-        f"{f['warmup']} warmup each, in an order rotated by one per round; "
+        f"{f['warmup']} warmup each, direct then by route count, reversed in even rounds; "
         f"{f['rounds']} rounds, medians below",
         "",
         "## Mesh configs",

@@ -30,7 +30,7 @@
 #           pair per entry, whose proxies get the mesh config `gen_routes.py --routes N`
 #           compiled by `meshlet-injector compile --from-files`: the benchmark's Service
 #           and 600 others, N HTTPRoutes, one of which selects every benchmark request;
-#           each round measures direct and every pair, in an order rotated per round;
+#           each round measures direct and every pair, reversed in even rounds;
 #           LABEL defaults to routes and routes_report.py writes the report),
 #   ROUTES_ON_SERVICE (100: of the N routes, how many attach to the benchmark's Service).
 set -euo pipefail
@@ -241,12 +241,13 @@ SCENARIOS=(direct "${VARIANTS[@]}")
 COUNTS="[]"
 LOADS="[]"
 for ((round = 1; round <= ROUNDS; round++)); do
-    # With several meshed pairs the order rotates, so slow drift of the machine (other
-    # work starting or ending) does not always hit the same scenario first.
+    # With several meshed pairs every other round runs in reverse (ABBA), so a slow
+    # drift of the machine (other work starting or ending) over an even number of rounds
+    # weighs on every scenario alike.
     order=("${SCENARIOS[@]}")
-    if [[ ${#VARIANTS[@]} -gt 1 ]]; then
-        k=$(((round - 1) % ${#SCENARIOS[@]}))
-        order=("${SCENARIOS[@]:k}" "${SCENARIOS[@]:0:k}")
+    if [[ ${#VARIANTS[@]} -gt 1 && $((round % 2)) -eq 0 ]]; then
+        order=()
+        for ((k = ${#SCENARIOS[@]} - 1; k >= 0; k--)); do order+=("${SCENARIOS[k]}"); done
     fi
     for s in "${order[@]}"; do
         out=$WORK/round-$round-$s.json
@@ -365,7 +366,7 @@ jq -n \
       proxy_request_counts: $counts, loadavg_per_run: $loads
     }
     + if $routes == "" then {proxy_rss_kib: $variants.meshlet.proxy_rss_kib}
-      else {variants: $variants, scenario_order: "rotated by one per round"} end' >"$WORK/facts.json"
+      else {variants: $variants, scenario_order: "direct, then each variant by route count; reversed in even rounds"} end' >"$WORK/facts.json"
 
 mkdir -p "$RESULTS"
 # The project venv, when it has matplotlib, adds a plot; plain python3 writes the rest.
