@@ -294,6 +294,14 @@ def markdown(doc, json_name):
             f"limit {fmt((1 + P99_TOLERANCE) * b, 1)} µs; per-round ratios {paired}, "
             f"median {fmt(c['added_p99_ratio_paired_median'], 2)})"
         )
+        spread = [a["p99"] for a in s["added_latency_us_per_round"][base]]
+        if b > 0 and max(spread) - min(spread) > P99_TOLERANCE * b:
+            lines.append(
+                f"  - caution: the added p99 of the {title(doc, base)} pair alone ranged "
+                f"{fmt(min(spread), 1)} to {fmt(max(spread), 1)} µs over the rounds, wider "
+                f"than the 10 % band ({fmt(P99_TOLERANCE * b, 1)} µs): on this machine the "
+                "p99 verdict says \"no difference beyond the noise\", not more"
+            )
         grow = c["rss_growth_kib"]
         lines.append(
             f"- proxy RSS grows by at most 2 MiB: {ok(g['rss_growth_le_2MiB'])} ("
