@@ -40,71 +40,21 @@ PORT=8080
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RESULTS=${RESULTS:-$ROOT/bench/results}
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-case $PROFILE in
-release) BIN=$TARGET/release ;;
-dev) BIN=$TARGET/debug ;;
-*)
-    echo "mtls.sh: PROFILE must be release or dev, not '$PROFILE'" >&2
-    exit 64
-    ;;
-esac
-
+NAME=mtls.sh
 PREFIX=mlmtls-$$
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+BIN=$(bench_bin_dir "$PROFILE")
 CLIENT_IP=198.18.200.1
 SERVER_IP=198.18.200.2
 URL=http://$SERVER_IP:$PORT/
 TD=cluster.local
 SERVER_ID=spiffe://$TD/ns/bench/sa/server
 
-log() { printf 'mtls.sh: %s\n' "$*" >&2; }
-die() {
-    log "FAILED: $*"
-    exit 1
-}
-
 for s in $SCENARIOS; do
     case $s in direct | meshlet-mtls | floor) ;; *) die "unknown scenario '$s' in SCENARIOS (direct, meshlet-mtls, floor)" ;; esac
 done
-[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, iptables inside them); run it with sudo"
-for cmd in ip iptables setpriv curl jq python3 taskset; do
-    command -v "$cmd" >/dev/null ||
-        die "'$cmd' is missing: apt-get install -y iproute2 iptables util-linux curl jq python3"
-done
-
-PIDS=()
-NAMESPACES=()
-WORK=$(mktemp -d "/tmp/$PREFIX.XXXXXX")
-chmod 755 "$WORK"
-
-cleanup() {
-    local rc=$?
-    local pid ns
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-    if [[ $rc -ne 0 ]]; then
-        log "logs kept in $WORK"
-        for f in "$WORK"/*.log; do
-            [[ -s $f ]] || continue
-            log "--- tail of $f"
-            tail -n 20 "$f" >&2 || true
-        done
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-while read -r ns _; do
-    [[ $ns =~ ^mlmtls-([0-9]+)-(dc|ds|mc|ms|fc|fs)$ ]] || continue
-    if ! kill -0 "${BASH_REMATCH[1]}" 2>/dev/null; then
-        log "removing stale namespace $ns of an earlier run"
-        ip netns del "$ns" 2>/dev/null || true
-    fi
-done < <(ip netns list)
+bench_setup
 
 if [[ $SKIP_BUILD != 1 ]]; then
     log "building meshlet-proxy, meshlet-init, meshlet-injector and meshlet-bench ($PROFILE)"
@@ -115,69 +65,14 @@ for b in meshlet-proxy meshlet-init meshlet-injector meshlet-loadgen meshlet-ben
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing: build it (cargo build --profile $PROFILE -p ...) or unset SKIP_BUILD"
 done
 
-CLIENT_CPU=()
-SERVER_CPU=()
-if [[ $PIN == 1 ]]; then
-    CLIENT_CPU=(taskset -c 0)
-    SERVER_CPU=(taskset -c 1)
-fi
-if [[ $RT == 1 ]]; then
-    command -v chrt >/dev/null || die "'chrt' is missing: apt-get install -y util-linux"
-    CLIENT_CPU+=(chrt -f 10)
-    SERVER_CPU+=(chrt -f 10)
-fi
-
-make_pair() {
-    local c=$1 s=$2
-    ip netns add "$c"
-    NAMESPACES+=("$c")
-    ip netns add "$s"
-    NAMESPACES+=("$s")
-    ip -n "$c" link add eth0 type veth peer name eth0 netns "$s"
-    ip -n "$c" addr add "$CLIENT_IP/24" dev eth0
-    ip -n "$s" addr add "$SERVER_IP/24" dev eth0
-    local ns
-    for ns in "$c" "$s"; do
-        ip -n "$ns" link set lo up
-        ip -n "$ns" link set eth0 up
-        # A new connection per request at 1000/s for 35 s is 35000 connections from one
-        # address to one port: the default 28k ephemeral ports in TIME_WAIT run out and
-        # connect() stalls. Both settings are per network namespace.
-        ip netns exec "$ns" sysctl -q -w net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
-    done
-}
-
-wait_http() {
-    local ns=$1 url=$2 what=$3 i
-    for ((i = 0; i < 100; i++)); do
-        if ip netns exec "$ns" curl -sf -o /dev/null --max-time 1 "$url"; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    die "$what did not answer $url within 10 s"
-}
-
-start() {
-    local ns=$1 name=$2
-    shift 2
-    ip netns exec "$ns" "$@" >"$WORK/$name.log" 2>&1 &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-}
-
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-# rss_split PID: {"anon": KiB, "file": KiB}: heap and stacks versus mapped code and data.
-rss_split() {
-    awk '/^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} END {printf "{\"anon\": %d, \"file\": %d}\n", a, f}' "/proc/$1/status"
-}
+bench_cpu "$PIN" "$RT"
+# A new connection per request at 1000/s for 35 s is 35000 connections from one address
+# to one port: the default 28k ephemeral ports in TIME_WAIT run out and connect()
+# stalls. Both settings are per network namespace.
+PAIR_SYSCTLS=(net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1)
 
 # tls_requests NS DIRECTION: the sum of meshlet_requests_total{direction, tls="true"}.
-tls_requests() {
-    ip netns exec "$1" curl -sf --max-time 2 "http://127.0.0.1:15020/metrics" |
-        awk -v d="direction=\"$2\"" \
-            '/^meshlet_requests_total\{/ && index($0, d) && index($0, "tls=\"true\"") { s += $NF } END { printf "%d\n", s }'
-}
+tls_requests() { requests_total "$1" "$2" 'tls="true"'; }
 
 # --- identities (the same files for meshlet and the floor) -----------------------------
 
@@ -215,7 +110,6 @@ for s in $SCENARIOS; do
 done
 has direct && wait_http "${NS_C[direct]}" "$URL" "server (direct pair)"
 
-AS_1337=(setpriv --reuid 1337 --regid 1337 --clear-groups)
 declare -A PROXY_C PROXY_S
 if has meshlet-mtls; then
     start_proxy() {
@@ -252,7 +146,7 @@ for s in meshlet-mtls floor; do
     has "$s" || continue
     for side in client server; do
         [[ $side == client ]] && pid=${PROXY_C[$s]} || pid=${PROXY_S[$s]}
-        awk '/^Uid:/ { exit !($2 == 1337) }' "/proc/$pid/status" || die "$s $side proxy $pid does not run as UID 1337"
+        check_1337 "$pid" "$s $side proxy"
         IDLE=$(jq -c --arg s "$s" --arg side "$side" --argjson k "$(rss_kib "$pid")" '.[$s][$side] = $k' <<<"$IDLE")
         IDLE_SPLIT=$(jq -c --arg s "$s" --arg side "$side" --argjson k "$(rss_split "$pid")" '.[$s][$side] = $k' <<<"$IDLE_SPLIT")
     done
@@ -310,19 +204,18 @@ for s in meshlet-mtls floor; do
         '.[$s] = {client: $c, server: $v}' <<<"$AFTER")
 done
 
-cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 jq -n \
     --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-    --arg nproc "$(nproc)" --arg kernel "$(uname -r)" --arg cpu "$cpu_model" \
-    --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    --arg nproc "$(nproc)" --arg kernel "$(uname -r)" --arg cpu "$(cpu_model)" \
+    --arg load "$LOAD_AT_START" --arg loadend "$(cut -d' ' -f1-3 /proc/loadavg)" \
     --arg scenarios "$SCENARIOS" --arg runs "$RUNS" --arg duration "$DURATION" --arg warmup "$WARMUP" \
     --arg conns "$CONNECTIONS" --arg threads "$PROXY_THREADS" --arg pin "$PIN" --arg rt "$RT" \
     --arg profile "$PROFILE" --arg tlsmode "$TLS_MODE" \
     --argjson idle "$IDLE" --argjson idlesplit "$IDLE_SPLIT" --argjson after "$AFTER" --argjson counts "$COUNTS" \
     '{
       date: $date, git_commit: $commit,
-      machine: {nproc: ($nproc|tonumber), kernel: $kernel, cpu_model: $cpu, loadavg_at_start: $load},
+      machine: {nproc: ($nproc|tonumber), kernel: $kernel, cpu_model: $cpu, loadavg_at_start: $load, loadavg_at_end: $loadend},
       settings: {scenarios: ($scenarios | split(" ") | map(select(. != ""))),
                  runs: ($runs | split(" ") | map(select(. != ""))),
                  duration: $duration, warmup: $warmup, connections: ($conns|tonumber),

@@ -6,6 +6,8 @@
 #   direct:  mlbench-PID-dc (loadgen) ==veth== mlbench-PID-ds (server)
 #   meshlet: mlbench-PID-mc (loadgen, meshlet-init rules, meshlet-proxy as 1337)
 #            ==veth== mlbench-PID-ms (server, meshlet-init rules, meshlet-proxy as 1337)
+#   with ROUTES=0,1000: one meshed pair per entry instead, mlbench-PID-r0{c,s} and
+#            mlbench-PID-r1000{c,s}, each pair's proxies with their own mesh config
 # Addresses are in the benchmark range 198.18.0.0/15. Nothing touches the root
 # namespace's addresses, routes or iptables.
 #
@@ -24,9 +26,17 @@
 #   RESULTS (bench/results), LABEL (datapath), IDLE_SETTLE_S (3),
 #   SKIP_CLIENT_INIT (0; 1 leaves the client pod without redirect rules so that the load
 #   bypasses the client sidecar: only for the test that the pass-through check fails),
-#   AUTHZ_POLICIES (0; N > 0 gives the mesh config N AuthorizationPolicies targeting the
-#   server pod: N-1 whose rules name service accounts the plaintext loadgen does not
-#   have, then one allowing any caller on the port, so every request scans them all).
+#   ROUTES (unset: one meshed pair with an empty mesh config; e.g. "0,1000": one meshed
+#           pair per entry, whose proxies get the mesh config `gen_routes.py --routes N`
+#           compiled by `meshlet-injector compile --from-files`: the benchmark's Service
+#           and 600 others, N HTTPRoutes, one of which selects every benchmark request;
+#           each round measures direct and every pair, reversed in even rounds;
+#           LABEL defaults to routes and routes_report.py writes the report),
+#   ROUTES_ON_SERVICE (100: of the N routes, how many attach to the benchmark's Service),
+#   AUTHZ_POLICIES (0; N > 0 gives the mesh config of the single meshed pair N
+#   AuthorizationPolicies targeting the server pod: N-1 whose rules name service accounts
+#   the plaintext loadgen does not have, then one allowing any caller on the port, so
+#   every request scans them all; not together with ROUTES).
 set -euo pipefail
 
 RATE=${RATE:-1000}
@@ -38,7 +48,9 @@ PROXY_THREADS=${PROXY_THREADS:-1}
 PIN=${PIN:-1}
 PROFILE=${PROFILE:-release}
 SKIP_BUILD=${SKIP_BUILD:-0}
-LABEL=${LABEL:-datapath}
+ROUTES=${ROUTES:-}
+ROUTES_ON_SERVICE=${ROUTES_ON_SERVICE:-100}
+if [[ -n $ROUTES ]]; then LABEL=${LABEL:-routes}; else LABEL=${LABEL:-datapath}; fi
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-3}
 MAXTP=${MAXTP:-0}
 PROXY_LINK=${PROXY_LINK:-dynamic}
@@ -50,88 +62,58 @@ PORT=8080
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RESULTS=${RESULTS:-$ROOT/bench/results}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-case $PROFILE in
-release) BIN=$TARGET/release ;;
-dev) BIN=$TARGET/debug ;;
-*)
-    echo "run.sh: PROFILE must be release or dev, not '$PROFILE'" >&2
-    exit 64
-    ;;
-esac
-
+NAME=run.sh
 PREFIX=mlbench-$$
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+BIN=$(bench_bin_dir "$PROFILE")
+
 NS_DC=$PREFIX-dc
 NS_DS=$PREFIX-ds
-NS_MC=$PREFIX-mc
-NS_MS=$PREFIX-ms
 CLIENT_IP=198.18.200.1
 SERVER_IP=198.18.200.2
 URL=http://$SERVER_IP:$PORT/
+# The route of the generated config that every benchmark request must select.
+BENCH_ROUTE=bench/server-default
 
-log() { printf 'run.sh: %s\n' "$*" >&2; }
-die() {
-    log "FAILED: $*"
-    exit 1
-}
-
-# --- preconditions ------------------------------------------------------------------
-
-[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, iptables inside them); run it with sudo"
-for cmd in ip iptables setpriv curl jq python3 taskset; do
-    command -v "$cmd" >/dev/null ||
-        die "'$cmd' is missing: apt-get install -y iproute2 iptables util-linux curl jq python3"
-done
-
-# --- cleanup (also of namespaces left by an earlier run that was killed) ---------------
-
-PIDS=()
-NAMESPACES=()
-WORK=$(mktemp -d "/tmp/$PREFIX.XXXXXX")
-# The proxies run as UID 1337 and must read their config file here.
-chmod 755 "$WORK"
-
-cleanup() {
-    local rc=$?
-    local pid ns
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
+# The meshed pairs: "meshlet" (empty mesh config), or one "routes-N" per ROUTES entry.
+VARIANTS=()
+declare -A VROUTES
+if [[ -n $ROUTES ]]; then
+    IFS=', ' read -r -a route_counts <<<"$ROUTES"
+    for n in "${route_counts[@]}"; do
+        [[ $n =~ ^[0-9]+$ ]] || die "ROUTES must list route counts like 0,1000, not '$ROUTES'"
+        [[ -z ${VROUTES[routes-$n]:-} ]] || die "ROUTES lists $n twice"
+        VARIANTS+=("routes-$n")
+        VROUTES[routes-$n]=$n
     done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    for ns in "${NAMESPACES[@]}"; do
-        ip netns del "$ns" 2>/dev/null || true
-    done
-    if [[ $rc -ne 0 ]]; then
-        log "logs kept in $WORK"
-        for f in "$WORK"/*.log; do
-            [[ -s $f ]] || continue
-            log "--- tail of $f"
-            tail -n 20 "$f" >&2 || true
-        done
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+    [[ $MAXTP == 0 ]] || die "MAXTP is not supported together with ROUTES; run them separately"
+else
+    VARIANTS=(meshlet)
+fi
+[[ $AUTHZ_POLICIES =~ ^[0-9]+$ ]] || die "AUTHZ_POLICIES must be a policy count like 100, not '$AUTHZ_POLICIES'"
+# The routed pairs compare route counts against each other; policies on top would blur
+# what the difference measures, so each knob is benchmarked on its own.
+[[ $AUTHZ_POLICIES -eq 0 || -z $ROUTES ]] ||
+    die "AUTHZ_POLICIES applies to the single meshed pair and cannot be combined with ROUTES; unset one of them"
 
-while read -r ns _; do
-    [[ $ns =~ ^mlbench-([0-9]+)-(dc|ds|mc|ms)$ ]] || continue
-    if ! kill -0 "${BASH_REMATCH[1]}" 2>/dev/null; then
-        log "removing stale namespace $ns of an earlier run"
-        ip netns del "$ns" 2>/dev/null || true
-    fi
-done < <(ip netns list)
+# --- preconditions, cleanup (also of namespaces left by an earlier run) ---------------
+
+bench_setup
 
 # --- build ----------------------------------------------------------------------------
 
-if [[ $SKIP_BUILD != 1 ]]; then
-    log "building meshlet-proxy, meshlet-init and meshlet-bench ($PROFILE)"
-    (cd "$ROOT" && nice cargo build --profile "$PROFILE" -p meshlet-proxy -p meshlet-init -p meshlet-bench)
+need=(meshlet-proxy meshlet-init meshlet-loadgen meshlet-bench-server)
+crates=(-p meshlet-proxy -p meshlet-init -p meshlet-bench)
+if [[ -n $ROUTES ]]; then
+    need+=(meshlet-injector)
+    crates+=(-p meshlet-injector)
 fi
-for b in meshlet-proxy meshlet-init meshlet-loadgen meshlet-bench-server; do
+if [[ $SKIP_BUILD != 1 ]]; then
+    log "building ${crates[*]} ($PROFILE)"
+    (cd "$ROOT" && nice cargo build --profile "$PROFILE" "${crates[@]}")
+fi
+for b in "${need[@]}"; do
     [[ -x $BIN/$b ]] || die "$BIN/$b is missing: build it (cargo build --profile $PROFILE -p ...) or unset SKIP_BUILD"
 done
 PROXY_BIN=$BIN/meshlet-proxy
@@ -152,94 +134,14 @@ static)
 *) die "PROXY_LINK must be dynamic or static, not '$PROXY_LINK'" ;;
 esac
 
-# --- pinning ----------------------------------------------------------------------------
+# --- mesh configs ---------------------------------------------------------------------
 
-CLIENT_CPU=()
-SERVER_CPU=()
-if [[ $PIN == 1 ]]; then
-    CLIENT_CPU=(taskset -c 0)
-    SERVER_CPU=(taskset -c 1)
-fi
-MAXTP_CPU=("${CLIENT_CPU[@]}")
-if [[ $RT == 1 ]]; then
-    command -v chrt >/dev/null || die "'chrt' is missing: apt-get install -y util-linux"
-    CLIENT_CPU+=(chrt -f 10)
-    SERVER_CPU+=(chrt -f 10)
-fi
-
-# --- namespaces ---------------------------------------------------------------------
-
-# make_pair CLIENT_NS SERVER_NS: two "pods" joined by one veth pair. The veth is created
-# inside the client namespace with its peer moved straight into the server namespace,
-# so no interface ever exists in the root namespace.
-make_pair() {
-    local c=$1 s=$2
-    ip netns add "$c"
-    NAMESPACES+=("$c")
-    ip netns add "$s"
-    NAMESPACES+=("$s")
-    ip -n "$c" link add eth0 type veth peer name eth0 netns "$s"
-    ip -n "$c" addr add "$CLIENT_IP/24" dev eth0
-    ip -n "$s" addr add "$SERVER_IP/24" dev eth0
-    local ns
-    for ns in "$c" "$s"; do
-        ip -n "$ns" link set lo up
-        ip -n "$ns" link set eth0 up
-    done
-}
-
-make_pair "$NS_DC" "$NS_DS"
-make_pair "$NS_MC" "$NS_MS"
-
-# wait_http NS URL WHAT: bounded wait (10 s) until URL answers 2xx inside NS.
-wait_http() {
-    local ns=$1 url=$2 what=$3 i
-    for ((i = 0; i < 100; i++)); do
-        if ip netns exec "$ns" curl -sf -o /dev/null --max-time 1 "$url"; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    die "$what did not answer $url within 10 s"
-}
-
-# start NS LOGNAME CMD...: runs CMD in NS in the background; sets STARTED_PID.
-# `ip netns exec`, `setpriv` and `env` all exec, so the PID is the program's own.
-start() {
-    local ns=$1 name=$2
-    shift 2
-    ip netns exec "$ns" "$@" >"$WORK/$name.log" 2>&1 &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-}
-
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-# rss_split PID: {"anon": KiB, "file": KiB} (RssAnon, RssFile): heap and stacks versus
-# mapped code and data of the binary and its shared libraries.
-rss_split() {
-    awk '/^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} END {printf "{\"anon\": %d, \"file\": %d}\n", a, f}' "/proc/$1/status"
-}
-
-# requests_total NS DIRECTION: the sum of meshlet_requests_total over all label sets.
-requests_total() {
-    ip netns exec "$1" curl -sf --max-time 2 "http://127.0.0.1:15020/metrics" |
-        awk -v d="direction=\"$2\"" \
-            '/^meshlet_requests_total\{/ && index($0, d) { s += $NF } END { printf "%d\n", s }'
-}
-
-# --- servers (one per pair, identical) ----------------------------------------------
-
-SERVER_CMD=("${SERVER_CPU[@]}" "$BIN/meshlet-bench-server" --listen "0.0.0.0:$PORT" --body-size 100 --threads 1)
-start "$NS_DS" server-direct "${SERVER_CMD[@]}"
-SERVER_DIRECT=$STARTED_PID
-start "$NS_MS" server-meshlet "${SERVER_CMD[@]}"
-SERVER_MESHLET=$STARTED_PID
-wait_http "$NS_DC" "$URL" "server (direct pair)"
-
-# --- meshlet: init rules and proxies in both pods of the meshed pair -----------------
-
-if [[ $AUTHZ_POLICIES -gt 0 ]]; then
-    python3 - "$AUTHZ_POLICIES" "$SERVER_IP" "$PORT" >"$WORK/mesh.json" <<'PY'
+# config_of VARIANT: writes the variant's mesh config to $WORK/mesh-VARIANT.json (readable
+# by UID 1337) and echoes a JSON object describing it.
+config_of() {
+    local v=$1 out=$WORK/mesh-$1.json
+    if [[ $v == meshlet && $AUTHZ_POLICIES -gt 0 ]]; then
+        python3 - "$AUTHZ_POLICIES" "$SERVER_IP" "$PORT" >"$out" <<'PY' || die "generating $AUTHZ_POLICIES authorization policies failed"
 import json, sys
 n, ip, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 sa = lambda i: {"serviceAccount": {"namespace": "bench", "name": f"caller-{i}"}}
@@ -251,110 +153,210 @@ print(json.dumps({"authorization": {
     "workloads": [{"ips": [ip], "namespace": "bench",
                    "policies": [f"{p['namespace']}/{p['name']}" for p in policies]}]}}))
 PY
-else
-    echo '{}' >"$WORK/mesh.json"
-fi
-chmod 644 "$WORK/mesh.json"
-INIT_CMD=("$BIN/meshlet-init" apply)
-if [[ $SKIP_CLIENT_INIT != 1 ]]; then
-    ip netns exec "$NS_MC" "${INIT_CMD[@]}" >"$WORK/init-client.log" 2>&1 || die "meshlet-init failed in $NS_MC"
-fi
-ip netns exec "$NS_MS" "${INIT_CMD[@]}" >"$WORK/init-server.log" 2>&1 || die "meshlet-init failed in $NS_MS"
+        chmod 644 "$out"
+        jq -nc --argjson n "$AUTHZ_POLICIES" --argjson bytes "$(stat -c %s "$out")" \
+            '{source: "inline generator: N AuthorizationPolicies on the server pod", authz_policies: $n, json_bytes: $bytes}'
+        return
+    fi
+    if [[ $v == meshlet ]]; then
+        echo '{}' >"$out"
+        chmod 644 "$out"
+        echo '{"source": "{}"}'
+        return
+    fi
+    local n=${VROUTES[$v]} dir=$WORK/manifests-$v gen
+    gen=$(python3 "$ROOT/bench/gen_routes.py" --routes "$n" --on-service "$ROUTES_ON_SERVICE" \
+        --server-ip "$SERVER_IP" --port "$PORT" --out "$dir") || die "gen_routes.py --routes $n failed"
+    # The real compiler; a route it leaves out would make the variant lighter than
+    # its name says, so any problem it reports fails the run.
+    "$BIN/meshlet-injector" compile --from-files "$dir" --out "$out" 2>"$WORK/compile-$v.log" ||
+        die "meshlet-injector compile --from-files $dir failed: $(cat "$WORK/compile-$v.log")"
+    [[ ! -s $WORK/compile-$v.log ]] || die "meshlet-injector compile left routes out: $(head -3 "$WORK/compile-$v.log")"
+    chmod 644 "$out"
+    local got on_server
+    got=$(jq '[.services[].routes | length] | add // 0' "$out")
+    on_server=$(jq '[.services[] | select(.namespace == "bench" and .name == "server") | .routes | length] | add // 0' "$out")
+    [[ $got -eq $n ]] || die "the compiled config of $v has $got routes, not $n"
+    jq -c --argjson gen "$gen" --argjson routes "$got" --argjson on "$on_server" \
+        --argjson bytes "$(stat -c %s "$out")" --argjson yaml "$(stat -c %s "$dir/mesh.yaml")" \
+        --argjson services "$(jq '.services | length' "$out")" \
+        --arg route "$BENCH_ROUTE" \
+        '{source: "gen_routes.py | meshlet-injector compile --from-files", routes: $routes,
+          routes_on_bench_service: $on, services: $services, json_bytes: $bytes,
+          yaml_bytes: $yaml, generator: $gen, bench_route: (if $routes > 0 then $route else null end)}' <<<'{}'
+}
+declare -A CONFIG_FACTS
+for v in "${VARIANTS[@]}"; do
+    CONFIG_FACTS[$v]=$(config_of "$v")
+done
 
-# start_proxy NS NAME POD_IP CPU-PREFIX...
+# --- pinning and namespaces -------------------------------------------------------------
+
+bench_cpu "$PIN" "$RT"
+MAXTP_CPU=("${CLIENT_PIN[@]}")
+
+declare -A NS_C NS_S
+for v in "${VARIANTS[@]}"; do
+    if [[ $v == meshlet ]]; then short=m; else short=r${VROUTES[$v]}; fi
+    NS_C[$v]=$PREFIX-${short}c
+    NS_S[$v]=$PREFIX-${short}s
+done
+make_pair "$NS_DC" "$NS_DS"
+for v in "${VARIANTS[@]}"; do
+    make_pair "${NS_C[$v]}" "${NS_S[$v]}"
+done
+
+# --- servers (one per pair, identical) ----------------------------------------------
+
+SERVER_CMD=("${SERVER_CPU[@]}" "$BIN/meshlet-bench-server" --listen "0.0.0.0:$PORT" --body-size 100 --threads 1)
+declare -A SERVER_PID
+start "$NS_DS" server-direct "${SERVER_CMD[@]}"
+SERVER_PID[direct]=$STARTED_PID
+for v in "${VARIANTS[@]}"; do
+    start "${NS_S[$v]}" "server-$v" "${SERVER_CMD[@]}"
+    SERVER_PID[$v]=$STARTED_PID
+done
+wait_http "$NS_DC" "$URL" "server (direct pair)"
+
+# --- meshlet: init rules and proxies in both pods of each meshed pair ------------------
+
+INIT_CMD=("$BIN/meshlet-init" apply)
+# start_proxy NS NAME POD_IP CONFIG CPU-PREFIX...
 start_proxy() {
-    local ns=$1 name=$2 ip=$3
-    shift 3
-    start "$ns" "proxy-$name" "$@" setpriv --reuid 1337 --regid 1337 --clear-groups \
-        env MESHLET_CONFIG_PATH="$WORK/mesh.json" MESHLET_LOG=warn \
+    local ns=$1 name=$2 ip=$3 config=$4
+    shift 4
+    start "$ns" "proxy-$name" "$@" "${AS_1337[@]}" \
+        env MESHLET_CONFIG_PATH="$config" MESHLET_LOG=warn \
         MESHLET_WORKER_THREADS="$PROXY_THREADS" MESHLET_POD_IP="$ip" \
         MESHLET_POD_NAME="bench-$name" MESHLET_POD_NAMESPACE=bench \
         "$PROXY_BIN"
 }
-start_proxy "$NS_MC" client "$CLIENT_IP" "${CLIENT_CPU[@]}"
-PROXY_CLIENT=$STARTED_PID
-start_proxy "$NS_MS" server "$SERVER_IP" "${SERVER_CPU[@]}"
-PROXY_SERVER=$STARTED_PID
-wait_http "$NS_MC" http://127.0.0.1:15020/ready "client proxy"
-wait_http "$NS_MS" http://127.0.0.1:15020/ready "server proxy"
-for pid in "$PROXY_CLIENT" "$PROXY_SERVER"; do
-    [[ $(cat "/proc/$pid/comm") == meshlet-proxy ]] || die "PID $pid is not meshlet-proxy"
-    awk '/^Uid:/ { exit !($2 == 1337) }' "/proc/$pid/status" || die "meshlet-proxy $pid does not run as UID 1337"
+declare -A PROXY_C PROXY_S
+for v in "${VARIANTS[@]}"; do
+    if [[ $SKIP_CLIENT_INIT != 1 ]]; then
+        ip netns exec "${NS_C[$v]}" "${INIT_CMD[@]}" >"$WORK/init-client-$v.log" 2>&1 || die "meshlet-init failed in ${NS_C[$v]}"
+    fi
+    ip netns exec "${NS_S[$v]}" "${INIT_CMD[@]}" >"$WORK/init-server-$v.log" 2>&1 || die "meshlet-init failed in ${NS_S[$v]}"
+    start_proxy "${NS_C[$v]}" "client-$v" "$CLIENT_IP" "$WORK/mesh-$v.json" "${CLIENT_CPU[@]}"
+    PROXY_C[$v]=$STARTED_PID
+    start_proxy "${NS_S[$v]}" "server-$v" "$SERVER_IP" "$WORK/mesh-$v.json" "${SERVER_CPU[@]}"
+    PROXY_S[$v]=$STARTED_PID
+done
+for v in "${VARIANTS[@]}"; do
+    wait_http "${NS_C[$v]}" http://127.0.0.1:15020/ready "client proxy ($v)"
+    wait_http "${NS_S[$v]}" http://127.0.0.1:15020/ready "server proxy ($v)"
+    for pid in "${PROXY_C[$v]}" "${PROXY_S[$v]}"; do
+        [[ $(cat "/proc/$pid/comm") == meshlet-proxy ]] || die "PID $pid is not meshlet-proxy"
+        check_1337 "$pid" "meshlet-proxy ($v)"
+    done
 done
 
 # The proxies have served nothing yet: this is their idle footprint.
 sleep "$IDLE_SETTLE_S"
-RSS_IDLE_CLIENT=$(rss_kib "$PROXY_CLIENT")
-RSS_IDLE_SERVER=$(rss_kib "$PROXY_SERVER")
-SPLIT_IDLE_CLIENT=$(rss_split "$PROXY_CLIENT")
-SPLIT_IDLE_SERVER=$(rss_split "$PROXY_SERVER")
-log "idle RSS: client proxy ${RSS_IDLE_CLIENT} KiB, server proxy ${RSS_IDLE_SERVER} KiB"
+declare -A RSS_FACTS
+for v in "${VARIANTS[@]}"; do
+    RSS_FACTS[$v]=$(jq -nc --argjson ic "$(rss_kib "${PROXY_C[$v]}")" --argjson is "$(rss_kib "${PROXY_S[$v]}")" \
+        --argjson sc "$(rss_split "${PROXY_C[$v]}")" --argjson ss "$(rss_split "${PROXY_S[$v]}")" \
+        '{client: {idle: $ic, idle_split: $sc}, server: {idle: $is, idle_split: $ss}}')
+    log "idle RSS ($v): $(jq -c '{client: .client.idle, server: .server.idle}' <<<"${RSS_FACTS[$v]}") KiB"
+done
 
 # --- rounds ---------------------------------------------------------------------------
 
 LOADGEN=("${CLIENT_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --rate "$RATE" --duration "$DURATION"
     --warmup "$WARMUP" --connections "$CONNECTIONS")
+SCENARIOS=(direct "${VARIANTS[@]}")
 COUNTS="[]"
+LOADS="[]"
 for ((round = 1; round <= ROUNDS; round++)); do
-    log "round $round/$ROUNDS: direct at $RATE req/s for $DURATION (+$WARMUP warmup)"
-    ip netns exec "$NS_DC" "${LOADGEN[@]}" --watch "server=$SERVER_DIRECT" \
-        -o "$WORK/round-$round-direct.json" 2>>"$WORK/loadgen.log" ||
-        die "loadgen (direct) failed"
-
-    log "round $round/$ROUNDS: meshlet pair at $RATE req/s for $DURATION (+$WARMUP warmup)"
-    out_before=$(requests_total "$NS_MC" outbound)
-    in_before=$(requests_total "$NS_MS" inbound)
-    ip netns exec "$NS_MC" "${LOADGEN[@]}" --watch "client-proxy=$PROXY_CLIENT" \
-        --watch "server-proxy=$PROXY_SERVER" --watch "server=$SERVER_MESHLET" \
-        -o "$WORK/round-$round-meshlet.json" 2>>"$WORK/loadgen.log" ||
-        die "loadgen (meshlet) failed"
-    out_delta=$(($(requests_total "$NS_MC" outbound) - out_before))
-    in_delta=$(($(requests_total "$NS_MS" inbound) - in_before))
-    sent=$(jq -r .requests_sent "$WORK/round-$round-meshlet.json")
-    # The benchmark must not silently measure the direct path: both sidecars must have
-    # counted every request the load generator sent.
-    [[ $out_delta -eq $sent && $in_delta -eq $sent ]] ||
-        die "requests did not all pass through both proxies: loadgen sent $sent, client proxy counted $out_delta outbound, server proxy $in_delta inbound"
-    log "round $round: both proxies counted all $sent requests"
-    COUNTS=$(jq -c --argjson r "$round" --argjson s "$sent" --argjson o "$out_delta" \
-        --argjson i "$in_delta" '. + [{round: $r, loadgen_sent: $s, client_proxy_outbound: $o, server_proxy_inbound: $i}]' <<<"$COUNTS")
-    for s in direct meshlet; do
-        jq -e '.errors == 0' "$WORK/round-$round-$s.json" >/dev/null ||
-            log "WARNING: $s round $round had errors: $(jq -r '.first_error' "$WORK/round-$round-$s.json")"
+    # With several meshed pairs every other round runs in reverse (ABBA), so a slow
+    # drift of the machine (other work starting or ending) over an even number of rounds
+    # weighs on every scenario alike.
+    order=("${SCENARIOS[@]}")
+    if [[ ${#VARIANTS[@]} -gt 1 && $((round % 2)) -eq 0 ]]; then
+        order=()
+        for ((k = ${#SCENARIOS[@]} - 1; k >= 0; k--)); do order+=("${SCENARIOS[k]}"); done
+    fi
+    for s in "${order[@]}"; do
+        out=$WORK/round-$round-$s.json
+        LOADS=$(jq -c --argjson r "$round" --arg s "$s" --arg l "$(cut -d' ' -f1-3 /proc/loadavg)" \
+            '. + [{round: $r, scenario: $s, loadavg: $l}]' <<<"$LOADS")
+        if [[ $s == direct ]]; then
+            log "round $round/$ROUNDS: direct at $RATE req/s for $DURATION (+$WARMUP warmup)"
+            ip netns exec "$NS_DC" "${LOADGEN[@]}" --watch "server=${SERVER_PID[direct]}" \
+                -o "$out" 2>>"$WORK/loadgen.log" || die "loadgen (direct) failed"
+        else
+            log "round $round/$ROUNDS: meshlet pair ($s) at $RATE req/s for $DURATION (+$WARMUP warmup)"
+            nc=${NS_C[$s]}
+            out_before=$(requests_total "$nc" outbound)
+            in_before=$(requests_total "${NS_S[$s]}" inbound)
+            routed_before=$(requests_total "$nc" outbound 'route="')
+            ip netns exec "$nc" "${LOADGEN[@]}" --watch "client-proxy=${PROXY_C[$s]}" \
+                --watch "server-proxy=${PROXY_S[$s]}" --watch "server=${SERVER_PID[$s]}" \
+                -o "$out" 2>>"$WORK/loadgen.log" || die "loadgen ($s) failed"
+            out_delta=$(($(requests_total "$nc" outbound) - out_before))
+            in_delta=$(($(requests_total "${NS_S[$s]}" inbound) - in_before))
+            routed_delta=$(($(requests_total "$nc" outbound 'route="') - routed_before))
+            sent=$(jq -r .requests_sent "$out")
+            # The benchmark must not silently measure the direct path: both sidecars must
+            # have counted every request the load generator sent.
+            [[ $out_delta -eq $sent && $in_delta -eq $sent ]] ||
+                die "requests did not all pass through both proxies ($s): loadgen sent $sent, client proxy counted $out_delta outbound, server proxy $in_delta inbound"
+            # Nor measure the unrouted path for a routed variant: every request must have
+            # selected the benchmark's route (and none any route without routes).
+            expect_routed=0
+            if [[ $s != meshlet && ${VROUTES[$s]} -gt 0 ]]; then
+                expect_routed=$sent
+                bench_routed=$(requests_total "$nc" outbound "route=\"$BENCH_ROUTE\"")
+                [[ $bench_routed -ge $routed_delta ]] ||
+                    die "requests of $s selected other routes than $BENCH_ROUTE"
+            fi
+            [[ $routed_delta -eq $expect_routed ]] ||
+                die "routing check failed ($s): loadgen sent $sent, client proxy counted $routed_delta requests with a route label, expected $expect_routed"
+            log "round $round: both proxies counted all $sent requests ($routed_delta routed)"
+            COUNTS=$(jq -c --argjson r "$round" --arg v "$s" --argjson s "$sent" --argjson o "$out_delta" \
+                --argjson i "$in_delta" --argjson rt "$routed_delta" \
+                '. + [{round: $r, variant: $v, loadgen_sent: $s, client_proxy_outbound: $o, server_proxy_inbound: $i, client_proxy_routed: $rt}]' <<<"$COUNTS")
+        fi
+        jq -e '.errors == 0' "$out" >/dev/null ||
+            log "WARNING: $s round $round had errors: $(jq -r '.first_error' "$out")"
     done
 done
 if [[ $AUTHZ_POLICIES -gt 0 ]]; then
     # Every request was authorized, by the last of the policies (so all were scanned).
-    allowed=$(ip netns exec "$NS_MS" curl -s http://127.0.0.1:15020/metrics |
+    allowed=$(ip netns exec "${NS_S[meshlet]}" curl -s http://127.0.0.1:15020/metrics |
         awk '/^meshlet_authz_decisions_total\{/ && /policy="bench\/zz-any"/ && /result="allow"/ {s += $NF} END {print s + 0}')
-    inbound=$(jq '[.[].server_proxy_inbound] | add' <<<"$COUNTS")
+    inbound=$(jq '[.[] | select(.variant == "meshlet") | .server_proxy_inbound] | add // 0' <<<"$COUNTS")
+    [[ $inbound -gt 0 ]] || die "the server proxy of the meshlet pair served no requests: nothing to check the authorization counts against"
     [[ $allowed -ge $inbound ]] ||
         die "the server proxy authorized $allowed requests by bench/zz-any, fewer than the $inbound it served"
     log "server proxy: $allowed requests allowed after scanning $AUTHZ_POLICIES policies"
 fi
-RSS_AFTER_CLIENT=$(rss_kib "$PROXY_CLIENT")
-RSS_AFTER_SERVER=$(rss_kib "$PROXY_SERVER")
-SPLIT_AFTER_CLIENT=$(rss_split "$PROXY_CLIENT")
-SPLIT_AFTER_SERVER=$(rss_split "$PROXY_SERVER")
+for v in "${VARIANTS[@]}"; do
+    RSS_FACTS[$v]=$(jq -c --argjson ac "$(rss_kib "${PROXY_C[$v]}")" --argjson asv "$(rss_kib "${PROXY_S[$v]}")" \
+        --argjson sc "$(rss_split "${PROXY_C[$v]}")" --argjson ss "$(rss_split "${PROXY_S[$v]}")" \
+        '.client.after_load = $ac | .client.after_load_split = $sc | .server.after_load = $asv | .server.after_load_split = $ss' \
+        <<<"${RSS_FACTS[$v]}")
+done
 
 if [[ $MAXTP != 0 ]]; then
     if [[ $RT == 1 ]]; then
         # A closed loop under SCHED_FIFO would starve everything else on the machine.
-        for pid in "$SERVER_DIRECT" "$SERVER_MESHLET" "$PROXY_CLIENT" "$PROXY_SERVER"; do
+        for pid in "${SERVER_PID[direct]}" "${SERVER_PID[meshlet]}" "${PROXY_C[meshlet]}" "${PROXY_S[meshlet]}"; do
             chrt -a -o -p 0 "$pid" >/dev/null || die "cannot return PID $pid to normal scheduling"
         done
     fi
     MAXTP_CMD=("${MAXTP_CPU[@]}" "$BIN/meshlet-loadgen" "$URL" --max-throughput --duration "$MAXTP"
         --warmup 1s --connections "$CONNECTIONS")
     log "max throughput (closed loop, $MAXTP): direct"
-    ip netns exec "$NS_DC" "${MAXTP_CMD[@]}" --watch "server=$SERVER_DIRECT" \
+    ip netns exec "$NS_DC" "${MAXTP_CMD[@]}" --watch "server=${SERVER_PID[direct]}" \
         -o "$WORK/maxtp-direct.json" 2>>"$WORK/loadgen.log" || die "loadgen (max throughput, direct) failed"
     log "max throughput (closed loop, $MAXTP): meshlet pair"
-    out_before=$(requests_total "$NS_MC" outbound)
-    ip netns exec "$NS_MC" "${MAXTP_CMD[@]}" --watch "client-proxy=$PROXY_CLIENT" \
-        --watch "server-proxy=$PROXY_SERVER" --watch "server=$SERVER_MESHLET" \
+    out_before=$(requests_total "${NS_C[meshlet]}" outbound)
+    ip netns exec "${NS_C[meshlet]}" "${MAXTP_CMD[@]}" --watch "client-proxy=${PROXY_C[meshlet]}" \
+        --watch "server-proxy=${PROXY_S[meshlet]}" --watch "server=${SERVER_PID[meshlet]}" \
         -o "$WORK/maxtp-meshlet.json" 2>>"$WORK/loadgen.log" || die "loadgen (max throughput, meshlet) failed"
-    out_delta=$(($(requests_total "$NS_MC" outbound) - out_before))
+    out_delta=$(($(requests_total "${NS_C[meshlet]}" outbound) - out_before))
     sent=$(jq -r .requests_sent "$WORK/maxtp-meshlet.json")
     [[ $out_delta -eq $sent ]] ||
         die "max-throughput requests did not all pass through the client proxy: sent $sent, counted $out_delta"
@@ -362,14 +364,24 @@ fi
 
 # --- facts and report -----------------------------------------------------------------
 
-cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
-[[ -n $cpu_model ]] || cpu_model=$(lscpu 2>/dev/null | awk -F': *' '/^Model name/ {print $2; exit}')
+VFACTS="{}"
+for v in "${VARIANTS[@]}"; do
+    VFACTS=$(jq -c --arg v "$v" --argjson c "${CONFIG_FACTS[$v]}" --argjson r "${RSS_FACTS[$v]}" \
+        --argjson n "${VROUTES[$v]:-0}" '.[$v] = {routes: $n, config: $c, proxy_rss_kib: $r}' <<<"$VFACTS")
+done
+if [[ -n $ROUTES ]]; then
+    config_desc="mesh-routes-N.json (gen_routes.py --routes N --on-service $ROUTES_ON_SERVICE | meshlet-injector compile --from-files)"
+elif [[ $AUTHZ_POLICIES -gt 0 ]]; then
+    config_desc="mesh-meshlet.json($AUTHZ_POLICIES AuthorizationPolicies on the server pod)"
+else
+    config_desc="mesh.json({})"
+fi
 jq -n \
     --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-    --arg nproc "$(nproc)" --arg kernel "$(uname -r)" --arg cpu "$cpu_model" \
+    --arg nproc "$(nproc)" --arg kernel "$(uname -r)" --arg cpu "$(cpu_model)" \
     --arg mem "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)" \
-    --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    --arg load "$LOAD_AT_START" --arg loadend "$(cut -d' ' -f1-3 /proc/loadavg)" \
     --arg rate "$RATE" --arg duration "$DURATION" --arg warmup "$WARMUP" \
     --arg conns "$CONNECTIONS" --arg rounds "$ROUNDS" --arg threads "$PROXY_THREADS" \
     --arg pin "$PIN" --arg rt "$RT" --arg profile "$PROFILE" --arg link "$PROXY_LINK" \
@@ -377,17 +389,13 @@ jq -n \
     --arg pbytes "$(stat -c %s "$PROXY_BIN")" \
     --arg loadgen "meshlet-loadgen $URL --rate $RATE --duration $DURATION --warmup $WARMUP --connections $CONNECTIONS --watch NAME=PID" \
     --arg server "meshlet-bench-server --listen 0.0.0.0:$PORT --body-size 100 --threads 1" \
-    --arg proxy "setpriv --reuid 1337 --regid 1337 --clear-groups env MESHLET_CONFIG_PATH=mesh.json({}) MESHLET_LOG=warn MESHLET_WORKER_THREADS=$PROXY_THREADS MESHLET_POD_IP=<pod ip> meshlet-proxy" \
+    --arg proxy "setpriv --reuid 1337 --regid 1337 --clear-groups env MESHLET_CONFIG_PATH=$config_desc MESHLET_LOG=warn MESHLET_WORKER_THREADS=$PROXY_THREADS MESHLET_POD_IP=<pod ip> MESHLET_POD_NAMESPACE=bench meshlet-proxy" \
     --arg init "meshlet-init apply (defaults: all inbound ports, all outbound CIDRs, UID/GID 1337 exempt)" \
-    --argjson ric "$RSS_IDLE_CLIENT" --argjson ris "$RSS_IDLE_SERVER" \
-    --argjson rac "$RSS_AFTER_CLIENT" --argjson ras "$RSS_AFTER_SERVER" \
-    --argjson counts "$COUNTS" \
-    --argjson sic "$SPLIT_IDLE_CLIENT" --argjson sis "$SPLIT_IDLE_SERVER" \
-    --argjson sac "$SPLIT_AFTER_CLIENT" --argjson sas "$SPLIT_AFTER_SERVER" \
+    --argjson counts "$COUNTS" --argjson variants "$VFACTS" --arg routes "$ROUTES" --argjson loads "$LOADS" \
     '{
       date: $date, git_commit: $commit,
       machine: {nproc: ($nproc|tonumber), kernel: $kernel, cpu_model: $cpu,
-                mem_total_kib: ($mem|tonumber), loadavg_at_start: $load},
+                mem_total_kib: ($mem|tonumber), loadavg_at_start: $load, loadavg_at_end: $loadend},
       settings: {rate: ($rate|tonumber), duration: $duration, warmup: $warmup,
                  connections: ($conns|tonumber), rounds: ($rounds|tonumber),
                  proxy_worker_threads: ($threads|tonumber), pinned: ($pin == "1"),
@@ -396,10 +404,10 @@ jq -n \
                  network: "two netns per pair joined by one veth (198.18.200.0/24)",
                  protocol: "HTTP/1.1 keep-alive, GET, 100-byte response", tls: false},
       commands: {loadgen: $loadgen, server: $server, proxy: $proxy, init: $init},
-      proxy_rss_kib: {client: {idle: $ric, after_load: $rac, idle_split: $sic, after_load_split: $sac},
-                      server: {idle: $ris, after_load: $ras, idle_split: $sis, after_load_split: $sas}},
-      proxy_request_counts: $counts
-    }' >"$WORK/facts.json"
+      proxy_request_counts: $counts, loadavg_per_run: $loads
+    }
+    + if $routes == "" then {proxy_rss_kib: $variants.meshlet.proxy_rss_kib}
+      else {variants: $variants, scenario_order: "direct, then each variant by route count; reversed in even rounds"} end' >"$WORK/facts.json"
 
 mkdir -p "$RESULTS"
 # The project venv, when it has matplotlib, adds a plot; plain python3 writes the rest.
@@ -407,4 +415,8 @@ PY=python3
 if [[ -x $ROOT/.venv/bin/python3 ]] && "$ROOT/.venv/bin/python3" -c 'import matplotlib' 2>/dev/null; then
     PY=$ROOT/.venv/bin/python3
 fi
-"$PY" "$ROOT/bench/report.py" --work "$WORK" --results "$RESULTS" --label "$LABEL"
+if [[ -n $ROUTES ]]; then
+    "$PY" "$ROOT/bench/routes_report.py" --work "$WORK" --results "$RESULTS" --label "$LABEL"
+else
+    "$PY" "$ROOT/bench/report.py" --work "$WORK" --results "$RESULTS" --label "$LABEL"
+fi

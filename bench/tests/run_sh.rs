@@ -133,3 +133,88 @@ fn authz_policies_authorize_every_request() {
     assert_eq!(doc["settings"]["authz_policies"], 5, "{}", doc["settings"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn authz_policies_together_with_routes_is_refused() {
+    // Refused before any namespace exists, so this needs no root.
+    let (ok, stderr, dir) = run(
+        "authz-routes",
+        &[("AUTHZ_POLICIES", "5"), ("ROUTES", "0,40")],
+    );
+    assert!(!ok, "run.sh accepted AUTHZ_POLICIES with ROUTES:\n{stderr}");
+    assert!(
+        stderr.contains("cannot be combined with ROUTES"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn routes_variants_route_every_request_and_report_the_difference() {
+    require_root();
+    // Two meshed pairs, one without routes and one with 40 (10 on the benchmark's
+    // Service), compiled from generated manifests by the debug meshlet-injector.
+    let (ok, stderr, dir) = run(
+        "routes",
+        &[
+            ("ROUTES", "0,40"),
+            ("ROUTES_ON_SERVICE", "10"),
+            ("ROUNDS", "2"),
+        ],
+    );
+    assert!(ok, "run.sh failed:\n{stderr}");
+    let json = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("-routes.json"))
+        .unwrap_or_else(|| panic!("no <date>-routes.json in {}", dir.display()));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+
+    for (v, routes, on_service) in [("routes-0", 0, 0), ("routes-40", 40, 10)] {
+        let c = &doc["variants"][v]["config"];
+        assert_eq!(c["routes"], routes, "{c}");
+        assert_eq!(c["routes_on_bench_service"], on_service, "{c}");
+        // Both configs hold the same Services; only the routes differ.
+        assert_eq!(
+            c["services"],
+            doc["variants"]["routes-0"]["config"]["services"]
+        );
+    }
+    let counts = doc["proxy_request_counts"].as_array().unwrap();
+    assert_eq!(counts.len(), 4, "two rounds of two variants: {counts:?}");
+    for c in counts {
+        let sent = c["loadgen_sent"].as_u64().unwrap();
+        assert!((299..=301).contains(&sent), "{c}");
+        assert_eq!(c["client_proxy_outbound"], c["loadgen_sent"], "{c}");
+        assert_eq!(c["server_proxy_inbound"], c["loadgen_sent"], "{c}");
+        let routed = c["client_proxy_routed"].as_u64().unwrap();
+        match c["variant"].as_str().unwrap() {
+            "routes-0" => assert_eq!(routed, 0, "{c}"),
+            "routes-40" => assert_eq!(routed, sent, "{c}"),
+            other => panic!("unexpected variant {other}"),
+        }
+    }
+    let s = &doc["summary"];
+    assert_eq!(s["baseline"], "routes-0", "{s}");
+    let cmp = &s["comparisons"]["routes-40"];
+    assert!(cmp["added_delta_us"]["p99"].as_f64().is_some(), "{cmp}");
+    // Both goals are judged (p99 may be undecidable when the short run's baseline p99
+    // fell below the direct path's, which leaves it null).
+    assert!(cmp["goals"]["rss_growth_le_2MiB"].is_boolean(), "{cmp}");
+    for side in ["client-proxy", "server-proxy"] {
+        assert!(
+            cmp["rss_growth_kib"][side]["rss_kib_idle"].is_i64(),
+            "{cmp}"
+        );
+        assert!(
+            s["proxies"]["routes-40"][side]["cpu_ms_per_1000_requests"]
+                .as_f64()
+                .is_some(),
+            "{s}"
+        );
+    }
+    let md = std::fs::read_to_string(dir.join("routes.md")).unwrap();
+    assert!(md.contains("| **40 routes minus 0 routes** |"), "{md}");
+    assert!(md.contains("## Verdict"), "{md}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
