@@ -42,7 +42,7 @@ chart-install-test: deps ## the chart against a real kube-apiserver (builds the 
 	bash scripts/test-chart-install.sh
 	bash scripts/test-authz-crd.sh
 
-test: lint unit chart-test chart-install-test kube-test ## everything CI runs
+test: lint unit chart-test chart-install-test kube-test conformance ## everything CI runs
 	@echo "make test: all suites passed"
 
 kube-up: ## start a real kube-apiserver, controller-manager and etcd on loopback (built once from source)
@@ -52,9 +52,8 @@ kube-up: ## start a real kube-apiserver, controller-manager and etcd on loopback
 kube-down: ## stop that control plane and remove its state
 	bash tools/kube/cluster.sh down
 
-kube-test: deps ## the control plane itself (TokenReview, CRDs, webhooks, aggregation), then the config controller against it
+kube-test: deps ## the control plane itself (TokenReview, CRDs, webhooks, aggregation); `unit` runs the controller's and issuer's tests against it
 	bash tools/kube/test.sh
-	$(CARGO) test -p meshlet-injector --test controller
 
 demo: build ## a mini-mesh of network namespaces on this machine (needs root)
 	target/debug/meshlet-minimesh demo
