@@ -338,6 +338,7 @@ async fn story(cp: &ControlPlane) -> Result<()> {
             write_status: true,
             debounce: Duration::from_millis(75),
             lease: Some(lease("ctl-a")),
+            default_inbound_policy: Default::default(),
         },
     );
     // A second replica: it compiles too; only one of the two holds the Lease.
