@@ -147,6 +147,8 @@ def check_rbac(kinds, values):
     want |= {("gateway.networking.x-k8s.io", "xbackendtrafficpolicies", v, ()) for v in read}
     want |= {("gateway.networking.k8s.io", r, v, ())
              for r in ("httproutes/status", "grpcroutes/status") for v in ("update", "patch")}
+    want |= {("policy.meshlet.io", "authorizationpolicies", v, ()) for v in read}
+    want |= {("policy.meshlet.io", "authorizationpolicies/status", v, ()) for v in ("update", "patch")}
     want |= {("authentication.k8s.io", "tokenreviews", "create", ())}
     check(cluster == want, f"ClusterRole grants differ from least privilege: extra {sorted(cluster - want)}, "
                            f"missing {sorted(want - cluster)}")
@@ -325,6 +327,7 @@ def check_deployment(kinds, values, chart, kube_version):
         "proxy-log-level": pv["logLevel"],
         "native-sidecar": str(native).lower(),
         "proxy-tls-mode": pv["tlsMode"],
+        "default-inbound-policy": values["defaultInboundPolicy"],
     }
     for k, want in want_flags.items():
         check(flags.get(k) == want, f"--{k}={flags.get(k)!r}, want {want!r} from the values")

@@ -1,12 +1,13 @@
 //! The config controller: watches the cluster and keeps the mesh config document
 //! current, the way linkerd's policy controller and istiod do, in one small loop.
 //!
-//! One watcher per kind (Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes,
-//! ReferenceGrants, XBackendTrafficPolicies) fills a cache of cut-down JSON objects ([`world`]); any
+//! One watcher per kind (Services, EndpointSlices, Pods, Namespaces, HTTPRoutes,
+//! GRPCRoutes, ReferenceGrants, XBackendTrafficPolicies, AuthorizationPolicies) fills a cache of cut-down JSON objects ([`world`]); any
 //! change wakes the reconciler, which waits out the burst ([`Options::debounce`]),
 //! compiles the whole document ([`crate::compile`] is fast) and publishes it on a
 //! `watch` channel only when it changed, with `generation` bumped. Then it writes the
-//! status of the routes whose status differs ([`status`]); among replicas, only the
+//! status of the routes and AuthorizationPolicies whose status differs ([`status`]);
+//! among replicas, only the
 //! holder of the `meshlet-controller` Lease writes ([`lease`]).
 //!
 //! Gateway API kinds are read as `DynamicObject`s: `compile` takes JSON anyway, and the
@@ -31,7 +32,7 @@ use std::{
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -40,7 +41,7 @@ use kube::{
     runtime::{watcher, WatchStreamExt},
     Client, Resource, ResourceExt,
 };
-use meshlet_api::MeshConfig;
+use meshlet_api::{authz::DefaultPolicy, MeshConfig};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::{
@@ -49,7 +50,10 @@ use tokio::{
 };
 
 use self::world::World;
-use crate::compile::{Conflict, Problem};
+use crate::compile::{
+    authz::{self, PolicyProblem},
+    Conflict, Problem,
+};
 
 /// Histogram: seconds one rebuild of the whole document takes.
 pub const BUILD_SECONDS: &str = "meshlet_controller_build_seconds";
@@ -71,6 +75,8 @@ pub struct Options {
     /// Write status only while holding this Lease (one writer among replicas);
     /// `None` writes whenever status differs.
     pub lease: Option<lease::LeaseOptions>,
+    /// Mesh-wide default inbound policy for workloads no AuthorizationPolicy targets.
+    pub default_inbound_policy: DefaultPolicy,
 }
 
 impl Default for Options {
@@ -79,6 +85,7 @@ impl Default for Options {
             write_status: true,
             debounce: Duration::from_millis(75),
             lease: None,
+            default_inbound_policy: DefaultPolicy::default(),
         }
     }
 }
@@ -93,6 +100,8 @@ enum Kind {
     GrpcRoute,
     ReferenceGrant,
     BackendTrafficPolicy,
+    Namespace,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -100,7 +109,11 @@ impl Kind {
     fn optional(self) -> bool {
         matches!(
             self,
-            Kind::HttpRoute | Kind::GrpcRoute | Kind::ReferenceGrant | Kind::BackendTrafficPolicy
+            Kind::HttpRoute
+                | Kind::GrpcRoute
+                | Kind::ReferenceGrant
+                | Kind::BackendTrafficPolicy
+                | Kind::AuthorizationPolicy
         )
     }
 
@@ -114,6 +127,8 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::ReferenceGrant => "ReferenceGrant",
             Kind::BackendTrafficPolicy => "XBackendTrafficPolicy",
+            Kind::Namespace => "Namespace",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -136,6 +151,11 @@ impl Kind {
             Kind::ReferenceGrant => tracing::info!(
                 "ReferenceGrant (v1beta1) is not served: cross-namespace backendRefs are \
                  refused until the Gateway API CRDs are installed; retrying"
+            ),
+            Kind::AuthorizationPolicy => tracing::warn!(
+                "the AuthorizationPolicy CRD (policy.meshlet.io) is not installed: install \
+                 it with the chart or `kubectl apply -f charts/meshlet/crds/`; until then no \
+                 authorization policy is applied; retrying"
             ),
             _ => tracing::info!(
                 "{} is not served (Gateway API experimental channel: `tools/kube/cluster.sh \
@@ -209,7 +229,7 @@ impl Shared {
     }
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 9] = [
     Kind::Service,
     Kind::EndpointSlice,
     Kind::Pod,
@@ -217,6 +237,8 @@ const KINDS: [Kind; 7] = [
     Kind::GrpcRoute,
     Kind::ReferenceGrant,
     Kind::BackendTrafficPolicy,
+    Kind::Namespace,
+    Kind::AuthorizationPolicy,
 ];
 
 fn api_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -249,6 +271,16 @@ fn reference_grant_resource() -> ApiResource {
         "v1beta1",
         "ReferenceGrant",
         "referencegrants",
+    )
+}
+
+/// The AuthorizationPolicy resource meshlet reads and writes status on.
+pub fn authorization_policy_resource() -> ApiResource {
+    api_resource(
+        authz::GROUP,
+        "v1alpha1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
     )
 }
 
@@ -294,6 +326,12 @@ async fn run(client: Client, options: Options, tx: watch::Sender<Arc<MeshConfig>
         shared.clone(),
         world::slim_pod,
     ));
+    tasks.spawn(watch_kind(
+        Api::<Namespace>::all(client.clone()),
+        Kind::Namespace,
+        shared.clone(),
+        world::slim_namespace,
+    ));
     for (kind, ar) in [
         (Kind::HttpRoute, http_route_resource()),
         (Kind::GrpcRoute, grpc_route_resource()),
@@ -302,6 +340,7 @@ async fn run(client: Client, options: Options, tx: watch::Sender<Arc<MeshConfig>
             Kind::BackendTrafficPolicy,
             backend_traffic_policy_resource(),
         ),
+        (Kind::AuthorizationPolicy, authorization_policy_resource()),
     ] {
         let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
         tasks.spawn(watch_kind(api, kind, shared.clone(), move |o| {
@@ -329,6 +368,7 @@ async fn run(client: Client, options: Options, tx: watch::Sender<Arc<MeshConfig>
         tx,
         problems: Vec::new(),
         conflicts: Vec::new(),
+        authz_problems: Vec::new(),
         leader,
     };
     loop {
@@ -338,9 +378,10 @@ async fn run(client: Client, options: Options, tx: watch::Sender<Arc<MeshConfig>
         }
         // A burst (a rollout, a re-list) arrives as many events: build once after it.
         tokio::time::sleep(reconciler.options.debounce).await;
-        let Some(world) = shared.snapshot() else {
+        let Some(mut world) = shared.snapshot() else {
             continue;
         };
+        world.default_inbound_policy = reconciler.options.default_inbound_policy;
         reconciler.reconcile(&world).await;
     }
     tasks.abort_all();
@@ -475,6 +516,7 @@ struct Reconciler {
     tx: watch::Sender<Arc<MeshConfig>>,
     problems: Vec<Problem>,
     conflicts: Vec<Conflict>,
+    authz_problems: Vec<PolicyProblem>,
     /// Whether this replica holds the Lease; `None` without election.
     leader: Option<Arc<AtomicBool>>,
 }
@@ -516,6 +558,16 @@ impl Reconciler {
             }
             self.conflicts = compiled.conflicts;
         }
+        if compiled.authz_problems != self.authz_problems {
+            for p in compiled
+                .authz_problems
+                .iter()
+                .filter(|p| !self.authz_problems.contains(p))
+            {
+                tracing::info!("{p}");
+            }
+            self.authz_problems = compiled.authz_problems;
+        }
         metrics::gauge!(ROUTE_PROBLEMS).set((self.problems.len() + self.conflicts.len()) as f64);
         let holds = self
             .leader
@@ -523,6 +575,7 @@ impl Reconciler {
             .is_none_or(|l| l.load(Ordering::SeqCst));
         if self.options.write_status && holds {
             self.write_statuses(world).await;
+            self.write_policy_statuses(world).await;
         }
     }
 
@@ -590,6 +643,54 @@ impl Reconciler {
     }
 }
 
+impl Reconciler {
+    /// Writes the Accepted condition of each AuthorizationPolicy whose condition differs.
+    async fn write_policy_statuses(&self, world: &World) {
+        let ar = authorization_policy_resource();
+        let now = status::now();
+        for policy in world.objects.iter().filter(|o| {
+            o["kind"] == "AuthorizationPolicy"
+                && o["apiVersion"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(authz::GROUP))
+        }) {
+            let Some(conditions) =
+                status::desired_policy_conditions(policy, &self.authz_problems, &now)
+            else {
+                continue;
+            };
+            let ns = policy["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default");
+            let name = policy["metadata"]["name"].as_str().unwrap_or_default();
+            let id = format!("{ns}/{name}");
+            // Conditional on the resourceVersion read, as for routes.
+            let patch = json!({
+                "metadata": {"resourceVersion": policy["metadata"]["resourceVersion"]},
+                "status": {"conditions": conditions},
+            });
+            let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &ar);
+            match api
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    metrics::counter!(STATUS_WRITES, "result" => "ok").increment(1);
+                    tracing::debug!(policy = %id, "status written");
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                    metrics::counter!(STATUS_WRITES, "result" => "conflict").increment(1);
+                    tracing::debug!(policy = %id, "policy changed meanwhile; status follows on the next event")
+                }
+                Err(error) => {
+                    metrics::counter!(STATUS_WRITES, "result" => "error").increment(1);
+                    tracing::warn!(policy = %id, %error, "cannot write AuthorizationPolicy status; the controller needs patch on authorizationpolicies/status")
+                }
+            }
+        }
+    }
+}
+
 /// Why `meshlet-injector controller` could not do its job.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -616,9 +717,14 @@ pub struct ControllerArgs {
     /// With --print: how long to wait for the cluster to be listed, e.g. 30s.
     #[arg(long, default_value = "30s")]
     pub timeout: meshlet_api::Duration,
-    /// Do not write HTTPRoute and GRPCRoute status (read-only).
+    /// Do not write HTTPRoute, GRPCRoute and AuthorizationPolicy status (read-only).
     #[arg(long)]
     pub no_status: bool,
+    /// Mesh-wide default inbound policy for workloads no AuthorizationPolicy targets:
+    /// all-allowed, mesh-only or deny (a namespace's meshlet.io/default-inbound-policy
+    /// annotation overrides it).
+    #[arg(long, default_value = "all-allowed")]
+    pub default_inbound_policy: DefaultPolicy,
 }
 
 /// `meshlet-injector controller`: with `--print`, returns the first document; else runs
@@ -627,6 +733,7 @@ pub async fn command(args: &ControllerArgs) -> Result<Option<Arc<MeshConfig>>, E
     let client = Client::try_default().await.map_err(Error::Client)?;
     let options = Options {
         write_status: !(args.print || args.no_status),
+        default_inbound_policy: args.default_inbound_policy,
         ..Options::default()
     };
     let mut rx = spawn(client, options);

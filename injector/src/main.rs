@@ -49,7 +49,8 @@ enum Command {
         default_inbound_policy: meshlet_api::authz::DefaultPolicy,
     },
     /// Run the config controller against the cluster of the current kubeconfig: watch
-    /// Services, EndpointSlices, Pods and Gateway API routes, write HTTPRoute status;
+    /// Services, EndpointSlices, Pods, Namespaces, Gateway API routes and
+    /// AuthorizationPolicies, write their status;
     /// `--print` prints the compiled mesh config once and exits.
     Controller(controller::ControllerArgs),
     /// Offline mesh CA: make a root CA, issue workload certificates from it.

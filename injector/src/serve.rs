@@ -68,6 +68,15 @@ pub struct ServeArgs {
     /// Do not run the config controller.
     #[arg(long, overrides_with = "controller")]
     pub no_controller: bool,
+    /// Config controller: mesh-wide default inbound policy for workloads no
+    /// AuthorizationPolicy targets: all-allowed, mesh-only or deny (a namespace's
+    /// meshlet.io/default-inbound-policy annotation overrides it).
+    #[arg(
+        long,
+        env = "MESHLET_DEFAULT_INBOUND_POLICY",
+        default_value = "all-allowed"
+    )]
+    pub default_inbound_policy: meshlet_api::authz::DefaultPolicy,
 }
 
 /// Flags of the identity issuer and the mesh endpoint (port 15012).
@@ -308,6 +317,7 @@ pub async fn run_with(args: &ServeArgs, mesh_routes: axum::Router) -> Result<(),
                 tracing::info!("config controller started");
                 let options = crate::controller::Options {
                     lease: crate::controller::lease::LeaseOptions::from_env(),
+                    default_inbound_policy: args.default_inbound_policy,
                     ..crate::controller::Options::default()
                 };
                 Some(crate::controller::spawn(client, options))

@@ -10,7 +10,10 @@
 //! filter is refused, an HTTPRoute on the GRPCRoute's port is Conflicted; observedGeneration follows the route; another controller's parent
 //! status is kept; an unchanged world writes no status; `controller --print` prints
 //! the document; deleting the route removes it; deleting the CRD removes every route;
-//! of two controllers sharing a Lease, the one that got it keeps it.
+//! of two controllers sharing a Lease, the one that got it keeps it. The
+//! AuthorizationPolicy CRD, installed while the controller runs: a policy on a Service
+//! is compiled onto its endpoint and Accepted, one on a missing Service is refused
+//! (TargetNotFound) and never published, a deleted one leaves the document.
 //!
 //! Needs root, Go (for the Gateway API module) and the control-plane binaries
 //! (`bash tools/kube/build.sh`); when they are missing it FAILS saying so.
@@ -143,6 +146,12 @@ fn resource(kind: &str) -> Result<(ApiResource, bool)> {
         "EndpointSlice" => ("discovery.k8s.io", "v1", "endpointslices", true),
         "HTTPRoute" => ("gateway.networking.k8s.io", "v1", "httproutes", true),
         "GRPCRoute" => ("gateway.networking.k8s.io", "v1", "grpcroutes", true),
+        "AuthorizationPolicy" => (
+            "policy.meshlet.io",
+            "v1alpha1",
+            "authorizationpolicies",
+            true,
+        ),
         other => bail!("the test does not know kind {other}"),
     };
     Ok((
@@ -281,6 +290,93 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The chart's AuthorizationPolicy CRD, applied as the chart would install it.
+async fn install_policy_crd(client: &Client) -> Result<()> {
+    let path = root().join("charts/meshlet/crds/authorizationpolicies.policy.meshlet.io.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    api.patch(
+        &name,
+        &PatchParams::apply("controller-test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .with_context(|| format!("apply CRD {name}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let established = api.get(&name).await?.status.is_some_and(|s| {
+            s.conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "CRD {name} not Established within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn authz_policy(name: &str, service: &str) -> Value {
+    json!({
+        "apiVersion": "policy.meshlet.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "targetRefs": [{"group": "", "kind": "Service", "name": service}],
+            "action": "ALLOW",
+            "rules": [{"sources": [{"type": "ServiceAccount",
+                                    "serviceAccount": {"name": "client"}}],
+                       "networkAttributes": {"ports": [8080]}}],
+        },
+    })
+}
+
+/// The Accepted condition of an AuthorizationPolicy as (status, reason,
+/// observedGeneration), once it is `want` at `generation`.
+async fn wait_policy_status(
+    client: &Client,
+    name: &str,
+    want: (&str, &str),
+    generation: i64,
+) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        last = get_route_of(client, "AuthorizationPolicy", name).await?;
+        let accepted = last["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Accepted"))
+            .cloned();
+        if let Some(c) = accepted {
+            if c["status"] == want.0
+                && c["reason"] == want.1
+                && c["observedGeneration"] == generation
+            {
+                return Ok(c);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "AuthorizationPolicy {name} never got Accepted={want:?} at generation {generation}; status: {}",
+        last["status"]
+    )
+}
+
+fn has_policy(doc: &MeshConfig, name: &str) -> bool {
+    doc.authorization.as_ref().is_some_and(|a| {
+        a.policies
+            .iter()
+            .any(|p| p.namespace == NS && p.name == name)
+    })
+}
+
 fn has_route(doc: &MeshConfig, name: &str) -> bool {
     route_names(doc).contains(&format!("{NS}/{name}"))
 }
@@ -338,6 +434,7 @@ async fn story(cp: &ControlPlane) -> Result<()> {
             write_status: true,
             debounce: Duration::from_millis(75),
             lease: Some(lease("ctl-a")),
+            default_inbound_policy: Default::default(),
         },
     );
     // A second replica: it compiles too; only one of the two holds the Lease.
@@ -449,6 +546,60 @@ async fn story(cp: &ControlPlane) -> Result<()> {
     ensure!(ours["controllerName"] == CONTROLLER_NAME, "{ours}");
     ensure!(ours["parentRef"]["name"] == "web", "{ours}");
     println!("ok   broken: ResolvedRefs=False/BackendNotFound");
+
+    // (2a) The AuthorizationPolicy CRD installed while the controller runs: a policy
+    // on Service web reaches the document, resolved to web's endpoint, and is
+    // Accepted; one on a missing Service is refused with the field at fault and never
+    // published; deleting a policy removes it.
+    install_policy_crd(&client).await?;
+    let t = Instant::now();
+    apply(&client, authz_policy("web-from-client", "web")).await?;
+    apply(&client, authz_policy("ghost", "nope")).await?;
+    let doc = wait_doc(
+        &mut rx,
+        "AuthorizationPolicy web-from-client",
+        Duration::from_secs(60),
+        |d| has_policy(d, "web-from-client"),
+    )
+    .await?;
+    let authz = doc.authorization.as_ref().context("authorization")?;
+    let id = format!("{NS}/web-from-client");
+    let targeted: Vec<String> = authz
+        .workloads
+        .iter()
+        .filter(|w| w.policies.contains(&id))
+        .flat_map(|w| w.ips.iter().map(ToString::to_string))
+        .collect();
+    ensure!(
+        targeted == ["198.18.5.10"],
+        "policy web-from-client targets {targeted:?}, want web's endpoint 198.18.5.10"
+    );
+    ensure!(!has_policy(&doc, "ghost"), "policy ghost in the document");
+    println!(
+        "ok   policy CRD installed later: web-from-client in the document after {} ms, on 198.18.5.10",
+        t.elapsed().as_millis()
+    );
+    wait_policy_status(&client, "web-from-client", ("True", "Accepted"), 1).await?;
+    let ghost = wait_policy_status(&client, "ghost", ("False", "TargetNotFound"), 1).await?;
+    let message = ghost["message"].as_str().unwrap_or_default();
+    ensure!(
+        message.contains("spec.targetRefs[0]") && message.contains("nope"),
+        "ghost's message must name the field and the Service: {message}"
+    );
+    println!(
+        "ok   web-from-client: Accepted=True; ghost: Accepted=False/TargetNotFound ({message})"
+    );
+    api_for(&client, "AuthorizationPolicy")?
+        .delete("web-from-client", &DeleteParams::default())
+        .await?;
+    wait_doc(
+        &mut rx,
+        "no policy web-from-client",
+        Duration::from_secs(10),
+        |d| !has_policy(d, "web-from-client"),
+    )
+    .await?;
+    println!("ok   deleted policy web-from-client left the document");
 
     // (2b) GRPCRoutes on Service rpc: one accepted and in the document, one with an
     // unsupported filter refused; an HTTPRoute on the same port is Conflicted.
@@ -620,6 +771,7 @@ async fn story(cp: &ControlPlane) -> Result<()> {
     let before = [
         rv(&get_route(&client, "web").await?),
         rv(&get_route(&client, "broken").await?),
+        rv(&get_route_of(&client, "AuthorizationPolicy", "ghost").await?),
     ];
     apply(
         &client,
@@ -635,12 +787,13 @@ async fn story(cp: &ControlPlane) -> Result<()> {
     let after = [
         rv(&get_route(&client, "web").await?),
         rv(&get_route(&client, "broken").await?),
+        rv(&get_route_of(&client, "AuthorizationPolicy", "ghost").await?),
     ];
     ensure!(
         before == after,
-        "routes were written though nothing about them changed: {before:?} -> {after:?}"
+        "routes or policies were written though nothing about them changed: {before:?} -> {after:?}"
     );
-    println!("ok   no status write for an unchanged route (resourceVersions {after:?})");
+    println!("ok   no status write for an unchanged route or policy (resourceVersions {after:?})");
 
     // (6) `meshlet-injector controller --print` prints the same routes.
     let kubeconfig = cp.kubeconfig();
@@ -755,6 +908,10 @@ async fn story(cp: &ControlPlane) -> Result<()> {
     ensure!(
         seen.iter().all(|d| !has_route(d, "broken")),
         "route broken reached a published document"
+    );
+    ensure!(
+        seen.iter().all(|d| !has_policy(d, "ghost")),
+        "policy ghost reached a published document"
     );
     ensure!(
         seen.windows(2)

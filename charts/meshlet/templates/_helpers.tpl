@@ -156,6 +156,7 @@ ConfigMap for the settings the injector does not take as flags yet.
 - --proxy-log-level={{ .Values.proxy.logLevel }}
 - --native-sidecar={{ include "meshlet.proxy.nativeSidecar" . }}
 - --proxy-tls-mode={{ .Values.proxy.tlsMode }}
+- --default-inbound-policy={{ .Values.defaultInboundPolicy }}
 - --identity={{ .Values.identity.enabled }}
 {{- if .Values.identity.enabled }}
 - --mesh-addr=0.0.0.0:15012

@@ -12,7 +12,11 @@ use std::collections::BTreeMap;
 use meshlet_api::{config::Service, CONTROLLER_NAME};
 use serde_json::{json, Value};
 
-use crate::compile::{self, Conflict, Problem};
+use crate::compile::{
+    self,
+    authz::{self, PolicyProblem},
+    Conflict, Problem,
+};
 
 /// Reasons that mean a backendRef did not resolve (ResolvedRefs=False); the route is
 /// still accepted.
@@ -214,6 +218,42 @@ fn parent_conditions(route_ns: &str, p: &Value, services: &[Service], o: &Outcom
         ),
     };
     [accepted, refs]
+}
+
+/// The `status.conditions` an AuthorizationPolicy should carry after a compile with
+/// `problems`, or `None` when it already does. Conditions of other types are kept;
+/// `lastTransitionTime` moves to `now` only when Accepted's status changes.
+pub fn desired_policy_conditions(
+    policy: &Value,
+    problems: &[PolicyProblem],
+    now: &str,
+) -> Option<Vec<Value>> {
+    let id = format!(
+        "{}/{}",
+        policy["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default"),
+        policy["metadata"]["name"].as_str().unwrap_or("")
+    );
+    let generation = policy["metadata"]["generation"].as_i64();
+    let current: Vec<Value> = policy["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let before = current.iter().find(|c| c["type"] == "Accepted");
+    let mut want = authz::accepted_condition(problems, &id, generation, now);
+    if let Some(b) = before.filter(|b| b["status"] == want["status"]) {
+        want["lastTransitionTime"] = b["lastTransitionTime"].clone();
+    }
+    if before == Some(&want) {
+        return None;
+    }
+    let mut out: Vec<Value> = current
+        .into_iter()
+        .filter(|c| c["type"] != "Accepted")
+        .collect();
+    out.push(want);
+    Some(out)
 }
 
 /// The `status.parents` the route should carry, or `None` when it already does.

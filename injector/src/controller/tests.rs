@@ -101,6 +101,7 @@ fn base_world() -> World {
                  "targetRef": {"kind": "Pod", "name": "web-1"}},
             ]),
         )],
+        ..World::default()
     }
 }
 
@@ -182,6 +183,7 @@ fn a_selectorless_service_learns_identities_from_its_endpoint_pods() {
                 json!([{"addresses": ["198.18.9.9"]}]),
             ),
         ],
+        ..World::default()
     };
     let c = world::build(&w).expect("builds");
     let ext = &c.config.services[0];
@@ -210,6 +212,7 @@ fn a_slice_without_a_port_of_the_service_adds_no_endpoint() {
             json!([{"name": "grpc", "port": 9000}]),
             json!([{"addresses": ["198.18.0.2"]}]),
         )],
+        ..World::default()
     };
     let c = world::build(&w).expect("builds");
     assert!(c.config.services[0].endpoints.is_empty());
@@ -611,4 +614,131 @@ fn an_http_route_on_a_grpc_routes_port_is_conflicted_on_that_parent_only() {
     };
     assert_eq!(on("web"), ["rpc"], "the HTTPRoute is left out of web");
     assert_eq!(on("api"), ["both"], "and still applies to api");
+}
+
+fn policy(name: &str, target: &str, generation: i64) -> Value {
+    json!({
+        "apiVersion": "policy.meshlet.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop", "generation": generation,
+                     "resourceVersion": "9"},
+        "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": target}],
+                 "action": "ALLOW",
+                 "rules": [{"sources": [{"type": "ServiceAccount",
+                                         "serviceAccount": {"name": "client"}}]}]},
+    })
+}
+
+#[test]
+fn slim_pod_keeps_the_pod_addresses() {
+    let p = pod("a", "p", "sa1", json!({}), true, "Running");
+    assert_eq!(p["status"]["podIP"], "198.18.1.1");
+}
+
+#[test]
+fn slim_namespace_keeps_only_the_default_inbound_policy_annotation() {
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({
+        "metadata": {"name": "shop", "labels": {"x": "y"},
+                     "annotations": {"meshlet.io/default-inbound-policy": "deny",
+                                     "other": "z"}},
+    }))
+    .expect("namespace");
+    let v = world::slim_namespace(ns).expect("kept");
+    assert_eq!(v["kind"], "Namespace");
+    assert_eq!(
+        v["metadata"]["annotations"],
+        json!({"meshlet.io/default-inbound-policy": "deny"})
+    );
+    assert!(v["metadata"].get("labels").is_none());
+}
+
+#[test]
+fn build_resolves_a_service_target_to_its_endpoint_addresses() {
+    let mut w = base_world();
+    w.objects.retain(|o| !o.is_null());
+    // Pods without addresses: the endpoints are what the target resolves to.
+    for o in &mut w.objects {
+        if o["kind"] == "Pod" {
+            o["status"] = json!({});
+        }
+    }
+    w.objects.push(policy("web-from-client", "web", 1));
+    w.objects.push(policy("ghost", "nope", 1));
+    w.default_inbound_policy = meshlet_api::authz::DefaultPolicy::MeshOnly;
+    let c = world::build(&w).expect("builds");
+    let a = c.config.authorization.expect("authorization section");
+    assert_eq!(
+        a.default_policy,
+        meshlet_api::authz::DefaultPolicy::MeshOnly
+    );
+    let names: Vec<_> = a.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["web-from-client"]);
+    let targeted: Vec<String> = a
+        .workloads
+        .iter()
+        .filter(|w| w.policies.contains(&"shop/web-from-client".to_string()))
+        .flat_map(|w| w.ips.iter().map(ToString::to_string))
+        .collect();
+    assert!(
+        targeted.contains(&"198.18.0.2".to_string()),
+        "endpoint 198.18.0.2 targeted: {targeted:?}"
+    );
+    assert_eq!(c.authz_problems.len(), 1, "{:?}", c.authz_problems);
+    assert_eq!(c.authz_problems[0].policy_id(), Some("shop/ghost"));
+    assert_eq!(c.authz_problems[0].reason, "TargetNotFound");
+}
+
+#[test]
+fn policy_status_is_written_only_when_accepted_changes() {
+    let mut w = base_world();
+    w.objects.retain(|o| !o.is_null());
+    w.objects.push(policy("ghost", "nope", 2));
+    let c = world::build(&w).expect("builds");
+    let now = "2026-11-25T16:00:00Z";
+    let mut ghost = policy("ghost", "nope", 2);
+    let conds =
+        status::desired_policy_conditions(&ghost, &c.authz_problems, now).expect("first write");
+    let accepted = conds
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .expect("Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "TargetNotFound");
+    assert_eq!(accepted["observedGeneration"], 2);
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("targetRefs[0]"),
+        "{accepted}"
+    );
+    // Another controller's condition is kept.
+    let mut stored = conds.clone();
+    stored.push(json!({"type": "Other", "status": "True"}));
+    ghost["status"] = json!({"conditions": stored});
+    assert_eq!(
+        status::desired_policy_conditions(&ghost, &c.authz_problems, "2026-11-25T17:00:00Z"),
+        None,
+        "unchanged: no write, even at a later time"
+    );
+    // The Service appears: Accepted flips, with a new transition time; Other stays.
+    let flipped = status::desired_policy_conditions(&ghost, &[], "2026-11-25T17:00:00Z")
+        .expect("flip is written");
+    let accepted = flipped
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .expect("Accepted");
+    assert_eq!(accepted["status"], "True");
+    assert_eq!(accepted["lastTransitionTime"], "2026-11-25T17:00:00Z");
+    assert!(flipped.iter().any(|c| c["type"] == "Other"));
+    // A new generation with the same outcome is written, keeping the transition time.
+    ghost["metadata"]["generation"] = 3.into();
+    let bumped =
+        status::desired_policy_conditions(&ghost, &c.authz_problems, "2026-11-25T18:00:00Z")
+            .expect("new generation is written");
+    let accepted = bumped
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .expect("Accepted");
+    assert_eq!(accepted["observedGeneration"], 3);
+    assert_eq!(accepted["lastTransitionTime"], now);
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -22,6 +22,7 @@ use kube::{
 };
 use meshlet_api::{
     annotations,
+    authz::DefaultPolicy,
     config::{Endpoint, Service as MeshService},
     MeshConfig, SpiffeId, DEFAULT_TRUST_DOMAIN, INJECT_LABEL,
 };
@@ -40,6 +41,8 @@ pub struct World {
     pub objects: Vec<Value>,
     /// EndpointSlices.
     pub slices: Vec<Value>,
+    /// Mesh-wide default inbound policy (`serve --default-inbound-policy`).
+    pub default_inbound_policy: DefaultPolicy,
 }
 
 /// A Service without what the document never reads (status, annotations, managed fields).
@@ -58,8 +61,9 @@ pub fn slim_slice(mut slice: EndpointSlice) -> Option<Value> {
 }
 
 /// What of a pod the document needs: its labels (for Service selectors), service
-/// account (its identity) and whether it is meshed, written as the inject label
-/// `compile` reads. Finished pods serve nothing and are left out (`None`).
+/// account (its identity), whether it is meshed, written as the inject label
+/// `compile` reads, and its addresses (AuthorizationPolicy targets are resolved to
+/// them). Finished pods serve nothing and are left out (`None`).
 pub fn slim_pod(pod: Pod) -> Option<Value> {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -76,6 +80,7 @@ pub fn slim_pod(pod: Pod) -> Option<Value> {
         if meshed { "enabled" } else { "disabled" }.to_string(),
     );
     let spec = pod.spec.unwrap_or_default();
+    let status = pod.status.unwrap_or_default();
     Some(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -89,6 +94,30 @@ pub fn slim_pod(pod: Pod) -> Option<Value> {
                 .or(spec.service_account)
                 .unwrap_or_else(|| "default".into()),
         },
+        "status": {
+            "podIP": status.pod_ip,
+            "podIPs": status.pod_ips,
+        },
+    }))
+}
+
+/// A Namespace as far as authorization reads it: its name and the
+/// `meshlet.io/default-inbound-policy` annotation (the others are dropped, so an
+/// unrelated annotation change does not rebuild the document).
+pub fn slim_namespace(ns: Namespace) -> Option<Value> {
+    let policy = ns
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::DEFAULT_INBOUND_POLICY).cloned());
+    let mut kept = serde_json::Map::new();
+    if let Some(p) = policy {
+        kept.insert(annotations::DEFAULT_INBOUND_POLICY.to_string(), p.into());
+    }
+    Some(json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": ns.metadata.name, "annotations": kept},
     }))
 }
 
@@ -104,10 +133,21 @@ pub fn slim_dynamic(mut obj: DynamicObject, ar: &ApiResource) -> Option<Value> {
 }
 
 /// Compiles the world: `compile` for Services, identities and routes, then the
-/// endpoints of each Service from its EndpointSlices.
+/// endpoints of each Service from its EndpointSlices, then authorization (its Service
+/// targets resolve to endpoint addresses, known only after the endpoints).
 pub fn build(world: &World) -> Result<Compiled, CompileError> {
-    let mut compiled = compile::compile(&world.objects)?;
+    let opts = compile::Options {
+        default_inbound_policy: world.default_inbound_policy,
+    };
+    let mut compiled = compile::compile_with(&world.objects, &opts)?;
     add_endpoints(&mut compiled.config, &world.slices, &world.objects);
+    let (authorization, problems) = compile::authz::compile(
+        &world.objects,
+        &compiled.config.services,
+        world.default_inbound_policy,
+    );
+    compiled.config.authorization = authorization;
+    compiled.authz_problems = problems;
     compiled.config.validate()?;
     Ok(compiled)
 }

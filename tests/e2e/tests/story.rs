@@ -4,7 +4,8 @@
 //! the API server's egress socket), traffic through the sidecars, `kubectl rollout
 //! restart`, `kubectl exec` (exit code, stdin, a Service through the sidecar),
 //! `kubectl apply` of HTTPRoutes (status, routing by header without a restart, an
-//! unknown backend, delete), `helm upgrade` (same webhook and identity CAs),
+//! unknown backend, delete), `kubectl apply` of an AuthorizationPolicy (403 for
+//! another meshed caller, 200 for the allowed one, status, delete), `helm upgrade` (same webhook and identity CAs),
 //! `kubectl top pod --containers`, `helm uninstall`, nothing left behind.
 //!
 //! Needs root, the control plane (`bash tools/kube/build.sh`), Helm
@@ -372,6 +373,125 @@ spec:
     Ok(())
 }
 
+/// `kubectl exec` into `pod`'s app container: the HTTP status of one request to the
+/// backend Service, through the pod's sidecar.
+fn status_from(k: &Kubectl, pod: &str) -> Result<String> {
+    let r = k.ran(
+        &[
+            "-n",
+            "hello",
+            "exec",
+            pod,
+            "-c",
+            "app",
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://198.19.0.10/",
+        ],
+        None,
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.code == 0,
+        "kubectl exec curl from {pod}: exit {}, {}",
+        r.code,
+        r.stderr
+    );
+    Ok(r.stdout.trim().to_string())
+}
+
+/// `kubectl apply` of an AuthorizationPolicy allowing only the client's
+/// ServiceAccount to the backend: another meshed pod (a backend, ServiceAccount
+/// backend) gets 403 without a restart while the client still gets 200, the policy
+/// shows Accepted=True, and deleting it lets the other pod in again.
+fn authorization(k: &Kubectl, client: &str) -> Result<()> {
+    let other = hello_pods(k)?
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .find(|n| n.starts_with("backend-v2-"))
+        .context("no backend-v2 pod")?
+        .to_string();
+    ensure!(
+        status_from(k, &other)? == "200",
+        "before any policy, {other} must reach the backend"
+    );
+    let policy = r#"
+apiVersion: policy.meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: backend-from-client, namespace: hello}
+spec:
+  targetRefs: [{group: "", kind: Service, name: backend}]
+  action: ALLOW
+  rules:
+    - sources: [{type: ServiceAccount, serviceAccount: {name: client}}]
+"#;
+    let t = Instant::now();
+    let r = k.ran(
+        &["apply", "-f", "-"],
+        Some(policy.as_bytes()),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        r.code == 0,
+        "kubectl apply AuthorizationPolicy: {}",
+        r.stderr
+    );
+    let denied = wait_for(
+        "403 for the backend's own ServiceAccount",
+        Duration::from_secs(30),
+        || Ok((status_from(k, &other)? == "403").then_some(t.elapsed())),
+    )?;
+    let by = answers(k, client, "", 5)?;
+    ensure!(
+        by.iter().all(|n| n.starts_with("backend-v")),
+        "the client, allowed, must still get answers: {by:?}"
+    );
+    println!(
+        "ok   kubectl apply AuthorizationPolicy: {other} (sa/backend) gets 403 {} ms after apply; \
+         the client (sa/client) 5/5 answered",
+        denied.as_millis()
+    );
+    let accepted = wait_for("policy Accepted=True", Duration::from_secs(30), || {
+        let p = k.json(&[
+            "-n",
+            "hello",
+            "get",
+            "authorizationpolicy",
+            "backend-from-client",
+        ])?;
+        let c = p["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Accepted"))
+            .cloned();
+        Ok(c.filter(|c| c["status"] == "True"))
+    })?;
+    println!(
+        "ok   kubectl get authorizationpolicy: Accepted=True ({})",
+        accepted["message"]
+    );
+    k.run(&[
+        "-n",
+        "hello",
+        "delete",
+        "authorizationpolicy",
+        "backend-from-client",
+    ])?;
+    wait_for(
+        "200 again once the policy is deleted",
+        Duration::from_secs(30),
+        || Ok((status_from(k, &other)? == "200").then_some(())),
+    )?;
+    println!("ok   kubectl delete authorizationpolicy: {other} reaches the backend again");
+    Ok(())
+}
+
 fn hello_pods(k: &Kubectl) -> Result<Vec<Value>> {
     Ok(k.json(&["-n", "hello", "get", "pods"])?["items"]
         .as_array()
@@ -506,6 +626,7 @@ fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Resul
 
     exec_steps(k, &client)?;
     routes(k, prefix, &client)?;
+    authorization(k, &client)?;
     upgrade(k, helm_bin)?;
 
     let old: Vec<String> = pods
