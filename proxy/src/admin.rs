@@ -147,7 +147,7 @@ impl Admin {
                 let snap = self.mesh.load();
                 let doc = serde_json::json!({
                     "process": &self.config,
-                    "mesh": &snap.config,
+                    "mesh": &*snap.config,
                     "opaquePorts": snap.opaque_ports(),
                 });
                 let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();

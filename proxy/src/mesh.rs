@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, SystemTime},
 };
@@ -61,8 +61,8 @@ pub enum MeshError {
 /// One immutable mesh config plus the lookups derived from it.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// The document.
-    pub config: MeshConfig,
+    /// The document (shared with the route tables built from it).
+    pub config: Arc<MeshConfig>,
     services: HashMap<SocketAddr, SharedString>,
     meshed: HashMap<SocketAddr, Arc<[SpiffeId]>>,
     /// Endpoint address (pod IP, target port) -> the Service it serves: the inbound
@@ -70,13 +70,26 @@ pub struct Snapshot {
     endpoint_services: HashMap<SocketAddr, SharedString>,
     /// ClusterIP:port -> its ready endpoints of the same IP family.
     balancers: HashMap<SocketAddr, Balancer>,
-    /// ClusterIP:port -> the Service's HTTPRoutes, resolved (Services with routes only).
-    routes: HashMap<SocketAddr, Arc<RouteTable>>,
-    /// Retry budgets of the Services routes send to, kept across reloads.
-    budgets: Budgets,
+    /// ClusterIP:port -> the Service's HTTPRoutes, resolved on first use (Services with
+    /// routes only): a sidecar pays only for the Services it calls, and the inbound
+    /// side for none.
+    routes: HashMap<SocketAddr, LazyRoutes>,
+    /// Retry budgets of the Services routes send to, filled as tables are built.
+    budgets: Mutex<Budgets>,
+    /// Budgets of earlier snapshots, reused when a Service's settings did not change.
+    prev_budgets: Budgets,
     opaque: Vec<u16>,
     /// Inbound authorization compiled from the document's `authorization` section.
     pub authz: crate::authz::Table,
+}
+
+/// The route table of one ClusterIP:port, built on the first request to it.
+#[derive(Debug)]
+struct LazyRoutes {
+    /// The Service's index in the document.
+    index: usize,
+    /// `None` once building failed (a document that bypassed validation).
+    table: OnceLock<Option<Arc<RouteTable>>>,
 }
 
 /// The snapshot in force.
@@ -108,12 +121,12 @@ impl Snapshot {
         opaque_override: Option<&[u16]>,
         prev: Option<&Snapshot>,
     ) -> Self {
-        Self::build(config, opaque_override, prev, None)
+        Self::build(Arc::new(config), opaque_override, prev, None)
     }
 
     /// [`Snapshot::reload`] whose balancers count ejections in `metrics`.
     fn build(
-        config: MeshConfig,
+        config: Arc<MeshConfig>,
         opaque_override: Option<&[u16]>,
         prev: Option<&Snapshot>,
         metrics: Option<&Arc<Metrics>>,
@@ -154,7 +167,6 @@ impl Snapshot {
         let mut balancers = HashMap::new();
         let mut meshed = HashMap::new();
         let mut routes = HashMap::new();
-        let mut budgets = Budgets::new();
         let mut ids: HashMap<usize, Arc<[SpiffeId]>> = HashMap::new();
         for (addr, r) in config.index() {
             services.insert(addr, labels[r.index].clone());
@@ -177,20 +189,13 @@ impl Snapshot {
                 balancers.insert(addr, b);
             }
             if !svc.routes.is_empty() {
-                match RouteTable::new(
-                    &config,
-                    r.index,
+                routes.insert(
                     addr,
-                    &mut budgets,
-                    prev.map(|p| &p.budgets),
-                ) {
-                    Ok(t) => {
-                        routes.insert(addr, Arc::new(t));
-                    }
-                    // Validation refuses such documents; one that bypassed it keeps
-                    // its Service unrouted rather than failing the whole snapshot.
-                    Err(error) => tracing::warn!(%error, "ignoring the routes of a service"),
-                }
+                    LazyRoutes {
+                        index: r.index,
+                        table: OnceLock::new(),
+                    },
+                );
             }
         }
         // Document order decides when two Services select the same pod and port, so
@@ -212,6 +217,17 @@ impl Snapshot {
         opaque.sort_unstable();
         opaque.dedup();
         let authz = crate::authz::Table::new(config.authorization.as_ref());
+        // Budgets of Services still in the document, the latest first.
+        let live: HashSet<&str> = labels.iter().map(|l| &**l).collect();
+        let mut prev_budgets = Budgets::new();
+        if let Some(p) = prev {
+            let built = p.budgets.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in p.prev_budgets.iter().chain(built.iter()) {
+                if live.contains(&**k) {
+                    prev_budgets.insert(k.clone(), v.clone());
+                }
+            }
+        }
         Self {
             authz,
             config,
@@ -220,14 +236,35 @@ impl Snapshot {
             endpoint_services,
             balancers,
             routes,
-            budgets,
+            budgets: Mutex::default(),
+            prev_budgets,
             opaque,
         }
     }
 
     /// The resolved routes of ClusterIP:port `dst`, when its Service has any.
     pub fn routes(&self, dst: SocketAddr) -> Option<&Arc<RouteTable>> {
-        self.routes.get(&dst)
+        let lazy = self.routes.get(&dst)?;
+        lazy.table
+            .get_or_init(|| {
+                let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+                match RouteTable::new(
+                    &self.config,
+                    lazy.index,
+                    dst,
+                    &mut budgets,
+                    Some(&self.prev_budgets),
+                ) {
+                    Ok(t) => Some(Arc::new(t)),
+                    // Validation at load refuses such documents; one that bypassed it
+                    // keeps its Service unrouted rather than failing the snapshot.
+                    Err(error) => {
+                        tracing::warn!(%error, %dst, "ignoring the routes of a service");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     /// The `service` label for a destination: `namespace/name` of the Service whose
@@ -336,7 +373,7 @@ impl Mesh {
     pub fn store(&self, config: MeshConfig) {
         let prev = self.current.load();
         let snap = Snapshot::build(
-            config,
+            Arc::new(config),
             self.opaque_override.as_deref(),
             Some(&prev),
             self.metrics.as_ref(),
@@ -542,6 +579,52 @@ mod tests {
                        {"ip": "fd00:6d65:7368::2", "ports": {"80": 8080}}]},
         {"name": "web-canary", "namespace": "shop", "clusterIPs": ["198.19.0.11"],
          "ports": [{"port": 80}], "endpoints": [{"ip": "198.18.0.2", "ports": {"80": 8080}}]}]}"#;
+
+    const ROUTED: &str = r#"{"services": [
+        {"name": "web", "namespace": "shop", "clusterIPs": ["198.19.0.10"], "ports": [{"port": 80}],
+         "routes": [{"name": "to-v2", "namespace": "shop",
+           "rules": [{"backendRefs": [{"name": "web-v2", "namespace": "shop", "port": 80}]}]}]},
+        {"name": "web-v2", "namespace": "shop", "clusterIPs": ["198.19.0.12"], "ports": [{"port": 80}],
+         "retryConstraint": {"budget": {"percent": 30}}}]}"#;
+
+    #[test]
+    fn route_tables_are_built_on_first_use_and_keep_budgets() {
+        let dst: SocketAddr = "198.19.0.10:80".parse().unwrap();
+        let cfg = || MeshConfig::from_json(ROUTED.as_bytes()).unwrap();
+        let first = Snapshot::new(cfg(), None);
+        assert!(
+            first.routes[&dst].table.get().is_none(),
+            "not built at load"
+        );
+        assert!(first.routes("198.19.0.12:80".parse().unwrap()).is_none());
+        let t = first.routes(dst).expect("web has routes").clone();
+        assert!(Arc::ptr_eq(&t, first.routes(dst).unwrap()), "built once");
+        let budget = |s: &Snapshot| {
+            let t = s.routes(dst).unwrap();
+            let uri = http::Uri::from_static("/");
+            let headers = http::HeaderMap::new();
+            let req = crate::route::RequestInfo {
+                method: &http::Method::GET,
+                uri: &uri,
+                headers: &headers,
+                port: 80,
+                client_namespace: None,
+            };
+            let d = t.routes().decide(&req, 0).unwrap();
+            let crate::route::Action::Forward(f) = &d.action else {
+                panic!("{:?}", d.action)
+            };
+            t.backend(&d, f.backend).unwrap().budget.clone()
+        };
+        let b1 = budget(&first);
+        // A reload whose table is never used still carries the budget to the next one.
+        let second = Snapshot::reload(cfg(), None, Some(&first));
+        let third = Snapshot::reload(cfg(), None, Some(&second));
+        assert!(
+            Arc::ptr_eq(&b1, &budget(&third)),
+            "the budget survives reloads"
+        );
+    }
 
     #[test]
     fn endpoints_give_balancers_and_inbound_labels() {

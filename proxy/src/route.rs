@@ -18,10 +18,15 @@
 //! config; `http::route` applies decisions to requests.
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
-use meshlet_api::route::{
-    compile_regex, BackendRef, Filter, GrpcMethodMatch, GrpcPrecedence, HeaderModifier, HttpRoute,
-    PathMatchType, PathModifier, Regex, RequestRedirect, RouteError, RouteKind, RouteRule,
-    UrlRewrite, ValueMatchType,
+use std::sync::Arc;
+
+use meshlet_api::{
+    route::{
+        compile_regex, BackendRef, Filter, GrpcMethodMatch, GrpcPrecedence, HeaderModifier,
+        HttpRoute, PathMatchType, PathModifier, Regex, RequestRedirect, RouteError, RouteKind,
+        RouteRule, UrlRewrite, ValueMatchType,
+    },
+    MeshConfig,
 };
 
 pub mod table;
@@ -29,10 +34,29 @@ pub mod table;
 /// The routes of one destination Service, compiled and ordered by precedence.
 #[derive(Debug)]
 pub struct Routes {
-    service_namespace: String,
-    routes: Vec<HttpRoute>,
-    /// Every match of every rule, best first (consumer/producer is decided per request).
+    routes: Source,
+    /// Every match of every rule, consumer routes' first, then best first.
     entries: Vec<Entry>,
+}
+
+/// Where the routes live: shared with the mesh config when built from a snapshot, so a
+/// table does not hold a second copy of every route.
+#[derive(Debug)]
+enum Source {
+    Owned(Vec<HttpRoute>),
+    Shared {
+        config: Arc<MeshConfig>,
+        service: usize,
+    },
+}
+
+impl Source {
+    fn list(&self) -> &[HttpRoute] {
+        match self {
+            Self::Owned(r) => r,
+            Self::Shared { config, service } => &config.services[*service].routes,
+        }
+    }
 }
 
 /// What one request is.
@@ -98,6 +122,8 @@ pub struct Forward<'a> {
 
 #[derive(Debug)]
 struct Entry {
+    /// Whether the route is in another namespace than the Service (a consumer route).
+    consumer: bool,
     route: usize,
     rule: usize,
     /// GEP-1016 rank of a GRPCRoute match; `None` in an HTTPRoute.
@@ -128,6 +154,23 @@ impl Routes {
     /// Compiles the routes of a Service in `service_namespace`. The mesh config was
     /// validated already, so an error here means the document bypassed validation.
     pub fn new(service_namespace: &str, routes: &[HttpRoute]) -> Result<Self, RouteError> {
+        Ok(Self {
+            entries: Self::compile(service_namespace, routes)?,
+            routes: Source::Owned(routes.to_vec()),
+        })
+    }
+
+    /// Compiles the routes of `config.services[service]`, sharing them with `config`.
+    pub fn of_service(config: Arc<MeshConfig>, service: usize) -> Result<Self, RouteError> {
+        let svc = &config.services[service];
+        let entries = Self::compile(&svc.namespace, &svc.routes)?;
+        Ok(Self {
+            entries,
+            routes: Source::Shared { config, service },
+        })
+    }
+
+    fn compile(service_namespace: &str, routes: &[HttpRoute]) -> Result<Vec<Entry>, RouteError> {
         let mut entries = Vec::new();
         for (ri, route) in routes.iter().enumerate() {
             route.validate()?;
@@ -187,6 +230,7 @@ impl Routes {
                     let grpc = (route.kind == RouteKind::Grpc)
                         .then(|| GrpcMethodMatch::precedence(m.grpc_method.as_ref()));
                     entries.push(Entry {
+                        consumer: route.namespace != service_namespace,
                         route: ri,
                         rule: ui,
                         grpc,
@@ -209,8 +253,11 @@ impl Routes {
                     e.grpc.map(|g| (g, std::cmp::Reverse(e.headers.len()))),
                 )
             };
-            grpc(a)
-                .cmp(&grpc(b))
+            // Consumer routes are tried before producer routes, so one pass finds
+            // the answer.
+            b.consumer
+                .cmp(&a.consumer)
+                .then(grpc(a).cmp(&grpc(b)))
                 .then(a.path.rank().cmp(&b.path.rank()))
                 .then(b.method.is_some().cmp(&a.method.is_some()))
                 .then(b.headers.len().cmp(&a.headers.len()))
@@ -218,16 +265,13 @@ impl Routes {
                 .then_with(|| oldest_first(ra, rb))
                 .then_with(|| (&ra.namespace, &ra.name).cmp(&(&rb.namespace, &rb.name)))
         });
-        Ok(Self {
-            service_namespace: service_namespace.to_string(),
-            routes: routes.to_vec(),
-            entries,
-        })
+        entries.shrink_to_fit();
+        Ok(entries)
     }
 
     /// Whether there are no routes at all.
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.routes.list().is_empty()
     }
 
     /// Whether a route applies to `req` by its port and the client's namespace: then a
@@ -247,21 +291,16 @@ impl Routes {
     pub fn decide(&self, req: &RequestInfo<'_>, random: u32) -> Option<Decision<'_>> {
         let path = req.uri.path();
         let query = parse_query(req.uri.query().unwrap_or(""));
-        let applies = |e: &&Entry, consumer: bool| {
-            let r = &self.routes[e.route];
-            let is_consumer = r.namespace != self.service_namespace;
-            if consumer != is_consumer || r.port.is_some_and(|p| p != req.port) {
+        let routes = self.routes.list();
+        let entry = self.entries.iter().find(|e| {
+            let r = &routes[e.route];
+            if r.port.is_some_and(|p| p != req.port) {
                 return false;
             }
-            (!consumer || req.client_namespace == Some(r.namespace.as_str()))
+            (!e.consumer || req.client_namespace == Some(r.namespace.as_str()))
                 && e.matches(req, path, &query)
-        };
-        let entry = self
-            .entries
-            .iter()
-            .find(|e| applies(e, true))
-            .or_else(|| self.entries.iter().find(|e| applies(e, false)))?;
-        let route = &self.routes[entry.route];
+        })?;
+        let route = &routes[entry.route];
         let rule = &route.rules[entry.rule];
         let prefix = match &entry.path {
             PathCond::Prefix(p) => Some(p.as_str()),

@@ -1,8 +1,9 @@
 //! A Service's routes resolved against one mesh config: each backendRef becomes the
 //! backend Service's ClusterIP:port (of the destination's IP family), its identities and
 //! its retry budget, and each rule's timeouts and retry settings become a
-//! [`RulePolicy`]. Built once per config load and ClusterIP:port, so a request pays only
-//! for the decision and a few index lookups.
+//! [`RulePolicy`]. Built on the first request to a ClusterIP:port of a config load, so
+//! a request pays only for the decision and a few index lookups, and a proxy only for the
+//! Services it calls.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -76,14 +77,14 @@ impl RouteTable {
     /// come from `budgets` (shared by every table of the snapshot), created on first use
     /// or reused from `prev` when the Service's settings did not change.
     pub fn new(
-        config: &MeshConfig,
+        config: &Arc<MeshConfig>,
         index: usize,
         dst: SocketAddr,
         budgets: &mut Budgets,
         prev: Option<&Budgets>,
     ) -> Result<Self, RouteError> {
         let svc = &config.services[index];
-        let routes = Routes::new(&svc.namespace, &svc.routes)?;
+        let routes = Routes::of_service(config.clone(), index)?;
         let mut labels = Vec::with_capacity(svc.routes.len());
         let mut policies = Vec::with_capacity(svc.routes.len());
         let mut backends = Vec::with_capacity(svc.routes.len());
@@ -242,7 +243,7 @@ mod tests {
 
     #[test]
     fn resolves_backends_per_family_and_policies() {
-        let cfg = MeshConfig::from_json(DOC.as_bytes()).unwrap();
+        let cfg = Arc::new(MeshConfig::from_json(DOC.as_bytes()).unwrap());
         let mut budgets = Budgets::new();
         let v4 = RouteTable::new(
             &cfg,
@@ -299,7 +300,7 @@ mod tests {
 
     #[test]
     fn budgets_survive_reloads_unless_changed() {
-        let cfg = MeshConfig::from_json(DOC.as_bytes()).unwrap();
+        let cfg = Arc::new(MeshConfig::from_json(DOC.as_bytes()).unwrap());
         let dst = "198.19.0.10:80".parse().unwrap();
         let mut first = Budgets::new();
         RouteTable::new(&cfg, 0, dst, &mut first, None).unwrap();
@@ -308,7 +309,7 @@ mod tests {
         let key = SharedString::const_str("shop/web-v2");
         assert!(Arc::ptr_eq(&first[&key], &second[&key]));
 
-        let changed = MeshConfig::from_json(DOC.replace("30", "40").as_bytes()).unwrap();
+        let changed = Arc::new(MeshConfig::from_json(DOC.replace("30", "40").as_bytes()).unwrap());
         let mut third = Budgets::new();
         RouteTable::new(&changed, 0, dst, &mut third, Some(&second)).unwrap();
         assert!(!Arc::ptr_eq(&second[&key], &third[&key]));
