@@ -43,7 +43,10 @@ pub struct Routes {
 /// table does not hold a second copy of every route.
 #[derive(Debug)]
 enum Source {
-    Owned(Vec<HttpRoute>),
+    Owned {
+        service_namespace: String,
+        routes: Vec<HttpRoute>,
+    },
     Shared {
         config: Arc<MeshConfig>,
         service: usize,
@@ -53,8 +56,19 @@ enum Source {
 impl Source {
     fn list(&self) -> &[HttpRoute] {
         match self {
-            Self::Owned(r) => r,
+            Self::Owned { routes, .. } => routes,
             Self::Shared { config, service } => &config.services[*service].routes,
+        }
+    }
+
+    /// The namespace of the Service the routes attach to: its routes are the producer
+    /// routes, any other namespace's are consumer routes.
+    fn service_namespace(&self) -> &str {
+        match self {
+            Self::Owned {
+                service_namespace, ..
+            } => service_namespace,
+            Self::Shared { config, service } => &config.services[*service].namespace,
         }
     }
 }
@@ -156,7 +170,10 @@ impl Routes {
     pub fn new(service_namespace: &str, routes: &[HttpRoute]) -> Result<Self, RouteError> {
         Ok(Self {
             entries: Self::compile(service_namespace, routes)?,
-            routes: Source::Owned(routes.to_vec()),
+            routes: Source::Owned {
+                service_namespace: service_namespace.to_string(),
+                routes: routes.to_vec(),
+            },
         })
     }
 
@@ -278,9 +295,10 @@ impl Routes {
     /// request no rule matches is answered 404 (the Gateway API's mesh semantics),
     /// instead of going to its original destination.
     pub fn governs(&self, req: &RequestInfo<'_>) -> bool {
-        self.routes.iter().any(|r| {
+        let service_namespace = self.routes.service_namespace();
+        self.routes.list().iter().any(|r| {
             r.port.is_none_or(|p| p == req.port)
-                && (r.namespace == self.service_namespace
+                && (r.namespace == service_namespace
                     || req.client_namespace == Some(r.namespace.as_str()))
         })
     }
