@@ -538,36 +538,9 @@ impl Reconciler {
             tracing::warn!(problem = %b, "Service annotation refused");
         }
         self.publish(compiled.config);
-        if compiled.problems != self.problems {
-            for p in compiled
-                .problems
-                .iter()
-                .filter(|p| !self.problems.contains(p))
-            {
-                tracing::info!("{p}");
-            }
-            self.problems = compiled.problems;
-        }
-        if compiled.conflicts != self.conflicts {
-            for c in compiled
-                .conflicts
-                .iter()
-                .filter(|c| !self.conflicts.contains(c))
-            {
-                tracing::info!("{c}");
-            }
-            self.conflicts = compiled.conflicts;
-        }
-        if compiled.authz_problems != self.authz_problems {
-            for p in compiled
-                .authz_problems
-                .iter()
-                .filter(|p| !self.authz_problems.contains(p))
-            {
-                tracing::info!("{p}");
-            }
-            self.authz_problems = compiled.authz_problems;
-        }
+        log_new(&mut self.problems, compiled.problems);
+        log_new(&mut self.conflicts, compiled.conflicts);
+        log_new(&mut self.authz_problems, compiled.authz_problems);
         metrics::gauge!(ROUTE_PROBLEMS).set((self.problems.len() + self.conflicts.len()) as f64);
         let holds = self
             .leader
@@ -770,6 +743,17 @@ pub fn route_names(config: &MeshConfig) -> BTreeSet<String> {
         .flat_map(|s| s.routes.iter())
         .map(|r| format!("{}/{}", r.namespace, r.name))
         .collect()
+}
+
+/// Logs the entries of `next` that `prev` lacks (each problem once, not at every
+/// rebuild), then keeps `next`.
+fn log_new<T: PartialEq + std::fmt::Display>(prev: &mut Vec<T>, next: Vec<T>) {
+    if next != *prev {
+        for p in next.iter().filter(|p| !prev.contains(p)) {
+            tracing::info!("{p}");
+        }
+        *prev = next;
+    }
 }
 
 #[cfg(test)]
