@@ -157,23 +157,7 @@ fn steps(
     prefix: &str,
     agent: &mut Agent,
 ) -> Result<()> {
-    helm(
-        helm_bin,
-        &k.kubeconfig,
-        &[
-            "install",
-            "meshlet",
-            "charts/meshlet",
-            "-n",
-            "meshlet-system",
-            "--create-namespace",
-            "--set",
-            &format!("injector.service.clusterIP={INJECTOR_IP}"),
-            "--wait",
-            "--timeout",
-            "120s",
-        ],
-    )?;
+    install_meshlet(helm_bin, &k.kubeconfig)?;
     k.run(&[
         "apply",
         "-f",

@@ -547,25 +547,7 @@ fn story() -> Result<()> {
 
 fn steps(k: &Kubectl, helm_bin: &Path, prefix: &str, agent: &mut Agent) -> Result<()> {
     let t = Instant::now();
-    helm(
-        helm_bin,
-        &k.kubeconfig,
-        &[
-            "install",
-            "meshlet",
-            "charts/meshlet",
-            "-n",
-            "meshlet-system",
-            "--create-namespace",
-            // No DNS here: proxies dial the injector's mesh endpoint by a pinned
-            // ClusterIP (the chart derives controlPlane.address from it).
-            "--set",
-            &format!("injector.service.clusterIP={INJECTOR_IP}"),
-            "--wait",
-            "--timeout",
-            "120s",
-        ],
-    )?;
+    install_meshlet(helm_bin, &k.kubeconfig)?;
     println!(
         "ok   helm install: injector pods Ready on meshlet-node in {} ms",
         t.elapsed().as_millis()

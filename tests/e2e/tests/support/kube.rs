@@ -15,7 +15,29 @@ use serde_json::Value;
 /// The injector Service's pinned ClusterIP: the node agent's DNS is optional, so
 /// proxies dial the mesh endpoint by address (the chart derives
 /// `controlPlane.address` from it).
-pub const INJECTOR_IP: &str = "198.19.0.12";
+const INJECTOR_IP: &str = "198.19.0.12";
+
+/// `helm install`s the chart into meshlet-system as the story and fault tests need it,
+/// waiting for the injector pods.
+pub fn install_meshlet(helm_bin: &Path, kubeconfig: &Path) -> Result<String> {
+    helm(
+        helm_bin,
+        kubeconfig,
+        &[
+            "install",
+            "meshlet",
+            "charts/meshlet",
+            "-n",
+            "meshlet-system",
+            "--create-namespace",
+            "--set",
+            &format!("injector.service.clusterIP={INJECTOR_IP}"),
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    )
+}
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
